@@ -1,0 +1,1 @@
+"""Lightning callbacks: atomic last.ckpt, progress output."""

@@ -1,0 +1,326 @@
+"""The ``distill`` command: compose the config, validate it, build everything, fit, test.
+
+    distill experiment=digits_kd                     # embedded data, runs anywhere
+    distill method=dkd teacher=resnet32x4 teacher.checkpoint=PATH model=resnet8x4 dataset=cifar100 ...
+    distill -m method=kd,dkd seed=0,1,2              # a Hydra sweep (any launcher, e.g. SLURM)
+
+Flow: config (CLI overrides) -> schema validation -> dataset, teacher (frozen), student,
+method -> run dir check (resume or refuse) -> Trainer.fit -> test -> results.json.
+Errors in the user's input print one message and exit with status 2; set
+HYDRA_FULL_ERROR=1 for the traceback.
+"""
+from __future__ import annotations
+
+import difflib
+import json
+import logging
+import os
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Optional
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from distillkit.config import REQUIRED_HINTS, SCHEMAS, field_names, register_configs
+from distillkit.errors import DistillError
+from distillkit.runs import run_name
+
+log = logging.getLogger("distillkit")
+
+
+def find_conf_dir() -> str:
+    """The Hydra config root: ``distillkit/conf`` inside an installed wheel, else the
+    repository's top-level ``conf/``."""
+    here = Path(__file__).resolve().parent
+    for cand in (here / "conf", here.parent / "conf"):
+        if (cand / "config.yaml").is_file():
+            return str(cand)
+    raise RuntimeError(f"distillkit's config folder is missing (looked in {here / 'conf'} and {here.parent / 'conf'})")
+
+
+CONF_DIR = find_conf_dir()
+
+
+def register_resolvers() -> None:
+    if not OmegaConf.has_resolver("dk_run_name"):
+        OmegaConf.register_new_resolver("dk_run_name", run_name)
+
+
+# --------------------------------------------------------------------------- validation
+def _root_cause(e: BaseException) -> BaseException:
+    while e.__cause__ is not None or (e.__context__ is not None and not e.__suppress_context__):
+        e = e.__cause__ or e.__context__  # type: ignore[assignment]
+    return e
+
+
+def _schema_by_name(type_name: str) -> Optional[type]:
+    for options in SCHEMAS.values():
+        for schema in options.values():
+            if schema.__name__ == type_name:
+                return schema
+    from distillkit import config as c
+
+    return getattr(c, type_name, None)
+
+
+def explain_compose_error(e: BaseException) -> str:
+    """One paragraph that names the key and what is allowed."""
+    cause = _root_cause(e)
+    full_key = getattr(cause, "full_key", None)
+    obj_type = getattr(cause, "object_type", None)
+    text = str(cause).split("\n")[0]
+    if full_key and obj_type is not None and ("not in" in text or "not a" in text.lower()):
+        schema = obj_type if isinstance(obj_type, type) else _schema_by_name(str(obj_type))
+        allowed = [f for f in field_names(schema) if not f.startswith("_")] if schema else []
+        leaf = full_key.split(".")[-1]
+        close = difflib.get_close_matches(leaf, allowed, n=1)
+        parent = full_key.rsplit(".", 1)[0] if "." in full_key else "the top level"
+        msg = f"unknown key '{full_key}'."
+        if close:
+            msg += f" Did you mean '{full_key.rsplit('.', 1)[0] + '.' if '.' in full_key else ''}{close[0]}'?"
+        if allowed:
+            msg += f" Keys allowed in {parent}: {', '.join(allowed)}."
+        return msg
+    msg = str(e) if not str(cause) else str(cause)
+    if "Could not find" in str(e) or "Available options" in str(e):
+        msg = str(e)
+    # Hydra appends its search path, which says nothing to a user who mistyped an option.
+    msg = msg.split("\nConfig search path:")[0].strip()
+    return msg
+
+
+def missing_required(cfg: DictConfig, prefix: str = "") -> list[str]:
+    """Keys whose value is ``???``, found without resolving interpolations."""
+    out: list[str] = []
+    for key in cfg.keys():
+        full = f"{prefix}{key}"
+        if full == "hydra":
+            continue
+        if OmegaConf.is_missing(cfg, key):
+            out.append(full)
+            continue
+        node = cfg._get_node(key)
+        if isinstance(node, DictConfig) and not node._is_interpolation() and not node._is_none():
+            out.extend(missing_required(node, full + "."))
+    return sorted(out)
+
+
+def explain_missing(keys: list[str]) -> str:
+    lines = ["missing required values:"]
+    for k in keys:
+        hint = REQUIRED_HINTS.get(k, "")
+        lines.append(f"  {k}: {hint}" if hint else f"  {k}")
+    lines.append("Set each on the command line as key=value.")
+    return "\n".join(lines)
+
+
+def prevalidate(overrides: list[str]) -> None:
+    """Compose once with the same overrides to report config errors as one clear message."""
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3", job_name="distill"):
+        try:
+            cfg = compose(config_name="config", overrides=overrides)
+        except Exception as e:  # Hydra/OmegaConf composition errors
+            fail(explain_compose_error(e))
+        keys = missing_required(cfg)
+        if keys:
+            fail(explain_missing(keys))
+
+
+def fail(message: str, code: int = 2) -> None:
+    if os.environ.get("HYDRA_FULL_ERROR") == "1":
+        raise DistillError(message)
+    print(f"distill: error: {message}", file=sys.stderr)
+    sys.exit(code)
+
+
+# --------------------------------------------------------------------------- the run
+def _quiet_known_warnings() -> None:
+    for pattern in (
+        ".*does not have many workers.*",
+        ".*Experiment logs directory .* exists and is not empty.*",
+        ".*The number of training batches .* is smaller than the logging interval.*",
+        ".*`isinstance\\(treespec, LeafSpec\\)` is deprecated.*",
+        ".*LeafSpec.*",
+    ):
+        warnings.filterwarnings("ignore", message=pattern)
+
+
+def _precision(cfg: DictConfig, accelerator: str) -> str:
+    import torch
+
+    if cfg.trainer.precision:
+        return str(cfg.trainer.precision)
+    on_gpu = torch.cuda.is_available() and accelerator in ("auto", "gpu", "cuda")
+    return "bf16-mixed" if on_gpu else "32-true"
+
+
+def build_loggers(cfg: DictConfig, run_dir: Path) -> list:
+    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
+    loggers: list = []
+    if cfg.logger.csv:
+        loggers.append(CSVLogger(save_dir=str(run_dir), name="", version=""))
+    if cfg.logger.tensorboard:
+        loggers.append(TensorBoardLogger(save_dir=str(run_dir), name="tensorboard", version=""))
+    if cfg.logger.wandb:
+        from lightning.pytorch.loggers import WandbLogger
+
+        # The wandb run id lives in the run dir, so a restart continues the same wandb run.
+        id_file = run_dir / "wandb_run_id"
+        if id_file.is_file():
+            run_id = id_file.read_text().strip()
+        else:
+            import uuid
+
+            run_id = uuid.uuid4().hex[:16]
+            from lightning.pytorch.utilities.rank_zero import rank_zero_only
+
+            if rank_zero_only.rank == 0:
+                id_file.write_text(run_id + "\n")
+        loggers.append(WandbLogger(project=cfg.logger.wandb_project, entity=cfg.logger.wandb_entity,
+                                   save_dir=str(run_dir), id=run_id, resume="allow",
+                                   name=f"{cfg.experiment_name}/{cfg.name}"))
+    return loggers
+
+
+def resume_safe_keys() -> list[str]:
+    from hydra.core.hydra_config import HydraConfig
+
+    return list(HydraConfig.get().job.config.override_dirname.exclude_keys)
+
+
+def run(cfg: DictConfig) -> dict:
+    """Fit and test one configured run; returns the final metrics (also in results.json)."""
+    _quiet_known_warnings()
+    import lightning as L
+    import torch
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.utils import instantiate
+    from lightning.pytorch.callbacks import RichProgressBar
+    from lightning.pytorch.utilities.rank_zero import rank_zero_only
+
+    from distillkit.callbacks.checkpoint import LastCheckpoint
+    from distillkit.callbacks.progress import PlainProgress, use_rich
+    from distillkit.models.loading import build_model, build_teacher
+    from distillkit.runs import prepare_run_dir, write_results
+
+    keys = missing_required(cfg)
+    if keys:
+        raise DistillError(explain_missing(keys))
+    if cfg.trainer.cpu_threads:
+        torch.set_num_threads(int(cfg.trainer.cpu_threads))
+    t0 = time.time()
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    rank = rank_zero_only.rank
+    config = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+    assert isinstance(config, dict)
+
+    # Build everything that can fail on bad input before touching the run dir.
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    dm = instantiate(cfg.dataset, seed=cfg.seed, _convert_="all")
+    dm.prepare_data()
+    dm.setup("fit")
+    student = build_model(cfg.model, key="model")
+    teacher = build_teacher(cfg.teacher)
+    method = instantiate(
+        cfg.method, student=student, teacher=teacher,
+        optim_cfg=OmegaConf.to_container(cfg.optim, resolve=True),
+        ema_cfg=OmegaConf.to_container(cfg.callbacks.ema, resolve=True),
+        input_shape=tuple(dm.image_shape), num_classes=dm.num_classes,
+        _recursive_=False, _convert_="all",
+    )
+    method.run_config = config
+
+    ckpt = prepare_run_dir(run_dir, config, str(cfg.resume.value if hasattr(cfg.resume, "value") else cfg.resume),
+                           resume_safe_keys(), is_global_zero=(rank == 0))
+    if ckpt is not None:
+        log.info("resuming from %s", ckpt)
+    # Per-rank streams for what happens during training (noise, dropout, augmentation).
+    L.seed_everything(cfg.seed + rank, workers=True, verbose=False)
+
+    callbacks: list = [LastCheckpoint(run_dir, cfg.callbacks.checkpoint_every_n_steps)]
+    rich = use_rich(str(cfg.callbacks.progress.value if hasattr(cfg.callbacks.progress, "value") else cfg.callbacks.progress))
+    if rich:
+        callbacks.append(RichProgressBar())
+    elif str(cfg.callbacks.progress) not in ("none", "Progress.none"):
+        callbacks.append(PlainProgress(cfg.trainer.log_every_n_steps))
+    accelerator = str(cfg.trainer.accelerator)
+    t = cfg.trainer
+    trainer = L.Trainer(
+        max_epochs=t.max_epochs, max_steps=t.max_steps, accelerator=accelerator, devices=t.devices,
+        num_nodes=t.num_nodes, strategy=t.strategy, precision=_precision(cfg, accelerator),
+        logger=build_loggers(cfg, run_dir) or False, callbacks=callbacks,
+        default_root_dir=str(run_dir), enable_checkpointing=False, enable_progress_bar=rich,
+        enable_model_summary=False, num_sanity_val_steps=0, use_distributed_sampler=False,
+        log_every_n_steps=t.log_every_n_steps, check_val_every_n_epoch=t.check_val_every_n_epoch,
+        val_check_interval=t.val_check_interval, gradient_clip_val=t.gradient_clip_val,
+        accumulate_grad_batches=t.accumulate_grad_batches, deterministic=t.deterministic,
+        limit_train_batches=t.limit_train_batches, limit_val_batches=t.limit_val_batches,
+        limit_test_batches=t.limit_test_batches,
+    )
+    trainer.fit(method, datamodule=dm, ckpt_path=str(ckpt) if ckpt else None)
+    results: dict[str, Any] = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+    if t.test_after_fit and not trainer.interrupted:
+        tested = trainer.test(method, datamodule=dm, verbose=False)
+        results.update({k: float(v) for k, v in (tested[0] if tested else {}).items()})
+    results.update({"global_step": int(trainer.global_step), "epoch": int(trainer.current_epoch),
+                    "wall_s": round(time.time() - t0, 3), "run_dir": str(run_dir),
+                    "resumed_from": str(ckpt) if ckpt else None})
+    if trainer.is_global_zero:
+        from safetensors.torch import save_file
+
+        net = method.eval_network()
+        save_file({k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()},
+                  str(run_dir / "student.safetensors"))
+        write_results(run_dir, results)
+        log.info("results: %s", json.dumps({k: v for k, v in results.items() if "/" in k}))
+    return results
+
+
+class _DropNoise(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.getMessage()
+        return "Tip:" not in msg and "`weights_only` was not set" not in msg
+
+
+def _configure_logging() -> None:
+    """Hydra's handlers (console + the run dir's log file) print everything once."""
+    logging.getLogger("distillkit").setLevel(logging.INFO)
+    for name in ("lightning.pytorch", "lightning.fabric", "lightning"):
+        lg = logging.getLogger(name)
+        for h in list(lg.handlers):
+            lg.removeHandler(h)
+        lg.propagate = True
+    for h in logging.getLogger().handlers:
+        h.addFilter(_DropNoise())
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
+def _hydra_main(cfg: DictConfig) -> Optional[float]:
+    import lightning  # noqa: F401  (installs its own log handlers, which we remove)
+
+    _configure_logging()
+    try:
+        run(cfg)
+    except DistillError as e:
+        fail(str(e))
+    return None
+
+
+def main() -> None:
+    register_configs()
+    register_resolvers()
+    args = sys.argv[1:]
+    # Sweeps (-m) and Hydra's own flags (--cfg, --help, ...) go straight to Hydra.
+    if not any(a.startswith("-") for a in args):
+        prevalidate(args)
+    _hydra_main()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,313 @@
+"""Schemas of every config group, registered in Hydra's ConfigStore.
+
+Each yaml option under ``conf/<group>/`` starts its defaults list with
+``/schema/<group>/<kind>@_here_``, so Hydra merges it into one of the dataclasses below.
+That makes a misspelt key, a wrong type or an unknown option fail at composition time,
+before any data is read or any weights are loaded (``distillkit.cli`` turns those failures
+into one-paragraph messages that name the key and what is allowed).
+
+Values that must be given on the command line are ``MISSING`` (``???`` in yaml); the CLI
+lists them with :data:`REQUIRED_HINTS` before starting.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields, is_dataclass
+from enum import Enum
+from typing import Any, List, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+
+class ResumeMode(str, Enum):
+    auto = "auto"  # resume from last.ckpt when the run dir holds the same config
+    force = "force"  # resume even though the config changed
+    never = "never"  # refuse to start in a run dir that already holds a run
+
+
+class Progress(str, Enum):
+    auto = "auto"  # rich bar on an interactive terminal, plain log lines otherwise
+    rich = "rich"
+    plain = "plain"
+    none = "none"
+
+
+# --------------------------------------------------------------------------- dataset
+@dataclass
+class DatasetConfig:
+    _target_: str = MISSING
+    batch_size: int = 64
+    eval_batch_size: int = 256
+    num_workers: int = 0
+    # Seed of the fixed train/val/test split; independent of the run's seed so that
+    # every run of every method sees the same split.
+    split_seed: int = 0
+
+
+@dataclass
+class DigitsConfig(DatasetConfig):
+    val_fraction: float = 0.15
+    test_fraction: float = 0.25
+    # Fraction of the training split used for training (1.0: all of it); the held-out
+    # val/test splits do not change with it.
+    train_fraction: float = 1.0
+
+
+@dataclass
+class CifarConfig(DatasetConfig):
+    data_dir: str = MISSING
+    num_classes: int = 100
+    augment: bool = True
+    num_workers: int = 4
+
+
+@dataclass
+class ImageFolderConfig(DatasetConfig):
+    data_dir: str = MISSING
+    image_size: int = 32
+    channels: int = 3
+    augment: bool = True
+    val_fraction: float = 0.1
+    test_fraction: float = 0.1
+
+
+# --------------------------------------------------------------------------- models
+@dataclass
+class ModelConfig:
+    """A network. The same option in `model=` and `teacher=` builds the same architecture."""
+
+    _target_: str = MISSING
+    num_classes: int = 10
+    in_channels: int = 3
+    # Weights loaded after construction: a distillkit checkpoint (.ckpt), a plain state
+    # dict (.pt/.pth, also {"model": state_dict} as RepDistiller/mdistiller save them) or a
+    # .safetensors file. Required for a teacher.
+    checkpoint: Optional[str] = None
+
+
+@dataclass
+class DigitsCNNConfig(ModelConfig):
+    width: int = 32
+    num_classes: int = 10
+    in_channels: int = 1
+
+
+@dataclass
+class TimmConfig(ModelConfig):
+    model_name: str = MISSING
+    # Local weights file for the timm model (nothing is downloaded at run time).
+    pretrained_path: Optional[str] = None
+
+
+@dataclass
+class NoTeacherConfig:
+    """`teacher=none`: methods that need a teacher refuse to start with it."""
+
+    _target_: Optional[str] = None
+
+
+# --------------------------------------------------------------------------- methods
+@dataclass
+class MethodConfig:
+    _target_: str = MISSING
+
+
+@dataclass
+class SupervisedConfig(MethodConfig):
+    label_smoothing: float = 0.0
+
+
+@dataclass
+class KDConfig(MethodConfig):
+    """Hinton et al. 2015: ce_weight * CE + kd_weight * T^2 * KL(teacher_T || student_T)."""
+
+    temperature: float = 4.0
+    ce_weight: float = 0.1
+    kd_weight: float = 0.9
+
+
+@dataclass
+class DKDConfig(MethodConfig):
+    """Zhao et al. 2022 (Decoupled KD), eq. (7): alpha * TCKD + beta * NCKD."""
+
+    alpha: float = 1.0
+    beta: float = 8.0
+    temperature: float = 4.0
+    ce_weight: float = 1.0
+    # The KD term is scaled by min(epoch / warmup_epochs, 1) (mdistiller's warm-up).
+    warmup_epochs: float = 20.0
+
+
+@dataclass
+class FitNetConfig(MethodConfig):
+    """Romero et al. 2015: CE + hint_weight * ||connector(student_hint) - teacher_hint||^2."""
+
+    student_layer: str = MISSING
+    teacher_layer: str = MISSING
+    hint_weight: float = 100.0
+    ce_weight: float = 1.0
+
+
+# --------------------------------------------------------------------------- schedule
+@dataclass
+class ScheduleConfig:
+    """Diffusion noise schedule; `schedule=none` for classifier distillation."""
+
+    name: str = "none"
+
+
+# --------------------------------------------------------------------------- optim
+@dataclass
+class SchedulerConfig:
+    # none | multistep | cosine
+    name: str = "none"
+    # multistep: epochs at which the lr is multiplied by gamma
+    milestones: List[int] = field(default_factory=list)
+    gamma: float = 0.1
+    # cosine: lr decays to lr * min_lr_ratio over the run
+    min_lr_ratio: float = 0.0
+    warmup_steps: int = 0
+
+
+@dataclass
+class OptimizerConfig:
+    _target_: str = MISSING
+    _partial_: bool = True
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+
+
+@dataclass
+class SGDConfig(OptimizerConfig):
+    _target_: str = "torch.optim.SGD"
+    lr: float = 0.05
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 5e-4
+
+
+@dataclass
+class AdamConfig(OptimizerConfig):
+    _target_: str = "torch.optim.Adam"
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+
+
+@dataclass
+class OptimConfig:
+    optimizer: Any = MISSING
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+
+
+# --------------------------------------------------------------------------- trainer etc.
+@dataclass
+class TrainerConfig:
+    max_epochs: int = 10
+    max_steps: int = -1
+    accelerator: str = "auto"
+    devices: Any = 1
+    num_nodes: int = 1
+    strategy: str = "auto"
+    # None: bf16-mixed on GPU, 32-true on CPU (DESIGN: precision).
+    precision: Optional[str] = None
+    gradient_clip_val: Optional[float] = None
+    accumulate_grad_batches: int = 1
+    log_every_n_steps: int = 10
+    check_val_every_n_epoch: int = 1
+    val_check_interval: Optional[float] = None
+    limit_train_batches: Optional[float] = None
+    limit_val_batches: Optional[float] = None
+    limit_test_batches: Optional[float] = None
+    deterministic: bool = False
+    # torch's intra-op threads on CPU (None: torch's default). Small networks run fastest
+    # with 1, and DDP processes on one CPU should share the cores, not oversubscribe them.
+    cpu_threads: Optional[int] = None
+    # Evaluate the test split with the final weights after fitting.
+    test_after_fit: bool = True
+
+
+@dataclass
+class LoggerConfig:
+    csv: bool = True
+    tensorboard: bool = False
+    wandb: bool = False
+    wandb_project: str = "distillkit"
+    wandb_entity: Optional[str] = None
+
+
+@dataclass
+class EMAConfig:
+    enabled: bool = False
+    decay: float = 0.999
+
+
+@dataclass
+class CallbacksConfig:
+    # last.ckpt is rewritten (atomically) every this many optimizer steps and at the end.
+    checkpoint_every_n_steps: int = 100
+    progress: Progress = Progress.auto
+    ema: EMAConfig = field(default_factory=EMAConfig)
+
+
+# --------------------------------------------------------------------------- top level
+@dataclass
+class Config:
+    dataset: Any = MISSING
+    model: Any = MISSING
+    teacher: Any = MISSING
+    method: Any = MISSING
+    schedule: Any = MISSING
+    optim: OptimConfig = MISSING
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    callbacks: CallbacksConfig = field(default_factory=CallbacksConfig)
+    seed: int = 0
+    # Run dir: <runs_dir>/<experiment_name>/<name>. `name` defaults to the command-line
+    # overrides (minus those that may change on resume), so the same command line always
+    # lands in the same run dir and resumes there.
+    name: str = MISSING
+    experiment_name: str = "default"
+    runs_dir: str = "runs"
+    resume: ResumeMode = ResumeMode.auto
+
+
+SCHEMAS: dict[str, dict[str, type]] = {
+    "dataset": {"digits": DigitsConfig, "cifar": CifarConfig, "image_folder": ImageFolderConfig},
+    "model": {"classifier": ModelConfig, "digits_cnn": DigitsCNNConfig, "timm": TimmConfig},
+    "teacher": {"none": NoTeacherConfig},
+    "method": {
+        "supervised": SupervisedConfig,
+        "kd": KDConfig,
+        "dkd": DKDConfig,
+        "fitnet": FitNetConfig,
+    },
+    "schedule": {"none": ScheduleConfig},
+    "optim/optimizer": {"sgd": SGDConfig, "adam": AdamConfig},
+    "optim": {"optim": OptimConfig},
+}
+
+# Shown when a required (???) value is missing, keyed by its config path suffix.
+REQUIRED_HINTS = {
+    "teacher.checkpoint": "the teacher's weights: a distillkit run's last.ckpt, a state dict "
+    "(.pt/.pth) or a .safetensors file, e.g. teacher.checkpoint=runs/digits_teacher/default/last.ckpt",
+    "dataset.data_dir": "the folder holding the dataset files, e.g. dataset.data_dir=/data/cifar-100-python",
+    "method.student_layer": "the module path of the student's hint layer, e.g. method.student_layer=layer2",
+    "method.teacher_layer": "the module path of the teacher's hint layer, e.g. method.teacher_layer=layer2",
+    "model.model_name": "a timm model name, e.g. model.model_name=resnet18",
+}
+
+
+def register_configs() -> None:
+    """Put every schema into Hydra's ConfigStore (idempotent)."""
+    cs = ConfigStore.instance()
+    cs.store(name="base_config", node=Config)
+    for group, options in SCHEMAS.items():
+        for name, node in options.items():
+            cs.store(group=f"schema/{group}", name=name, node=node)
+
+
+def field_names(schema: type) -> list[str]:
+    """The keys a schema allows, for error messages."""
+    if not is_dataclass(schema):
+        return []
+    return [f.name for f in fields(schema)]

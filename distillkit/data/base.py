@@ -1,0 +1,66 @@
+"""The LightningDataModule every dataset shares: splits, loaders, and the resumable order."""
+from __future__ import annotations
+
+from typing import Optional
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from distillkit.data.loader import ResumableLoader
+
+
+class DistillDataModule(L.LightningDataModule):
+    """Subclasses set ``train_set``, ``val_set``, ``test_set`` (and ``num_classes``,
+    ``image_shape``) in :meth:`setup`; this class turns them into loaders."""
+
+    num_classes: int = 0
+    image_shape: tuple[int, int, int] = (0, 0, 0)
+
+    def __init__(self, batch_size: int = 64, eval_batch_size: int = 256, num_workers: int = 0,
+                 split_seed: int = 0, seed: int = 0):
+        super().__init__()
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size
+        self.num_workers = num_workers
+        self.split_seed = split_seed
+        self.seed = seed
+        self.train_set: Optional[Dataset] = None
+        self.val_set: Optional[Dataset] = None
+        self.test_set: Optional[Dataset] = None
+
+    def _loader_kwargs(self) -> dict:
+        kw: dict = {"num_workers": self.num_workers}
+        if self.num_workers > 0:
+            kw["persistent_workers"] = True
+            kw["pin_memory"] = torch.cuda.is_available()
+        return kw
+
+    def train_dataloader(self) -> DataLoader:
+        assert self.train_set is not None, "call setup() first"
+        if len(self.train_set) < self.batch_size:
+            raise ValueError(
+                f"the training split has {len(self.train_set)} examples, fewer than "
+                f"dataset.batch_size={self.batch_size}: lower dataset.batch_size"
+            )
+        return ResumableLoader(self.train_set, self.batch_size, seed=self.seed,
+                               trainer=self.trainer, **self._loader_kwargs())
+
+    def _eval_loader(self, ds: Optional[Dataset]) -> DataLoader:
+        assert ds is not None, "call setup() first"
+        return DataLoader(ds, batch_size=self.eval_batch_size, shuffle=False, **self._loader_kwargs())
+
+    def val_dataloader(self) -> DataLoader:
+        return self._eval_loader(self.val_set)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._eval_loader(self.test_set)
+
+
+def split_indices(n: int, val_fraction: float, test_fraction: float, split_seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A fixed random train/val/test partition of range(n), determined by split_seed alone."""
+    g = torch.Generator().manual_seed(split_seed)
+    perm = torch.randperm(n, generator=g)
+    n_test = int(round(n * test_fraction))
+    n_val = int(round(n * val_fraction))
+    return perm[n_test + n_val :], perm[n_test : n_test + n_val], perm[:n_test]

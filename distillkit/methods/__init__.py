@@ -1,0 +1,1 @@
+"""One LightningModule per distillation method, on the small shared base in base.py."""

@@ -1,0 +1,142 @@
+"""The shared base of every method: a student, an optional frozen teacher, optimizers,
+an optional EMA of the student, and what a checkpoint must carry to resume exactly.
+
+The teacher is held outside the module tree (not a registered submodule), so it is never
+in ``state_dict`` or the optimizer, never switched to train mode by Lightning, and never
+wrapped by DDP: its weights and BatchNorm statistics cannot change (DESIGN: teacher frozen).
+"""
+from __future__ import annotations
+
+import random
+from typing import Any, Optional
+
+import lightning as L
+import numpy as np
+import torch
+from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+from distillkit.errors import DistillError
+
+
+class DistillMethod(L.LightningModule):
+    needs_teacher: bool = False
+    method_name: str = "?"
+
+    def __init__(self, student: nn.Module, teacher: Optional[nn.Module] = None,
+                 optim_cfg: Any = None, ema_cfg: Any = None, **_: Any):
+        super().__init__()
+        if self.needs_teacher and teacher is None:
+            raise DistillError(
+                f"method={self.method_name} needs a teacher: choose its architecture and weights, "
+                f"e.g. teacher=cnn_digits teacher.checkpoint=PATH"
+            )
+        self.student = student
+        object.__setattr__(self, "teacher", teacher)
+        if teacher is not None:
+            teacher.eval().requires_grad_(False)
+        self.optim_cfg = optim_cfg
+        self.ema: Optional[AveragedModel] = None
+        if ema_cfg is not None and ema_cfg.get("enabled", False):
+            self.ema = AveragedModel(student, multi_avg_fn=get_ema_multi_avg_fn(float(ema_cfg["decay"])),
+                                     use_buffers=True)
+            self.ema.requires_grad_(False)
+        # Set by the CLI: the resolved config (plain types) stored in every checkpoint.
+        self.run_config: dict = {}
+
+    # ------------------------------------------------------------------ teacher
+    def _teacher_to_device(self) -> None:
+        if self.teacher is not None:
+            self.teacher.to(self.device).eval()
+
+    def on_fit_start(self) -> None:
+        self._teacher_to_device()
+
+    def on_validation_start(self) -> None:
+        self._teacher_to_device()
+
+    def on_test_start(self) -> None:
+        self._teacher_to_device()
+
+    @torch.no_grad()
+    def teacher_forward(self, x: torch.Tensor) -> torch.Tensor:
+        assert self.teacher is not None
+        return self.teacher(x)
+
+    # ------------------------------------------------------------------ EMA
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self.ema is not None:
+            self.ema.update_parameters(self.student)
+
+    def eval_network(self) -> nn.Module:
+        """The network used for evaluation and sampling: the EMA when there is one."""
+        return self.ema.module if self.ema is not None else self.student
+
+    # ------------------------------------------------------------------ optimizers
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def configure_optimizers(self) -> Any:
+        from hydra.utils import instantiate
+
+        opt = instantiate(self.optim_cfg["optimizer"], _convert_="all")(self.trainable_parameters())
+        sched = self.optim_cfg.get("scheduler") or {}
+        name = sched.get("name", "none")
+        if name == "none":
+            return opt
+        if name == "multistep":
+            s = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=list(sched["milestones"]),
+                                                     gamma=float(sched["gamma"]))
+            return {"optimizer": opt, "lr_scheduler": {"scheduler": s, "interval": "epoch"}}
+        if name == "cosine":
+            total = max(1, int(self.trainer.estimated_stepping_batches))
+            warm = int(sched.get("warmup_steps", 0))
+            floor = float(sched.get("min_lr_ratio", 0.0))
+
+            def factor(step: int) -> float:
+                if step < warm:
+                    return (step + 1) / warm
+                prog = min(1.0, (step - warm) / max(1, total - warm))
+                return floor + (1 - floor) * 0.5 * (1 + np.cos(np.pi * prog))
+
+            s = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+            return {"optimizer": opt, "lr_scheduler": {"scheduler": s, "interval": "step"}}
+        raise DistillError(f"optim.scheduler.name={name!r}: allowed values are none, multistep, cosine")
+
+    # ------------------------------------------------------------------ checkpoints
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["distillkit"] = {
+            "method": self.method_name,
+            "config": self.run_config,
+            "rng": capture_rng(),
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        rng = checkpoint.get("distillkit", {}).get("rng")
+        if rng:
+            restore_rng(rng)
+
+
+# The RNG states in plain types and tensors, so checkpoints load with weights_only=True.
+def capture_rng() -> dict:
+    np_state = np.random.get_state()
+    py_state = random.getstate()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"name": np_state[0], "keys": torch.from_numpy(np_state[1].astype(np.int64)),
+                  "pos": int(np_state[2]), "has_gauss": int(np_state[3]), "cached": float(np_state[4])},
+        "python": {"version": py_state[0], "state": list(py_state[1]), "gauss": py_state[2]},
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
+    p = state["python"]
+    random.setstate((p["version"], tuple(p["state"]), p["gauss"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

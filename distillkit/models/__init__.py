@@ -1,0 +1,1 @@
+"""Networks: classifiers (digits CNN, CIFAR ResNets, timm) and their loading."""

@@ -1,0 +1,118 @@
+"""Run directories: one per (experiment, name), stable for the same command line.
+
+A run dir holds ``config.yaml`` (the resolved config of the run that created it, written
+once), ``last.ckpt``, ``metrics.csv``, ``results.json`` and the exported student weights.
+Starting the same command again resumes from ``last.ckpt``. If the config differs (other
+than in keys that may change on resume, such as ``trainer.max_steps`` or the loggers), the
+run refuses to start and says how to start fresh or resume anyway.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import hashlib
+from pathlib import Path
+from typing import Any, Iterable, Optional
+
+import yaml
+
+from distillkit.errors import DistillError
+
+CONFIG_FILE = "config.yaml"
+LAST_CKPT = "last.ckpt"
+MAX_NAME_LEN = 120
+
+
+def run_name(override_dirname: str) -> str:
+    """A directory-safe run name from Hydra's override_dirname (``default`` when empty)."""
+    if not override_dirname:
+        return "default"
+    name = re.sub(r"[^A-Za-z0-9=,._+-]+", "_", override_dirname.replace("/", "_")).strip("_.")
+    if len(name) > MAX_NAME_LEN:  # keep it readable and unique
+        digest = hashlib.sha1(override_dirname.encode()).hexdigest()[:10]
+        name = f"{name[: MAX_NAME_LEN - 11]}-{digest}"
+    return name or "default"
+
+
+def flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    if isinstance(d, dict):
+        for k, v in d.items():
+            out.update(flatten(v, f"{prefix}{k}."))
+        if not d and prefix:
+            out[prefix[:-1]] = {}
+    else:
+        out[prefix[:-1]] = d
+    return out
+
+
+def config_diff(old: dict, new: dict, ignore: Iterable[str] = ()) -> list[str]:
+    """Human-readable differences between two resolved configs, minus ignored key prefixes."""
+    ignore = tuple(ignore)
+
+    def ignored(key: str) -> bool:
+        return any(key == p or key.startswith(p + ".") for p in ignore)
+
+    a, b = flatten(old), flatten(new)
+    lines = []
+    for k in sorted(set(a) | set(b)):
+        if ignored(k):
+            continue
+        if k not in a:
+            lines.append(f"{k}: (absent) -> {b[k]!r}")
+        elif k not in b:
+            lines.append(f"{k}: {a[k]!r} -> (absent)")
+        elif a[k] != b[k]:
+            lines.append(f"{k}: {a[k]!r} -> {b[k]!r}")
+    return lines
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def prepare_run_dir(run_dir: Path, config: dict, resume: str, resume_safe_keys: Iterable[str],
+                    is_global_zero: bool) -> Optional[Path]:
+    """Check ``run_dir`` against ``config``; return the checkpoint to resume from, if any.
+
+    Writes ``config.yaml`` on a fresh start (rank 0 only). Never deletes or overwrites a
+    previous run's files, except that ``resume=force`` keeps the old config as
+    ``config.<n>.yaml`` before writing the new one.
+    """
+    cfg_file = run_dir / CONFIG_FILE
+    ckpt = run_dir / LAST_CKPT
+    if cfg_file.is_file():
+        try:
+            old = yaml.safe_load(cfg_file.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise DistillError(f"{cfg_file} is not valid YAML ({e}); move it away to start this run") from None
+        diff = config_diff(old, config, ignore=list(resume_safe_keys) + ["name"])
+        if resume == "never" and ckpt.exists():
+            raise DistillError(
+                f"run dir {run_dir} already holds a run and resume=never. Pass another name=..., "
+                f"or remove {run_dir} to start fresh."
+            )
+        if diff and resume != "force":
+            shown = "\n  ".join(diff[:20]) + ("\n  ..." if len(diff) > 20 else "")
+            raise DistillError(
+                f"run dir {run_dir} was made by a different config:\n  {shown}\n"
+                f"To start fresh, pass another name=<new name> (or remove {run_dir}); "
+                f"to resume from its last.ckpt with the new config, add resume=force."
+            )
+        if diff and is_global_zero:
+            n = 1
+            while (run_dir / f"config.{n}.yaml").exists():
+                n += 1
+            os.replace(cfg_file, run_dir / f"config.{n}.yaml")
+            atomic_write_text(cfg_file, yaml.safe_dump(config, sort_keys=False))
+    elif is_global_zero:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(cfg_file, yaml.safe_dump(config, sort_keys=False))
+    return ckpt if ckpt.is_file() else None
+
+
+def write_results(run_dir: Path, results: dict) -> None:
+    atomic_write_text(run_dir / "results.json", json.dumps(results, indent=2, sort_keys=True) + "\n")
