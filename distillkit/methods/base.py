@@ -7,6 +7,7 @@ wrapped by DDP: its weights and BatchNorm statistics cannot change (DESIGN: teac
 """
 from __future__ import annotations
 
+import math
 import random
 from typing import Any, Optional
 
@@ -97,7 +98,7 @@ class DistillMethod(L.LightningModule):
                 if step < warm:
                     return (step + 1) / warm
                 prog = min(1.0, (step - warm) / max(1, total - warm))
-                return floor + (1 - floor) * 0.5 * (1 + np.cos(np.pi * prog))
+                return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * prog))
 
             s = torch.optim.lr_scheduler.LambdaLR(opt, factor)
             return {"optimizer": opt, "lr_scheduler": {"scheduler": s, "interval": "step"}}
@@ -110,11 +111,30 @@ class DistillMethod(L.LightningModule):
             "config": self.run_config,
             "rng": capture_rng(),
         }
+        # Everything else Lightning put in (optimizer, scheduler, loop states) must also be
+        # plain types and tensors, so that torch.load(weights_only=True) accepts the file.
+        for k in list(checkpoint):
+            checkpoint[k] = to_plain(checkpoint[k])
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         rng = checkpoint.get("distillkit", {}).get("rng")
         if rng:
             restore_rng(rng)
+
+
+def to_plain(obj: Any) -> Any:
+    """numpy scalars -> Python numbers, numpy arrays -> tensors, recursively."""
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return torch.from_numpy(obj.copy())
+    if isinstance(obj, dict):
+        return type(obj)((k, to_plain(v)) for k, v in obj.items()) if type(obj) is not dict else {k: to_plain(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [to_plain(v) for v in obj]
+    if isinstance(obj, tuple) and type(obj) is tuple:
+        return tuple(to_plain(v) for v in obj)
+    return obj
 
 
 # The RNG states in plain types and tensors, so checkpoints load with weights_only=True.
