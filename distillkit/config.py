@@ -249,6 +249,14 @@ class CallbacksConfig:
     ema: EMAConfig = field(default_factory=EMAConfig)
 
 
+# --------------------------------------------------------------------------- eval
+@dataclass
+class EvalConfig:
+    """Sample quality (FID/IS) during training; `eval=none` turns it off."""
+
+    enabled: bool = False
+
+
 # --------------------------------------------------------------------------- top level
 @dataclass
 class Config:
@@ -261,6 +269,7 @@ class Config:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     callbacks: CallbacksConfig = field(default_factory=CallbacksConfig)
+    eval: Any = MISSING
     seed: int = 0
     # Run dir: <runs_dir>/<experiment_name>/<name>. `name` defaults to the command-line
     # overrides (minus those that may change on resume), so the same command line always
@@ -284,6 +293,7 @@ SCHEMAS: dict[str, dict[str, type]] = {
     "schedule": {"none": ScheduleConfig},
     "optim/optimizer": {"sgd": SGDConfig, "adam": AdamConfig},
     "optim": {"optim": OptimConfig},
+    "eval": {"eval": EvalConfig},
 }
 
 # Shown when a required (???) value is missing, keyed by its config path suffix.
