@@ -1,12 +1,18 @@
 """``last.ckpt``, written atomically: every N optimizer steps, at the end of each epoch,
-at the end of fitting, and when the job is told to stop (SIGTERM/SIGUSR1 from SLURM
-before preemption), so a restarted run resumes from where this one stopped.
+at the end of fitting, and when the job is told to stop (SIGTERM, or SIGUSR1 which SLURM
+sends before preemption), so a restarted run resumes from where this one stopped.
+
+On a signal the checkpoint is taken at the end of the current batch, before Lightning's
+own stopping logic closes the epoch, and the process exits with status 128 + signal: the
+checkpoint then holds a genuine mid-epoch state, and rerunning the same command continues
+with exactly the batches, RNG draws and learning rates an uninterrupted run would have used.
 
 Atomic: the checkpoint is written to a temporary file in the same folder and renamed over
 ``last.ckpt``, so a crash mid-write leaves the previous checkpoint intact.
 """
 from __future__ import annotations
 
+import logging
 import os
 import signal
 from pathlib import Path
@@ -15,13 +21,15 @@ from typing import Any
 import lightning as L
 from lightning.pytorch.callbacks import Callback
 
+log = logging.getLogger("distillkit")
+
 
 class LastCheckpoint(Callback):
     def __init__(self, run_dir: str | Path, every_n_steps: int = 100):
         self.path = Path(run_dir) / "last.ckpt"
         self.every_n_steps = max(0, int(every_n_steps))
         self._last_saved_step = -1
-        self._stop_requested = False
+        self._stop_signal = 0
 
     def state_dict(self) -> dict:
         return {}
@@ -36,23 +44,31 @@ class LastCheckpoint(Callback):
         trainer.strategy.barrier("last_ckpt")
         self._last_saved_step = trainer.global_step
 
-    def setup(self, trainer: "L.Trainer", pl_module: "L.LightningModule", stage: str) -> None:
-        if stage == "fit" and trainer.is_global_zero:
-            for sig in (signal.SIGTERM, signal.SIGUSR1):
-                try:
-                    signal.signal(sig, self._on_signal)
-                except (ValueError, OSError):  # not the main thread
-                    pass
+    def on_train_start(self, trainer: "L.Trainer", pl_module: "L.LightningModule") -> None:
+        # Replaces Lightning's SIGTERM handler (installed just before), which would end the
+        # epoch and exit before a mid-epoch checkpoint is written; Lightning restores the
+        # original handlers at teardown.
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            try:
+                signal.signal(sig, self._on_signal)
+            except (ValueError, OSError):  # not the main thread
+                pass
 
     def _on_signal(self, signum: int, frame: Any) -> None:
-        self._stop_requested = True
+        self._stop_signal = signum
 
     def on_train_batch_end(self, trainer: "L.Trainer", pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         step = trainer.global_step
-        if self._stop_requested:
+        stop = bool(self._stop_signal)
+        if trainer.world_size > 1:  # every rank must take part in the collective save
+            stop = trainer.strategy.reduce_boolean_decision(stop, all=False)
+        if stop:
+            signum = self._stop_signal or signal.SIGTERM
             self.save(trainer)
-            trainer.should_stop = True
-        elif self.every_n_steps and step > 0 and step % self.every_n_steps == 0:
+            log.warning("stopped by signal %d at step %d; %s saved. Run the same command again to resume.",
+                        signum, step, self.path)
+            raise SystemExit(128 + signum)
+        if self.every_n_steps and step > 0 and step % self.every_n_steps == 0:
             self.save(trainer)
 
     def on_train_epoch_end(self, trainer: "L.Trainer", pl_module: Any) -> None:

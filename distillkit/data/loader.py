@@ -1,10 +1,12 @@
 """A training DataLoader whose order is a pure function of (seed, epoch, batch index).
 
-Lightning checkpoints its own loop counters (epoch, batches completed in the epoch); this
+Lightning checkpoints its own loop counters (epoch, batches processed in the epoch); this
 loader reads them when an epoch's iterator is created, so a run restored from a mid-epoch
 checkpoint continues with exactly the batches an uninterrupted run would have seen next.
 No sampler state needs saving, and Lightning's one-batch prefetch cannot put a saved
-position off by one. Under DDP each rank takes a strided share of the same permutation
+position off by one. Nothing may iterate the loader before Lightning restores its loop
+state (``trainer.estimated_stepping_batches`` does, so methods size their schedules with
+:func:`distillkit.methods.base.DistillMethod.total_steps` instead). Under DDP each rank takes a strided share of the same permutation
 (Lightning's own distributed sampler is switched off: ``use_distributed_sampler=False``).
 """
 from __future__ import annotations
@@ -56,8 +58,10 @@ class ResumableLoader(DataLoader):
         t = self.trainer
         if t is None:
             return 0, 0, 0, 1
-        completed = t.fit_loop.epoch_loop.batch_progress.current.completed
-        return t.current_epoch, completed, t.global_rank, t.world_size
+        # "processed", not "completed": a checkpoint written in on_train_batch_end has the
+        # batch processed but not yet completed, and Lightning counts it as done on restart.
+        done = t.fit_loop.epoch_loop.batch_progress.current.processed
+        return t.current_epoch, done, t.global_rank, t.world_size
 
     def __iter__(self) -> Iterator[Any]:
         s: EpochSeededSampler = self.sampler  # type: ignore[assignment]

@@ -65,7 +65,13 @@ class DistillMethod(L.LightningModule):
         return self.teacher(x)
 
     # ------------------------------------------------------------------ EMA
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        # The EMA is updated right after the optimizer step, before any callback's
+        # on_train_batch_end, so a checkpoint written there already includes this update.
+        super().optimizer_step(*args, **kwargs)
+        self.update_ema()
+
+    def update_ema(self) -> None:
         if self.ema is not None:
             self.ema.update_parameters(self.student)
 
@@ -74,6 +80,22 @@ class DistillMethod(L.LightningModule):
         return self.ema.module if self.ema is not None else self.student
 
     # ------------------------------------------------------------------ optimizers
+    def total_steps(self) -> int:
+        """Optimizer steps of the whole run, like ``trainer.estimated_stepping_batches`` but
+        without iterating the train loader before a checkpoint restores its position."""
+        t = self.trainer
+        n = len(t.datamodule.train_dataloader())
+        limit = t.limit_train_batches
+        if isinstance(limit, int):
+            n = min(n, limit)
+        elif limit is not None:
+            n = int(n * float(limit))
+        per_epoch = max(1, math.ceil(n / t.accumulate_grad_batches))
+        total = per_epoch * t.max_epochs if t.max_epochs and t.max_epochs > 0 else float("inf")
+        if t.max_steps and t.max_steps > 0:
+            total = min(total, t.max_steps)
+        return max(1, int(total))
+
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
 
@@ -90,7 +112,7 @@ class DistillMethod(L.LightningModule):
                                                      gamma=float(sched["gamma"]))
             return {"optimizer": opt, "lr_scheduler": {"scheduler": s, "interval": "epoch"}}
         if name == "cosine":
-            total = max(1, int(self.trainer.estimated_stepping_batches))
+            total = self.total_steps()
             warm = int(sched.get("warmup_steps", 0))
             floor = float(sched.get("min_lr_ratio", 0.0))
 
