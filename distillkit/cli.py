@@ -108,6 +108,16 @@ def missing_required(cfg: DictConfig, prefix: str = "") -> list[str]:
     return sorted(out)
 
 
+def missing_values(cfg: DictConfig) -> list[str]:
+    """``???`` values, plus the teacher's weights: a teacher group option cannot mark
+    ``checkpoint`` as ``???`` (OmegaConf keeps the model option's ``null`` when merging)."""
+    keys = missing_required(cfg)
+    teacher = cfg.get("teacher")
+    if teacher is not None and teacher.get("_target_") and not teacher.get("checkpoint"):
+        keys.append("teacher.checkpoint")
+    return sorted(set(keys))
+
+
 def explain_missing(keys: list[str]) -> str:
     lines = ["missing required values:"]
     for k in keys:
@@ -126,7 +136,7 @@ def prevalidate(overrides: list[str]) -> None:
             cfg = compose(config_name="config", overrides=overrides)
         except Exception as e:  # Hydra/OmegaConf composition errors
             fail(explain_compose_error(e))
-        keys = missing_required(cfg)
+        keys = missing_values(cfg)
         if keys:
             fail(explain_missing(keys))
 
@@ -188,6 +198,22 @@ def build_loggers(cfg: DictConfig, run_dir: Path) -> list:
     return loggers
 
 
+def build(node: DictConfig, key: str, **kwargs: Any) -> Any:
+    """``hydra.utils.instantiate`` whose user-facing failures (a wrong path, a bad value)
+    become a DistillError carrying the original message, not Hydra's wrapper."""
+    from hydra.utils import instantiate
+
+    try:
+        return instantiate(node, **kwargs)
+    except Exception as e:
+        cause = _root_cause(e)
+        if isinstance(cause, DistillError):
+            raise cause from None
+        if isinstance(cause, (FileNotFoundError, ValueError, ImportError, KeyError)):
+            raise DistillError(f"{key}: {cause}") from None
+        raise
+
+
 def resume_safe_keys() -> list[str]:
     from hydra.core.hydra_config import HydraConfig
 
@@ -209,7 +235,7 @@ def run(cfg: DictConfig) -> dict:
     from distillkit.models.loading import build_model, build_teacher
     from distillkit.runs import prepare_run_dir, write_results
 
-    keys = missing_required(cfg)
+    keys = missing_values(cfg)
     if keys:
         raise DistillError(explain_missing(keys))
     if cfg.trainer.cpu_threads:
@@ -222,19 +248,29 @@ def run(cfg: DictConfig) -> dict:
 
     # Build everything that can fail on bad input before touching the run dir.
     L.seed_everything(cfg.seed, workers=True, verbose=False)
-    dm = instantiate(cfg.dataset, seed=cfg.seed, _convert_="all")
+    dm = build(cfg.dataset, "dataset", seed=cfg.seed, _convert_="all")
     dm.prepare_data()
     dm.setup("fit")
     student = build_model(cfg.model, key="model")
     teacher = build_teacher(cfg.teacher)
-    method = instantiate(
-        cfg.method, student=student, teacher=teacher,
+    method = build(
+        cfg.method, "method", student=student, teacher=teacher,
         optim_cfg=OmegaConf.to_container(cfg.optim, resolve=True),
         ema_cfg=OmegaConf.to_container(cfg.callbacks.ema, resolve=True),
+        schedule_cfg=OmegaConf.to_container(cfg.schedule, resolve=True, enum_to_str=True),
         input_shape=tuple(dm.image_shape), num_classes=dm.num_classes,
         _recursive_=False, _convert_="all",
     )
     method.run_config = config
+    evaluation = None
+    if cfg.eval.enabled:
+        from distillkit.callbacks.evaluation import SampleEvaluation, has_sampler
+
+        if not has_sampler(method):
+            raise DistillError(f"eval={HydraConfig.get().runtime.choices.get('eval')} needs a generative method "
+                               f"(one that samples images); method={HydraConfig.get().runtime.choices.get('method')} "
+                               "does not: use eval=none")
+        evaluation = SampleEvaluation.from_config(cfg.eval, dataset_name=HydraConfig.get().runtime.choices.get("dataset"))
 
     ckpt = prepare_run_dir(run_dir, config, str(cfg.resume.value if hasattr(cfg.resume, "value") else cfg.resume),
                            resume_safe_keys(), is_global_zero=(rank == 0))
@@ -249,6 +285,8 @@ def run(cfg: DictConfig) -> dict:
         callbacks.append(RichProgressBar())
     elif str(cfg.callbacks.progress) not in ("none", "Progress.none"):
         callbacks.append(PlainProgress(cfg.trainer.log_every_n_steps))
+    if evaluation is not None:
+        callbacks.append(evaluation)
     accelerator = str(cfg.trainer.accelerator)
     t = cfg.trainer
     trainer = L.Trainer(
@@ -264,7 +302,10 @@ def run(cfg: DictConfig) -> dict:
         limit_test_batches=t.limit_test_batches,
     )
     trainer.fit(method, datamodule=dm, ckpt_path=str(ckpt) if ckpt else None)
-    results: dict[str, Any] = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+    results: dict[str, Any] = {k: float(v) for k, v in trainer.callback_metrics.items()
+                                 if k.startswith(("val/", "fid/", "is/"))}
+    if evaluation is not None:
+        results["feature_net"] = evaluation.scorer.net_id
     if t.test_after_fit and not trainer.interrupted:
         tested = trainer.test(method, datamodule=dm, verbose=False)
         results.update({k: float(v) for k, v in (tested[0] if tested else {}).items()})

@@ -71,6 +71,20 @@ class ImageFolderConfig(DatasetConfig):
     test_fraction: float = 0.1
 
 
+@dataclass
+class Toy2DConfig(DatasetConfig):
+    """A 2-D mixture of num_modes Gaussians N(mu_k, std^2 I), means on a circle of radius."""
+
+    batch_size: int = 256
+    eval_batch_size: int = 1024
+    num_train: int = 8192
+    num_val: int = 1024
+    num_test: int = 1024
+    num_modes: int = 8
+    radius: float = 1.0
+    std: float = 0.1
+
+
 # --------------------------------------------------------------------------- models
 @dataclass
 class ModelConfig:
@@ -97,6 +111,49 @@ class TimmConfig(ModelConfig):
     model_name: str = MISSING
     # Local weights file for the timm model (nothing is downloaded at run time).
     pretrained_path: Optional[str] = None
+
+
+@dataclass
+class DenoiserConfig:
+    """A denoising network ``net(x_t, t)`` (diffusion student or teacher)."""
+
+    _target_: str = MISSING
+    # Weights loaded after construction (see ModelConfig.checkpoint).
+    checkpoint: Optional[str] = None
+
+
+@dataclass
+class UNetConfig(DenoiserConfig):
+    """diffusers' UNet2DModel (distillkit.models.unet.DiffusersUNet)."""
+
+    _target_: str = "distillkit.models.unet.DiffusersUNet"
+    sample_size: int = 32
+    in_channels: int = 3
+    # None: the same as in_channels
+    out_channels: Optional[int] = None
+    block_out_channels: List[int] = field(default_factory=lambda: [128, 256, 256, 256])
+    layers_per_block: int = 2
+    # diffusers block names, one per block_out_channels entry (empty: plain ResNet blocks)
+    down_block_types: List[str] = field(default_factory=list)
+    up_block_types: List[str] = field(default_factory=list)
+    attention_head_dim: Optional[int] = None
+    norm_num_groups: int = 32
+    dropout: float = 0.0
+    # self-attention in the middle block
+    add_attention: bool = True
+
+
+@dataclass
+class MLPDenoiserConfig(DenoiserConfig):
+    """An MLP denoiser for low-dimensional points (distillkit.models.mlp.MLPDenoiser)."""
+
+    _target_: str = "distillkit.models.mlp.MLPDenoiser"
+    dim: int = 2
+    hidden: int = 256
+    depth: int = 3
+    time_embed_dim: int = 64
+    # t is multiplied by this before the sinusoidal embedding (raise it for EDM's c_noise).
+    time_scale: float = 1.0
 
 
 @dataclass
@@ -148,12 +205,78 @@ class FitNetConfig(MethodConfig):
     ce_weight: float = 1.0
 
 
+class PredictionType(str, Enum):
+    v = "v"  # v = alpha eps - sigma x0 (Salimans & Ho 2022)
+    eps = "eps"
+    x0 = "x0"
+
+
+class Weighting(str, Enum):
+    none = "none"  # plain MSE on the prediction
+    min_snr = "min_snr"  # Hang et al. 2023, min(SNR, gamma) in x0 space
+    edm = "edm"  # Karras et al. 2022 (schedule=edm only)
+
+
+@dataclass
+class DiffusionConfig(MethodConfig):
+    """Denoising training (distillkit.methods.diffusion): the network predicts prediction_type;
+    the MSE is taken in loss_space (None: the prediction type) with weighting w(t)."""
+
+    prediction_type: PredictionType = PredictionType.v
+    loss_space: Optional[PredictionType] = None
+    weighting: Weighting = Weighting.none
+    min_snr_gamma: float = 5.0
+
+
 # --------------------------------------------------------------------------- schedule
+class Spacing(str, Enum):
+    trailing = "trailing"
+    leading = "leading"
+    linspace = "linspace"
+
+
+class EDMSolver(str, Enum):
+    heun = "heun"
+    euler = "euler"
+
+
 @dataclass
 class ScheduleConfig:
-    """Diffusion noise schedule; `schedule=none` for classifier distillation."""
+    """Diffusion noise schedule; `schedule=none` for classifier distillation. Built by
+    distillkit.diffusion.from_config.schedule_from_config (linear, cosine, scaled_linear, edm)."""
 
     name: str = "none"
+    # VP schedules: T, the number of discrete training timesteps
+    num_train_timesteps: int = 1000
+    # default number of sampling steps
+    num_steps: int = 50
+    # timestep grid of the sampler (VP schedules)
+    spacing: Spacing = Spacing.trailing
+    # DDIM eta: 0 deterministic, 1 DDPM-like ancestral (VP schedules)
+    eta: float = 0.0
+
+
+@dataclass
+class VPScheduleConfig(ScheduleConfig):
+    """diffusers' beta tables; None: the schedule's usual betas (DDPM / Stable Diffusion)."""
+
+    beta_start: Optional[float] = None
+    beta_end: Optional[float] = None
+    rescale_betas_zero_snr: bool = False
+
+
+@dataclass
+class EDMScheduleConfig(ScheduleConfig):
+    """Karras et al. 2022 (Table 1, "Ours"): sampling sigmas of eq. (5), training ln sigma ~ N(p_mean, p_std^2)."""
+
+    name: str = "edm"
+    sigma_min: float = 0.002
+    sigma_max: float = 80.0
+    rho: float = 7.0
+    sigma_data: float = 0.5
+    p_mean: float = -1.2
+    p_std: float = 1.2
+    solver: EDMSolver = EDMSolver.heun
 
 
 # --------------------------------------------------------------------------- optim
@@ -191,6 +314,12 @@ class AdamConfig(OptimizerConfig):
     _target_: str = "torch.optim.Adam"
     betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
     eps: float = 1e-8
+
+
+@dataclass
+class AdamWConfig(AdamConfig):
+    _target_: str = "torch.optim.AdamW"
+    weight_decay: float = 0.01
 
 
 @dataclass
@@ -252,9 +381,27 @@ class CallbacksConfig:
 # --------------------------------------------------------------------------- eval
 @dataclass
 class EvalConfig:
-    """Sample quality (FID/IS) during training; `eval=none` turns it off."""
+    """Sample quality (FID/IS) during training; `eval=none` turns it off.
+
+    See distillkit.callbacks.evaluation.SampleEvaluation and distillkit.metrics.fid."""
 
     enabled: bool = False
+    # Evaluate every this many optimizer steps (0: only at the end of training).
+    every_n_steps: int = 1000
+    # Sampling step counts; each is logged as fid/{k}step and is/{k}step.
+    steps: List[int] = field(default_factory=lambda: [1, 2, 4])
+    # Generated images per evaluation (all ranks together). FID depends on it: digits
+    # numbers (and the floor) use 700.
+    num_samples: int = 700
+    # digits (the shipped digits CNN) | inception (needs inception_weights and the extra
+    # distillkit[inception])
+    feature_net: str = "digits"
+    inception_weights: Optional[str] = None
+    # Real-statistics cache (None: $DISTILLKIT_CACHE/fid_stats or ~/.cache/distillkit/fid_stats).
+    cache_dir: Optional[str] = None
+    batch_size: int = 256
+    # The sampling noise seed, the same at every evaluation so numbers are comparable.
+    seed: int = 0
 
 
 # --------------------------------------------------------------------------- top level
@@ -281,17 +428,20 @@ class Config:
 
 
 SCHEMAS: dict[str, dict[str, type]] = {
-    "dataset": {"digits": DigitsConfig, "cifar": CifarConfig, "image_folder": ImageFolderConfig},
-    "model": {"classifier": ModelConfig, "digits_cnn": DigitsCNNConfig, "timm": TimmConfig},
+    "dataset": {"digits": DigitsConfig, "cifar": CifarConfig, "image_folder": ImageFolderConfig,
+                "toy2d": Toy2DConfig},
+    "model": {"classifier": ModelConfig, "digits_cnn": DigitsCNNConfig, "timm": TimmConfig,
+              "unet": UNetConfig, "mlp": MLPDenoiserConfig},
     "teacher": {"none": NoTeacherConfig},
     "method": {
         "supervised": SupervisedConfig,
         "kd": KDConfig,
         "dkd": DKDConfig,
         "fitnet": FitNetConfig,
+        "diffusion": DiffusionConfig,
     },
-    "schedule": {"none": ScheduleConfig},
-    "optim/optimizer": {"sgd": SGDConfig, "adam": AdamConfig},
+    "schedule": {"none": ScheduleConfig, "vp": VPScheduleConfig, "edm": EDMScheduleConfig},
+    "optim/optimizer": {"sgd": SGDConfig, "adam": AdamConfig, "adamw": AdamWConfig},
     "optim": {"optim": OptimConfig},
     "eval": {"eval": EvalConfig},
 }

@@ -66,13 +66,19 @@ def _unwrap(obj: Any, key: str, path: Any) -> dict[str, torch.Tensor]:
 
 def load_weights(net: nn.Module, path: str | Path, key: str) -> None:
     sd = read_state_dict(path, key)
-    missing, unexpected = net.load_state_dict(sd, strict=False)
-    if missing or unexpected:
+    own = net.state_dict()
+    missing = [k for k in own if k not in sd]
+    unexpected = [k for k in sd if k not in own]
+    wrong = [f"{k} {tuple(sd[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
+             if k in sd and tuple(sd[k].shape) != tuple(v.shape)]
+    if missing or unexpected or wrong:
         raise DistillError(
             f"{key}={path}: the weights do not fit the configured architecture "
             f"({len(missing)} missing keys, e.g. {missing[:3]}; {len(unexpected)} unexpected, "
-            f"e.g. {unexpected[:3]}). Check that the architecture option matches the file."
+            f"e.g. {unexpected[:3]}; {len(wrong)} of another shape (file vs model), e.g. {wrong[:2]}). "
+            f"Check that the architecture option and its settings match the file."
         )
+    net.load_state_dict(sd, strict=True)
 
 
 def build_model(cfg: DictConfig | Mapping, key: str = "model") -> nn.Module:
@@ -95,3 +101,67 @@ def build_teacher(cfg: DictConfig) -> nn.Module | None:
     teacher = build_model(cfg, key="teacher")
     teacher.eval().requires_grad_(False)
     return teacher
+
+
+def _data_shape(dataset_cfg: Mapping) -> tuple[tuple[int, ...], int]:
+    """(image_shape, num_classes) of a dataset config, without reading any data."""
+    from hydra.utils import get_class
+
+    cls = get_class(dataset_cfg["_target_"])
+    shape = tuple(getattr(cls, "image_shape", ()))
+    if "image_size" in dataset_cfg and "channels" in dataset_cfg:  # image folders: set per config
+        s = int(dataset_cfg["image_size"])
+        shape = (int(dataset_cfg["channels"]), s, s)
+    return shape, int(dataset_cfg.get("num_classes") or dataset_cfg.get("num_modes") or getattr(cls, "num_classes", 0))
+
+
+def load_run_checkpoint(path: str | Path, key: str = "checkpoint"):
+    """The method of a distillkit run, rebuilt from its ``last.ckpt`` alone, in eval mode on CPU.
+
+    The network and the method are built from the resolved config the checkpoint carries
+    (``ckpt["distillkit"]["config"]``) and get every weight of the run (student and EMA). The
+    teacher is not rebuilt (``teacher=None``, also for methods that train with one): sampling
+    and export use the student only. ``model.checkpoint`` (the student's initial weights) is
+    not read either. Used by ``distill-sample`` and ``distill-export``. Errors name ``key``."""
+    from hydra.utils import get_class
+
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise DistillError(f"{key}={path}: no such file; point {key} at a distillkit run's last.ckpt")
+    try:
+        ckpt = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise DistillError(f"{key}={path}: cannot read this file ({type(e).__name__}: "
+                           f"{str(e).splitlines()[0][:200] if str(e) else ''}); is it a complete distillkit last.ckpt?") from None
+    meta = ckpt.get("distillkit") if isinstance(ckpt, Mapping) else None
+    config = meta.get("config") if isinstance(meta, Mapping) else None
+    if not config or "state_dict" not in ckpt:
+        raise DistillError(f"{key}={path}: not a distillkit run checkpoint (it has no ['distillkit']['config']); "
+                           "point it at the last.ckpt in a run dir")
+    shape, num_classes = _data_shape(config["dataset"])
+    if meta.get("image_shape"):
+        shape = tuple(int(s) for s in meta["image_shape"])
+    model_cfg = dict(config["model"])
+    model_cfg["checkpoint"] = None
+    student = build_model(model_cfg, key="model")
+    method_cfg = dict(config["method"])
+    target = method_cfg.pop("_target_")
+    cls = get_class(target)
+    if getattr(cls, "needs_teacher", False):  # rebuilt for sampling / export: no teacher
+        cls = type(cls.__name__, (cls,), {"needs_teacher": False, "__module__": cls.__module__})
+    try:
+        method = cls(student=student, teacher=None, optim_cfg=config.get("optim"),
+                     ema_cfg=(config.get("callbacks") or {}).get("ema"), schedule_cfg=config.get("schedule"),
+                     input_shape=shape, num_classes=num_classes, **method_cfg)
+    except DistillError:
+        raise
+    except Exception as e:
+        raise DistillError(f"{key}={path}: cannot rebuild method {target} from the checkpoint's config "
+                           f"({type(e).__name__}: {e})") from None
+    missing, unexpected = method.load_state_dict(ckpt["state_dict"], strict=False)
+    if missing or unexpected:
+        raise DistillError(f"{key}={path}: the weights do not fit the network built from the checkpoint's config "
+                           f"({len(missing)} missing keys, e.g. {missing[:3]}; {len(unexpected)} unexpected, "
+                           f"e.g. {unexpected[:3]})")
+    method.run_config = config
+    return method.eval()

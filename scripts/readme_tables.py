@@ -1,0 +1,148 @@
+"""Markdown tables for the README, generated from ``benchmarks/<name>.json`` (DESIGN:
+Benchmarks); the README's tables are never typed by hand.
+
+    python scripts/readme_tables.py              # every benchmarks/*.json with markers in README
+    python scripts/readme_tables.py kd_digits    # one
+
+A table lives in README.md between ``<!-- table:<name> -->`` and ``<!-- /table:<name> -->``;
+what is between the markers is replaced, and a README without the markers is left alone.
+Each benchmark may register its own formatter with ``@formatter("<name>")``; others get
+:func:`generic_table`. Other scripts call :func:`update_readme` after writing their JSON.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Callable, Optional
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCH_DIR = ROOT / "benchmarks"
+README = ROOT / "README.md"
+
+Formatter = Callable[[dict], str]
+FORMATTERS: dict[str, Formatter] = {}
+
+
+def formatter(name: str) -> Callable[[Formatter], Formatter]:
+    """Register ``fn(benchmark_dict) -> markdown`` as the table of benchmark ``name``."""
+
+    def register(fn: Formatter) -> Formatter:
+        FORMATTERS[name] = fn
+        return fn
+
+    return register
+
+
+def markers(name: str) -> tuple[str, str]:
+    return f"<!-- table:{name} -->", f"<!-- /table:{name} -->"
+
+
+def replace_between_markers(text: str, name: str, table: str) -> Optional[str]:
+    """``text`` with what lies between ``name``'s markers replaced by ``table``; None when
+    the markers are absent (or out of order)."""
+    start, end = markers(name)
+    i = text.find(start)
+    j = text.find(end, i + len(start)) if i >= 0 else -1
+    if i < 0 or j < 0:
+        return None
+    return text[: i + len(start)] + "\n" + table.strip("\n") + "\n" + text[j:]
+
+
+def _num(x: object, digits: int = 1) -> str:
+    if x is None:
+        return "—"
+    if isinstance(x, float) and x.is_integer() and digits == 0:
+        return str(int(x))
+    return f"{x:.{digits}f}" if isinstance(x, float) else str(x)
+
+
+def pct_mean_std(mean: Optional[float], std: Optional[float], n: int) -> str:
+    """``90.42 ± 0.50 (n=3)`` for an accuracy in [0, 1]; no ± for a single run."""
+    if mean is None:
+        return "—"
+    s = f"{100 * mean:.2f}"
+    if std is not None and n > 1:
+        s += f" ± {100 * std:.2f}"
+    return f"{s} (n={n})"
+
+
+def provenance(bench: dict) -> str:
+    """The line under every table: where and how the numbers were made."""
+    return (f"Machine: {bench.get('machine', '?')}; date {bench.get('date', '?')}; "
+            f"command: `{bench.get('command', '?')}`.")
+
+
+def md_table(header: list[str], rows: list[list[str]], align: Optional[list[str]] = None) -> str:
+    align = align or ["---"] * len(header)
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(align) + "|"]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def generic_table(bench: dict) -> str:
+    """Any benchmark: its summary (or its rows) with every key as a column."""
+    items = bench.get("summary") or bench.get("rows") or []
+    keys: list[str] = []
+    for it in items:
+        keys += [k for k in it if k not in keys]
+    body = [[_num(it.get(k), 4) if isinstance(it.get(k), float) else str(it.get(k, "")) for k in keys]
+            for it in items]
+    return md_table(keys, body) + "\n\n" + provenance(bench)
+
+
+@formatter("kd_digits")
+def kd_digits_table(bench: dict) -> str:
+    """method | test acc (%) mean ± std over n seeds | updates | wall s."""
+    body = []
+    for s in bench["summary"]:
+        label = s["method"] + (f" ({s['epochs']} epochs)" if s.get("note") == "convergence check" else "")
+        body.append([label, pct_mean_std(s.get("test_acc_mean"), s.get("test_acc_std"), s.get("n", 0)),
+                     _num(s.get("updates"), 0), _num(s.get("wall_s_mean"), 1)])
+    table = md_table(["method", "test acc % (mean ± std)", "updates", "wall s"], body,
+                     ["---", "--:", "--:", "--:"])
+    return table + "\n\n" + provenance(bench)
+
+
+FORMATTERS["kd_digits_quick"] = kd_digits_table
+
+
+def render(name: str, bench: Optional[dict] = None, path: Optional[Path] = None) -> str:
+    """The markdown of benchmark ``name`` (read from ``path`` or benchmarks/<name>.json)."""
+    if bench is None:
+        bench = json.loads(Path(path or BENCH_DIR / f"{name}.json").read_text())
+    return FORMATTERS.get(name, generic_table)(bench)
+
+
+def update_readme(name: str, path: Optional[Path] = None, readme: Path = README) -> bool:
+    """Write benchmark ``name``'s table between its markers in ``readme``; False (and a
+    note) when the markers are absent."""
+    table = render(name, path=path)
+    text = readme.read_text() if readme.is_file() else ""
+    new = replace_between_markers(text, name, table)
+    if new is None:
+        start, end = markers(name)
+        print(f"note: {readme} has no {start} ... {end} markers; its table was not written",
+              file=sys.stderr)
+        return False
+    if new != text:
+        readme.write_text(new)
+    return True
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("names", nargs="*", help="benchmark names (default: every benchmarks/*.json)")
+    args = ap.parse_args(argv)
+    names = args.names
+    if not names:  # every benchmark whose markers the README has
+        text = README.read_text() if README.is_file() else ""
+        names = [p.stem for p in sorted(BENCH_DIR.glob("*.json")) if markers(p.stem)[0] in text]
+    for name in names:
+        if update_readme(name):
+            print(f"README: table {name} updated")
+
+
+if __name__ == "__main__":
+    main()

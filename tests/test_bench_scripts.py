@@ -1,0 +1,103 @@
+"""The benchmark scripts' bookkeeping, without training: README marker replacement and the
+mean/std summary of benchmark rows."""
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
+sys.path.insert(0, str(SCRIPTS))
+
+import bench_kd_digits  # noqa: E402
+import readme_tables  # noqa: E402
+
+ROWS = [
+    {"method": "teacher", "seed": 0, "test_acc": 0.99, "val_acc": 0.99, "wall_s": 10.0, "updates": 480, "epochs": 30},
+    {"method": "student", "seed": 0, "test_acc": 0.90, "val_acc": 0.9, "wall_s": 2.0, "updates": 400, "epochs": 100},
+    {"method": "student", "seed": 1, "test_acc": 0.92, "val_acc": 0.9, "wall_s": 4.0, "updates": 400, "epochs": 100},
+    {"method": "student", "seed": 2, "test_acc": 0.94, "val_acc": 0.9, "wall_s": 6.0, "updates": 400, "epochs": 100},
+    {"method": "kd", "seed": 0, "test_acc": 0.95, "val_acc": 0.9, "wall_s": 5.0, "updates": 400, "epochs": 100},
+    {"method": "kd", "seed": 1, "test_acc": 0.97, "val_acc": 0.9, "wall_s": 7.0, "updates": 400, "epochs": 100},
+    {"method": "student", "seed": 0, "test_acc": 0.91, "val_acc": 0.9, "wall_s": 4.0, "updates": 800, "epochs": 200,
+     "note": "convergence check"},
+    {"method": "kd", "source": "Hinton et al. 2015", "test_acc": 0.5},
+]
+
+
+def test_summarise_mean_std_n():
+    s = {(e["method"], e["epochs"]): e for e in bench_kd_digits.summarise(ROWS)}
+    assert list(s) == [("teacher", 30), ("student", 100), ("kd", 100), ("student", 200)]  # first-seen order
+    st = s[("student", 100)]
+    assert st["n"] == 3 and st["updates"] == 400
+    assert math.isclose(st["test_acc_mean"], 0.92)
+    assert math.isclose(st["test_acc_std"], 0.02)  # sample std (n - 1)
+    assert math.isclose(st["wall_s_mean"], 4.0)
+    kd = s[("kd", 100)]
+    assert kd["n"] == 2 and math.isclose(kd["test_acc_mean"], 0.96)  # the paper row is not a run
+    assert math.isclose(kd["test_acc_std"], math.sqrt(2) * 0.01)
+    assert s[("teacher", 30)]["test_acc_std"] is None  # one run: no std
+    assert s[("student", 200)]["note"] == "convergence check"
+    json.dumps(bench_kd_digits.summarise(ROWS))  # plain JSON
+
+
+def test_verdict_compares_against_one_std():
+    lines = bench_kd_digits.verdict(bench_kd_digits.summarise(ROWS))
+    assert len(lines) == 1 and lines[0].startswith("kd: +4.00 points") and "beats" in lines[0]
+    close = [r for r in ROWS if r["method"] == "student"] + [{**ROWS[1], "method": "kd", "test_acc": 0.93}]
+    assert "does NOT beat" in bench_kd_digits.verdict(bench_kd_digits.summarise(close))[0]
+
+
+def test_marker_replacement():
+    text = "# title\n\n<!-- table:kd_digits -->\nold table\n<!-- /table:kd_digits -->\n\nafter\n"
+    new = readme_tables.replace_between_markers(text, "kd_digits", "| a |\n")
+    assert new == "# title\n\n<!-- table:kd_digits -->\n| a |\n<!-- /table:kd_digits -->\n\nafter\n"
+    assert readme_tables.replace_between_markers(new, "kd_digits", "| a |") == new  # idempotent
+    assert readme_tables.replace_between_markers(text, "other", "x") is None
+    assert readme_tables.replace_between_markers("<!-- /table:kd_digits --> <!-- table:kd_digits -->",
+                                                 "kd_digits", "x") is None
+
+
+def _bench() -> dict:
+    return {"name": "kd_digits", "machine": "test CPU, 2 cores, torch 0", "date": "2026-01-01",
+            "command": "python scripts/bench_kd_digits.py --seeds 3", "rows": ROWS,
+            "summary": bench_kd_digits.summarise(ROWS)}
+
+
+def test_update_readme_writes_table_between_markers(tmp_path, capsys):
+    bench = tmp_path / "kd_digits.json"
+    bench.write_text(json.dumps(_bench()))
+    readme = tmp_path / "README.md"
+    readme.write_text("intro\n<!-- table:kd_digits -->\n<!-- /table:kd_digits -->\nend\n")
+    assert readme_tables.update_readme("kd_digits", path=bench, readme=readme)
+    out = readme.read_text()
+    assert out.startswith("intro\n<!-- table:kd_digits -->\n| method |") and out.endswith("<!-- /table:kd_digits -->\nend\n")
+    assert "| student | 92.00 ± 2.00 (n=3) | 400 | 4.0 |" in out
+    assert "| teacher | 99.00 (n=1) | 480 | 10.0 |" in out
+    assert "student (200 epochs)" in out
+    assert "test CPU, 2 cores" in out and "`python scripts/bench_kd_digits.py --seeds 3`" in out
+
+    plain = tmp_path / "PLAIN.md"
+    plain.write_text("no markers\n")
+    assert not readme_tables.update_readme("kd_digits", path=bench, readme=plain)
+    assert plain.read_text() == "no markers\n"
+    assert "no <!-- table:kd_digits -->" in capsys.readouterr().err
+
+
+def test_other_benchmarks_get_a_generic_or_registered_table():
+    bench = {"name": "x", "machine": "m", "date": "d", "command": "c",
+             "rows": [{"method": "dsd", "steps": 4, "fid": 1.25}]}
+    md = readme_tables.render("some_new_bench", bench)
+    assert "| method | steps | fid |" in md and "| dsd | 4 | 1.2500 |" in md
+
+    @readme_tables.formatter("some_new_bench")
+    def _fmt(b: dict) -> str:
+        return "custom"
+
+    try:
+        assert readme_tables.render("some_new_bench", bench) == "custom"
+    finally:
+        readme_tables.FORMATTERS.pop("some_new_bench")

@@ -1,0 +1,102 @@
+"""Bad input stops the run at start with one clear message naming the key, a non-zero exit
+code and no traceback; nothing already in the run dir is overwritten."""
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pytest
+
+SMOKE = ("debug=smoke", "callbacks.progress=none")
+
+
+def _clean_error(r, *needles):
+    assert r.returncode != 0, r.output
+    assert "Traceback" not in r.output, r.output
+    for n in needles:
+        assert n in r.output, f"{n!r} not in:\n{r.output}"
+
+
+@pytest.mark.parametrize("args, needles", [
+    (["method=kdd"], ["method", "kd", "dkd", "fitnet"]),                       # unknown option, lists allowed
+    (["method=kd", "method.temperatur=2"], ["method.temperatur", "temperature"]),  # misspelt key, suggestion
+    (["seeed=1"], ["seeed", "seed"]),                                              # top-level typo
+    (["trainer.max_steps=abc"], ["trainer.max_steps", "abc"]),                    # wrong type
+    (["resume=sometimes"], ["resume", "auto", "force", "never"]),                 # enum lists its values
+    (["method=kd", "teacher=cnn_digits"], ["teacher.checkpoint"]),               # missing required value
+    (["dataset=cifar100"], ["dataset.data_dir"]),                                   # missing required value
+    (["method=kd"], ["method=kd needs a teacher", "teacher.checkpoint"]),        # method needs a teacher
+])
+def test_config_errors_are_one_clear_message(cli, runs_dir, args, needles):
+    r = cli(*args, f"runs_dir={runs_dir}", *SMOKE)
+    _clean_error(r, *needles)
+    assert r.returncode == 2
+
+
+def test_hydra_full_error_shows_traceback(cli, runs_dir):
+    r = cli("method=kdd", f"runs_dir={runs_dir}", env={"HYDRA_FULL_ERROR": "1"})
+    assert r.returncode != 0 and "Traceback" in r.output
+
+
+def test_wrong_data_dir_names_the_key(cli, runs_dir, tmp_path):
+    r = cli("dataset=cifar100", f"dataset.data_dir={tmp_path / 'nope'}", "model=resnet8", f"runs_dir={runs_dir}", *SMOKE)
+    _clean_error(r, "dataset.data_dir")
+
+
+def _snapshot(run: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(run.iterdir())
+            if p.is_file() and p.suffix != ".log"}
+
+
+@pytest.mark.parametrize("problem", ["missing", "corrupt", "truncated", "wrong_arch"])
+def test_bad_teacher_checkpoint_leaves_run_dir_untouched(cli, runs_dir, tmp_path, digits_teacher_ckpt, problem):
+    teacher = tmp_path / "teacher.ckpt"
+    teacher.write_bytes(digits_teacher_ckpt.read_bytes())
+    args = ["experiment=digits_kd", f"teacher.checkpoint={teacher}", f"runs_dir={runs_dir}", "name=kd", *SMOKE]
+    assert cli(*args).returncode == 0
+    run = runs_dir / "digits_kd" / "kd"
+    before = _snapshot(run)
+    assert {"config.yaml", "last.ckpt", "results.json", "metrics.csv"} <= set(before)
+    if problem == "missing":
+        teacher.unlink()
+        needles = ["teacher.checkpoint", "no such file"]
+    elif problem == "corrupt":
+        teacher.write_bytes(b"this is not a checkpoint" * 10)
+        needles = ["teacher.checkpoint", "cannot read weights"]
+    elif problem == "truncated":
+        teacher.write_bytes(digits_teacher_ckpt.read_bytes()[:5000])
+        needles = ["teacher.checkpoint", "cannot read weights"]
+    else:
+        args.append("teacher.width=32")  # the file holds a width-64 network
+        needles = ["teacher.checkpoint", "do not fit"]
+    r = cli(*args)
+    _clean_error(r, *needles)
+    assert _snapshot(run) == before
+
+
+def test_changed_config_refuses_to_resume(cli, runs_dir):
+    base = ["experiment=digits_student", f"runs_dir={runs_dir}", "name=fixed", *SMOKE]
+    assert cli(*base, "model.width=4").returncode == 0
+    run = runs_dir / "digits_student" / "fixed"
+    before = _snapshot(run)
+    r = cli(*base, "model.width=6")
+    _clean_error(r, "different config", "model.width: 4 -> 6", "name=", "resume=force")
+    assert _snapshot(run) == before
+    # resume anyway: the old config is kept next to the new one
+    r = cli(*base, "model.width=4", "trainer.max_steps=8", "resume=force")
+    assert r.returncode == 0, r.output
+
+
+def test_same_command_resumes_and_finished_run_is_not_redone(cli, runs_dir):
+    args = ["experiment=digits_student", f"runs_dir={runs_dir}", *SMOKE]
+    assert cli(*args).returncode == 0
+    r = cli(*args, "trainer.max_steps=9", "trainer.max_epochs=5")  # may change: same run dir, continues
+    assert r.returncode == 0, r.output
+    assert "resuming from" in r.output
+    import json
+
+    runs = list((runs_dir / "digits_student").iterdir())
+    assert len(runs) == 1  # the same run dir, named after the overrides
+    run = runs[0]
+    assert run.name == "debug=smoke"  # callbacks.progress and trainer.max_steps do not name runs
+    assert json.loads((run / "results.json").read_text())["global_step"] == 9
