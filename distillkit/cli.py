@@ -272,18 +272,18 @@ def run(cfg: DictConfig) -> dict:
                                "does not: use eval=none")
         evaluation = SampleEvaluation.from_config(cfg.eval, dataset_name=HydraConfig.get().runtime.choices.get("dataset"))
 
-    ckpt = prepare_run_dir(run_dir, config, str(cfg.resume.value if hasattr(cfg.resume, "value") else cfg.resume),
-                           resume_safe_keys(), is_global_zero=(rank == 0))
+    ckpt = prepare_run_dir(run_dir, config, config["resume"], resume_safe_keys(), is_global_zero=(rank == 0))
     if ckpt is not None:
         log.info("resuming from %s", ckpt)
     # Per-rank streams for what happens during training (noise, dropout, augmentation).
     L.seed_everything(cfg.seed + rank, workers=True, verbose=False)
 
     callbacks: list = [LastCheckpoint(run_dir, cfg.callbacks.checkpoint_every_n_steps)]
-    rich = use_rich(str(cfg.callbacks.progress.value if hasattr(cfg.callbacks.progress, "value") else cfg.callbacks.progress))
+    progress = config["callbacks"]["progress"]  # plain strings: enums resolved by to_container
+    rich = use_rich(progress)
     if rich:
         callbacks.append(RichProgressBar())
-    elif str(cfg.callbacks.progress) not in ("none", "Progress.none"):
+    elif progress != "none":
         callbacks.append(PlainProgress(cfg.trainer.log_every_n_steps))
     if evaluation is not None:
         callbacks.append(evaluation)
