@@ -105,8 +105,8 @@ class Runner:
         self._compose, self._init = compose, initialize_config_dir
         self._conf_dir = CONF_DIR
 
-    def _plan(self, overrides: list[str]) -> tuple[Path, int]:
-        """(run dir, max_epochs) that the CLI will use for these overrides."""
+    def _plan(self, overrides: list[str]) -> tuple[Path, tuple[str, int]]:
+        """(run dir, (results key, value) that a finished run has) for these overrides."""
         from distillkit.runs import run_name
 
         with self._init(config_dir=self._conf_dir, version_base="1.3", job_name="distill"):
@@ -115,17 +115,19 @@ class Runner:
         explicit = [o.split("=", 1)[1].strip("'\"") for o in overrides if o.startswith("name=")]
         name = explicit[0] if explicit else run_name(",".join(sorted(
             o for o in overrides if o.split("=", 1)[0].lstrip("+~") not in excluded)))
-        return self.runs_dir / cfg.experiment_name / name, int(cfg.trainer.max_epochs)
+        done = ("global_step", int(cfg.trainer.max_steps)) if int(cfg.trainer.max_steps) > 0 \
+            else ("epoch", int(cfg.trainer.max_epochs))
+        return self.runs_dir / cfg.experiment_name / name, done
 
     def __call__(self, overrides: list[str]) -> dict:
         overrides = [*overrides, f"runs_dir={self.runs_dir}", *COMMON]
-        run_dir, epochs = self._plan(overrides)
+        run_dir, (key, want) = self._plan(overrides)
         results = run_dir / "results.json"
         if results.is_file():
             res = json.loads(results.read_text())
-            if int(res.get("epoch", -1)) != epochs:
-                sys.exit(f"{run_dir} holds a run of {res.get('epoch')} epochs, this benchmark wants "
-                         f"{epochs}: delete it or use another --runs-dir")
+            if int(res.get(key, -1)) != want:
+                sys.exit(f"{run_dir} holds a run with {key}={res.get(key)}, this benchmark wants "
+                         f"{want}: delete it or use another --runs-dir")
             res["cached"] = True
             return res
         cmd = [sys.executable, "-m", "distillkit.cli", *overrides]

@@ -108,6 +108,24 @@ def kd_digits_table(bench: dict) -> str:
 FORMATTERS["kd_digits_quick"] = kd_digits_table
 
 
+@formatter("teacher_digits")
+def teacher_digits_table(bench: dict) -> str:
+    """steps | digits-FID | IS | sampling wall s; the floor first."""
+    body = []
+    for r in bench["rows"]:
+        label = "floor (held-out real digits)" if r["method"] == "floor" else f"teacher, {r['steps']} DDIM steps"
+        body.append([label, _num(r["fid"], 3), _num(r["is"], 2), _num(r.get("sample_wall_s"), 1)])
+    table = md_table(["", f"digits-FID ({bench['rows'][0]['num_samples']} samples)", "IS", "sampling s"], body,
+                     ["---", "--:", "--:", "--:"])
+    notes = [provenance(bench), f"Feature network: `{bench.get('feature_net')}`."]
+    if bench.get("verdict"):
+        notes.append(bench["verdict"] + ".")
+    return table + "\n\n" + " ".join(notes)
+
+
+FORMATTERS["teacher_digits_quick"] = teacher_digits_table
+
+
 def render(name: str, bench: Optional[dict] = None, path: Optional[Path] = None) -> str:
     """The markdown of benchmark ``name`` (read from ``path`` or benchmarks/<name>.json)."""
     if bench is None:

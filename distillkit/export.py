@@ -1,0 +1,117 @@
+"""``distill-export``: a diffusion run -> a diffusers ``DDIMPipeline`` folder.
+
+    distill-export checkpoint=runs/digits_diffusion_teacher/default/last.ckpt out=exported/digits [use_ema=true]
+
+    from diffusers import DDIMPipeline
+    pipe = DDIMPipeline.from_pretrained("exported/digits")
+    images = pipe(batch_size=16, num_inference_steps=16, eta=0.0, generator=torch.Generator().manual_seed(0)).images
+
+The folder holds ``model_index.json``, ``unet/`` (``config.json`` +
+``diffusion_pytorch_model.safetensors``: the EMA weights by default, the raw student with
+``use_ema=false``), ``scheduler/`` (a ``DDIMScheduler`` carrying the run's noise schedule:
+num_train_timesteps, beta_schedule, beta_start / beta_end, rescale_betas_zero_snr; the network's
+prediction type in diffusers' names, eps -> epsilon, v -> v_prediction, x0 -> sample;
+``timestep_spacing`` = the run's schedule.spacing; ``set_alpha_to_one=True``, our clean end
+t = -1; ``clip_sample=False`` and no thresholding, as our sampler) and ``distillkit.json``
+(where it came from).
+
+Limitation. diffusers' ``DDIMScheduler.step`` always steps from t to t - T // N, while our
+samplers step along ``schedule.grid(N, spacing)`` (see ``distillkit.diffusion.samplers``). The
+two agree, and the pipeline reproduces ``distill-sample``'s images for the same seed (up to
+float rounding), exactly when that grid is evenly spaced by T // N: ``spacing=leading`` for
+any N, ``spacing=trailing`` when N divides T. For that reason the digits teacher uses
+T = 1024, so every power-of-two step count agrees. Otherwise (e.g. T = 1000, trailing, N = 64)
+the pipeline steps off our grid, its last step ends at t = 0 (alphas_cumprod[0] < 1) instead
+of the clean end, and its images differ. Runs on the EDM schedule have no DDIM equivalent and
+are refused.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+
+from distillkit.errors import DistillError
+from distillkit.kvargs import Arg, fail, parse_bool, parse_kv
+
+PROG = "distill-export"
+DIFFUSERS_PREDICTION = {"eps": "epsilon", "v": "v_prediction", "x0": "sample"}
+
+ARGS = [
+    Arg("checkpoint", str, help="a diffusion run's last.ckpt"),
+    Arg("out", str, help="output folder (a diffusers DDIMPipeline)"),
+    Arg("use_ema", parse_bool, True, "export the EMA weights (when the run kept an EMA)"),
+]
+
+
+def ddim_scheduler(method):
+    """The ``DDIMScheduler`` equivalent to ``method``'s schedule and sampler settings."""
+    from diffusers import DDIMScheduler
+
+    from distillkit.diffusion.schedules import DEFAULT_BETAS
+
+    sch, cfg = method.schedule, method.schedule_cfg
+    start, end = DEFAULT_BETAS.get(sch.beta_schedule, (1e-4, 0.02))
+    scheduler = DDIMScheduler(
+        num_train_timesteps=sch.num_train_timesteps, beta_schedule=sch.beta_schedule,
+        beta_start=float(cfg.get("beta_start") or start), beta_end=float(cfg.get("beta_end") or end),
+        rescale_betas_zero_snr=bool(cfg.get("rescale_betas_zero_snr", False)),
+        prediction_type=DIFFUSERS_PREDICTION[method.prediction_type], timestep_spacing=method.spacing,
+        set_alpha_to_one=True, clip_sample=False, thresholding=False, steps_offset=0,
+    )
+    if not torch.allclose(scheduler.alphas_cumprod.double(), sch.alphas_cumprod.cpu(), rtol=0, atol=1e-6):
+        raise DistillError("the exported DDIMScheduler's alphas_cumprod differ from the run's schedule")
+    return scheduler
+
+
+def export_pipeline(method, out: str | Path, use_ema: bool = True, source: str = "") -> Path:
+    """Write ``method``'s network and schedule as a diffusers DDIMPipeline folder at ``out``."""
+    from diffusers import DDIMPipeline, UNet2DModel
+
+    if method.is_edm:
+        raise DistillError("distill-export writes a DDIMPipeline, which has no EDM sampler: runs with "
+                           "schedule=edm cannot be exported this way")
+    net = method.eval_network() if use_ema else method.student
+    unet = getattr(net, "unet", None)
+    if not isinstance(unet, UNet2DModel):
+        model = (method.run_config.get("model") or {}).get("_target_", type(net).__name__)
+        raise DistillError(f"distill-export needs a diffusers UNet student (model=unet_digits or model=unet); "
+                           f"this run's network is {model}")
+    out = Path(out).expanduser()
+    if out.exists() and not out.is_dir():
+        raise DistillError(f"out={out}: exists and is not a folder")
+    pipe = DDIMPipeline(unet=unet, scheduler=ddim_scheduler(method))
+    pipe.save_pretrained(str(out), safe_serialization=True)
+    (out / "distillkit.json").write_text(json.dumps({
+        "checkpoint": source, "method": method.method_name, "use_ema": bool(use_ema and method.ema is not None),
+        "prediction_type": method.prediction_type, "num_inference_steps": method.num_steps,
+        "timestep_spacing": method.spacing, "eta": method.eta,
+    }, indent=2) + "\n")
+    return out
+
+
+def run(argv: Sequence[str]) -> Path:
+    args = parse_kv(argv, PROG, ARGS)
+    from distillkit.models.loading import load_run_checkpoint
+
+    method = load_run_checkpoint(args.checkpoint)
+    if not hasattr(method, "is_edm"):
+        raise DistillError(f"checkpoint={args.checkpoint}: method={method.method_name} is not a diffusion model; "
+                           "distill-export needs a diffusion run")
+    out = export_pipeline(method, args.out, args.use_ema, source=str(args.checkpoint))
+    print(f"{PROG}: wrote {out} (DDIMPipeline, {'EMA' if args.use_ema and method.ema is not None else 'raw'} weights)")
+    return out
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    try:
+        run(sys.argv[1:] if argv is None else argv)
+    except DistillError as e:
+        fail(PROG, str(e))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,277 @@
+"""Denoising diffusion training (``method=diffusion``): makes the teachers that step distillation
+starts from, and is the base of every diffusion method (schedule, prediction type, denoising
+loss, sampling, NFE counting).
+
+VP schedules (linear, cosine, scaled_linear; Ho et al. 2020, Kingma et al. 2021). Per example,
+t ~ U{0, ..., T-1}, eps ~ N(0, I), x_t = alpha_t x_0 + sigma_t eps, and the network F(x_t, t)
+predicts ``prediction_type`` (eps, x0 or v = alpha eps - sigma x_0, Salimans & Ho 2022, Sec. 4).
+The loss is a weighted MSE in ``loss_space`` (default: the prediction type itself), the
+prediction converted there exactly by ``diffusion.convert``:
+
+    L = E_t,eps [ w(t) || convert(F(x_t, t) -> loss_space) - target ||^2 ],
+    target = eps | x_0 | alpha eps - sigma x_0.
+
+Weightings w(t):
+  none     w = 1: plain MSE on the prediction.
+  min_snr  Min-SNR-gamma (Hang et al. 2023, "Efficient Diffusion Training via Min-SNR Weighting
+           Strategy", eq. 10 with gamma = 5): the x_0-space loss weighted by min(SNR_t, gamma). Errors
+           in the three spaces are proportional at fixed x_t (||d eps||^2 = SNR ||d x_0||^2,
+           ||d v||^2 = (SNR + 1) ||d x_0||^2 for VP), so in the space the MSE is taken in:
+               x0: min(SNR, gamma)    eps: min(SNR, gamma) / SNR    v: min(SNR, gamma) / (SNR + 1)
+           (the same as diffusers' training scripts).
+
+EDM (``schedule=edm``; Karras et al. 2022, Table 1 "Ours", NVlabs/edm training/loss.py EDMLoss).
+ln(sigma) ~ N(P_mean, P_std^2), x = x_0 + sigma n, the network is preconditioned,
+D(x; sigma) = c_skip x + c_out F(c_in x; c_noise), and
+
+    L = E [ lambda(sigma) || D(x; sigma) - x_0 ||^2 ],   lambda = (sigma^2 + sigma_data^2) / (sigma sigma_data)^2.
+
+Since lambda = 1 / c_out^2 this is exactly the plain MSE on the raw output F, whose target
+(sigma x_0 - sigma_data^2 n) / (sigma_data sqrt(sigma^2 + sigma_data^2)) is -v for the data scaled by
+1/sigma_data. So on the EDM schedule ``weighting`` none and edm are the same loss, F is a
+(scaled) v-prediction (``prediction_type`` must stay v) and min_snr is not offered; on VP
+schedules ``weighting=edm`` is refused (it needs EDM's sigma).
+
+Sampling (:meth:`DiffusionMethod.sample`): deterministic DDIM (eta = schedule.eta) on the
+schedule's grid for VP schedules, Heun (or Euler, ``schedule.solver``) on Karras' sigmas for EDM,
+always with the EMA network when EMA is on (DESIGN: sampling uses EMA weights).
+"""
+from __future__ import annotations
+
+import inspect
+from typing import Any, Optional, Sequence
+
+import torch
+from torch import nn
+
+from distillkit.diffusion import (EDMPrecond, KarrasSchedule, NoiseSchedule, canonical_pred_type, convert,
+                                  ddim_sample, euler_sample, heun_sample)
+from distillkit.diffusion.from_config import plain, schedule_from_config
+from distillkit.errors import DistillError
+from distillkit.methods.base import DistillMethod
+
+WEIGHTINGS = ("none", "min_snr", "edm")
+# Validation / test noise (t and eps) come from this seed plus the batch index, so the val/test
+# loss of every step and every run is computed on the same noisy examples.
+EVAL_NOISE_SEED = 20240
+
+
+# --------------------------------------------------------------------------- the maths
+def regression_target(space: str, x0: torch.Tensor, eps: torch.Tensor, alpha, sigma) -> torch.Tensor:
+    """The true value of ``space`` at x_t = alpha x_0 + sigma eps: eps, x_0, or
+    v = alpha eps - sigma x_0 (Salimans & Ho 2022, Sec. 4)."""
+    space = canonical_pred_type(space)
+    if space == "eps":
+        return eps
+    if space == "x0":
+        return x0
+    return alpha * eps - sigma * x0
+
+
+def min_snr_weight(snr: torch.Tensor, gamma: float, space: str) -> torch.Tensor:
+    """Min-SNR-gamma weight (Hang et al. 2023) of an MSE taken in ``space``:
+    min(SNR, gamma) / {x0: 1, eps: SNR, v: SNR + 1}."""
+    space = canonical_pred_type(space)
+    w = snr.clamp(max=gamma)
+    if space == "eps":
+        return w / snr
+    if space == "v":
+        return w / (snr + 1)
+    return w
+
+
+def mean_flat(x: torch.Tensor) -> torch.Tensor:
+    """Mean over every dimension but the batch."""
+    return x.reshape(x.shape[0], -1).mean(1)
+
+
+def _randn(shape: Sequence[int], generator: Optional[torch.Generator], device, dtype=torch.float32) -> torch.Tensor:
+    if generator is None:
+        return torch.randn(tuple(shape), device=device, dtype=dtype)
+    return torch.randn(tuple(shape), generator=generator, device=generator.device, dtype=dtype).to(device)
+
+
+# --------------------------------------------------------------------------- the base
+class DiffusionMethod(DistillMethod):
+    """A method whose student is a denoiser ``net(x_t, t)`` on ``schedule``.
+
+    Subclasses count their network evaluations with :meth:`count_nfe` (logged as
+    ``nfe_per_update`` and the cumulative ``nfe``) and may reuse :meth:`denoising_loss`."""
+
+    method_name = "diffusion"
+
+    def __init__(self, student: nn.Module, schedule_cfg: Optional[dict] = None, prediction_type: str = "v",
+                 loss_space: Optional[str] = None, weighting: str = "none", min_snr_gamma: float = 5.0,
+                 input_shape: Sequence[int] = (1, 8, 8), **kw: Any):
+        super().__init__(student, **kw)
+        self.schedule_cfg = {k: plain(v) for k, v in dict(schedule_cfg or {}).items()}
+        schedule = schedule_from_config(self.schedule_cfg)
+        if schedule is None:
+            raise DistillError(f"method={self.method_name} needs a diffusion noise schedule: choose one, e.g. "
+                               "schedule=cosine (options: linear, cosine, scaled_linear, edm)")
+        self.schedule = schedule  # NoiseSchedule is a module (follows the device); KarrasSchedule is not
+        self.is_edm = isinstance(schedule, KarrasSchedule)
+        try:
+            self.prediction_type = canonical_pred_type(plain(prediction_type))
+            self.loss_space = canonical_pred_type(plain(loss_space)) if loss_space is not None else self.prediction_type
+        except ValueError as e:
+            raise DistillError(f"method.prediction_type / method.loss_space: {e}") from None
+        self.weighting = plain(weighting)
+        self.min_snr_gamma = float(min_snr_gamma)
+        if self.weighting not in WEIGHTINGS:
+            raise DistillError(f"method.weighting={self.weighting!r}: allowed values are {', '.join(WEIGHTINGS)}")
+        if self.is_edm:
+            if self.prediction_type != "v" or self.loss_space != "v":
+                raise DistillError("schedule=edm trains EDM's preconditioned network (Karras et al. 2022, Table 1), "
+                                   "whose raw output is a scaled v-prediction: leave method.prediction_type=v and "
+                                   "method.loss_space unset")
+            if self.weighting == "min_snr":
+                raise DistillError("method.weighting=min_snr is defined for VP schedules; with schedule=edm use "
+                                   "method.weighting=edm (Karras et al. 2022)")
+        elif self.weighting == "edm":
+            raise DistillError("method.weighting=edm is the weighting of the EDM schedule: use it with schedule=edm, "
+                               "or choose method.weighting=none or min_snr")
+        try:
+            inspect.signature(student.forward).bind(None, None)
+        except (TypeError, ValueError):
+            raise DistillError(f"the network {type(student).__name__} is not a denoiser net(x_t, t): method="
+                               f"{self.method_name} needs one of the data's shape, e.g. model=unet_digits (digits), "
+                               "model=unet (images), model=mlp2d (toy2d)") from None
+        self.image_shape = tuple(int(s) for s in input_shape)
+        self.num_steps = int(self.schedule_cfg.get("num_steps") or 50)
+        self.spacing = str(self.schedule_cfg.get("spacing") or "trailing")
+        self.eta = float(self.schedule_cfg.get("eta") or 0.0)
+        self.solver = str(self.schedule_cfg.get("solver") or "heun")
+        self.nfe = 0  # network evaluations in training so far (kept in the checkpoint)
+
+    # ------------------------------------------------------------------ NFE
+    def count_nfe(self, n: int) -> None:
+        """Record one update that cost ``n`` (batched) network evaluations."""
+        self.nfe += int(n)
+        self.log("nfe_per_update", float(n), on_step=True, on_epoch=False)
+        self.log("nfe", float(self.nfe), on_step=True, on_epoch=False)
+
+    # ------------------------------------------------------------------ the denoising loss
+    def loss_weight(self, t: torch.Tensor) -> torch.Tensor:
+        """w(t) of the VP loss for integer timesteps t of shape (B,)."""
+        if self.weighting == "min_snr":
+            return min_snr_weight(self.schedule.snr(t), self.min_snr_gamma, self.loss_space).float()
+        return torch.ones(t.shape, device=t.device)
+
+    def vp_loss(self, pred: torch.Tensor, x_t: torch.Tensor, x0: torch.Tensor, eps: torch.Tensor,
+                t: torch.Tensor) -> torch.Tensor:
+        """Per-example w(t) || convert(pred -> loss_space) - target ||^2 (see the module docstring)."""
+        alpha, sigma = self.schedule.alpha(t, like=x0), self.schedule.sigma(t, like=x0)
+        out = convert(pred.float(), self.prediction_type, self.loss_space, x_t, alpha, sigma)
+        target = regression_target(self.loss_space, x0, eps, alpha, sigma)
+        return self.loss_weight(t).to(x0.device) * mean_flat((out - target) ** 2)
+
+    def denoiser(self, net: nn.Module) -> EDMPrecond:
+        """EDM's D(x; sigma) around ``net`` (not registered: the student's keys stay ``student.*``)."""
+        return EDMPrecond(net, self.schedule.sigma_data)
+
+    def denoising_loss(self, net: nn.Module, x0: torch.Tensor,
+                       generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """The per-example denoising loss of ``net`` on clean data x0, with fresh noise (from
+        ``generator`` when given, else the global RNG)."""
+        B = x0.shape[0]
+        if self.is_edm:
+            sigma = self.schedule.sample_sigma(B, generator, device=x0.device).to(x0.dtype)
+            x = self.schedule.add_noise(x0, _randn(x0.shape, generator, x0.device), sigma)
+            D = self._checked(self.denoiser(net)(x, sigma), x0)
+            return self.schedule.loss_weight(sigma) * mean_flat((D.float() - x0) ** 2)
+        T = self.schedule.num_train_timesteps
+        if generator is None:
+            t = torch.randint(0, T, (B,), device=x0.device)
+        else:
+            t = torch.randint(0, T, (B,), generator=generator, device=generator.device).to(x0.device)
+        eps = _randn(x0.shape, generator, x0.device)
+        x_t = self.schedule.add_noise(x0, eps, t)
+        return self.vp_loss(self._checked(net(x_t, t), x0), x_t, x0, eps, t)
+
+    def _checked(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        if out.shape != x.shape:
+            model = (self.run_config.get("model") or {}).get("_target_") or type(self.student).__name__
+            raise DistillError(f"the network ({model}) returns shape {tuple(out.shape)} for inputs of shape "
+                               f"{tuple(x.shape)}: method={self.method_name} needs a denoiser net(x_t, t) of the "
+                               "data's shape, e.g. model=unet_digits (digits), model=unet (images), model=mlp2d (toy2d)")
+        return out
+
+    # ------------------------------------------------------------------ evaluation
+    def _evaluate(self, batch: Any, batch_idx: int, stage: str) -> None:
+        x0 = batch[0] if isinstance(batch, (list, tuple)) else batch
+        g = torch.Generator().manual_seed(EVAL_NOISE_SEED + batch_idx)
+        loss = self.denoising_loss(self.eval_network(), x0, generator=g).mean()
+        self.log(f"{stage}/loss", loss, prog_bar=stage == "val", sync_dist=True, batch_size=len(x0))
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        self._evaluate(batch, batch_idx, "val")
+
+    def test_step(self, batch: Any, batch_idx: int) -> None:
+        self._evaluate(batch, batch_idx, "test")
+
+    # ------------------------------------------------------------------ sampling
+    @property
+    def is_image(self) -> bool:
+        return len(self.image_shape) == 3
+
+    def draw_noise(self, n: int, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """The starting noise z ~ N(0, I) of shape (n, *image_shape), drawn in one call
+        ``torch.randn((n, *image_shape), generator=generator)`` on the generator's device: the
+        same draw as diffusers' pipelines (``randn_tensor``) make from the same generator."""
+        return _randn((n, *self.image_shape), generator, self.device)
+
+    @torch.no_grad()
+    def sample_from_noise(self, z: torch.Tensor, num_steps: Optional[int] = None, use_ema: bool = True,
+                          spacing: Optional[str] = None, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """Samples from the starting noise z ~ N(0, I): DDIM from x_T = z over
+        ``schedule.grid(num_steps, spacing)`` (VP), or Heun / Euler from sigma_max z over Karras'
+        sigmas (EDM). Images are clipped to [-1, 1]."""
+        num_steps = int(num_steps or self.num_steps)
+        net = self.eval_network() if use_ema else self.student
+        was_training = net.training
+        net.eval()
+        z = z.to(self.device)
+        try:
+            if self.is_edm:
+                sigmas = self.schedule.sigmas(num_steps).to(z.device)
+                solve = heun_sample if self.solver == "heun" else euler_sample
+                x = solve(self.denoiser(net), z * sigmas[0].to(z.dtype), sigmas)
+            else:
+                x = ddim_sample(lambda x_t, t: net(x_t, t), z, self.schedule, num_steps, spacing or self.spacing,
+                                eta=self.eta, generator=generator, pred_type=self.prediction_type)
+        finally:
+            net.train(was_training)
+        return x.clamp(-1, 1) if self.is_image else x
+
+    def sample(self, n: int, num_steps: Optional[int] = None, generator: Optional[torch.Generator] = None,
+               use_ema: bool = True, spacing: Optional[str] = None) -> torch.Tensor:
+        """``n`` samples of shape (n, *image_shape) (images in [-1, 1]) in ``num_steps`` sampler steps
+        (default ``schedule.num_steps``), with the EMA network when EMA is on and ``use_ema``."""
+        return self.sample_from_noise(self.draw_noise(n, generator), num_steps, use_ema, spacing, generator)
+
+    # ------------------------------------------------------------------ checkpoints
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        super().on_save_checkpoint(checkpoint)
+        checkpoint["distillkit"]["nfe"] = int(self.nfe)
+        checkpoint["distillkit"]["image_shape"] = list(self.image_shape)
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        super().on_load_checkpoint(checkpoint)
+        self.nfe = int(checkpoint.get("distillkit", {}).get("nfe", 0))
+
+
+class Diffusion(DiffusionMethod):
+    """Plain denoising training: one network evaluation per update."""
+
+    method_name = "diffusion"
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x0 = batch[0] if isinstance(batch, (list, tuple)) else batch
+        loss = self.denoising_loss(self.student, x0).mean()
+        self.count_nfe(1)
+        self.log("train/loss", loss.detach(), prog_bar=True, on_step=True, batch_size=len(x0))
+        return loss
+
+
+__all__ = ["DiffusionMethod", "Diffusion", "regression_target", "min_snr_weight", "WEIGHTINGS"]

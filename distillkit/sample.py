@@ -1,0 +1,167 @@
+"""``distill-sample``: samples of a trained diffusion run, as the evaluation suites read them.
+
+    distill-sample checkpoint=runs/digits_diffusion_teacher/default/last.ckpt steps=16 num_samples=10000 out=samples.npz
+    [seed=0 batch_size=500 use_ema=true spacing=trailing device=auto]
+
+Writes ``out`` (.npz, key ``arr_0``, uint8, N x H x W x C: the convention of the ADM / EDM
+evaluation suites) and a grid of the first samples next to it (``out`` with suffix ``.png``).
+2-D point data (dataset=toy2d) are written as float32 N x 2 and drawn as a scatter plot.
+
+The network and its sampler come from the checkpoint alone (:func:`load_run_checkpoint`):
+DDIM (VP schedules) or Heun / Euler (EDM), with the EMA weights unless ``use_ema=false``;
+``steps`` and ``spacing`` default to the run's ``schedule.num_steps`` / ``schedule.spacing``.
+
+Noise, so that results are reproducible and comparable with diffusers: the starting noise of all
+N samples is drawn first, in one call ``torch.randn((N, *image_shape),
+generator=torch.Generator().manual_seed(seed))`` on the CPU, which is the draw diffusers'
+pipelines make (``randn_tensor``) for ``batch_size=N`` and that generator; batches are then
+slices of it, so the samples do not depend on ``batch_size``. With the folder written by
+``distill-export``, ``DDIMPipeline(batch_size=N, generator=torch.Generator().manual_seed(seed),
+num_inference_steps=steps, eta=0.0)`` gives the same images (see :mod:`distillkit.export` for
+the step counts where the two grids agree). Images are converted to uint8 as diffusers does:
+round(255 * clamp(x / 2 + 0.5, 0, 1)).
+"""
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+
+from distillkit.errors import DistillError
+from distillkit.kvargs import Arg, fail, parse_bool, parse_kv
+
+PROG = "distill-sample"
+SPACINGS = ("trailing", "leading", "linspace")
+
+ARGS = [
+    Arg("checkpoint", str, help="a diffusion run's last.ckpt"),
+    Arg("num_samples", int, help="number of samples N"),
+    Arg("out", str, help="output file, .npz (a .png grid is written next to it)"),
+    Arg("steps", int, None, "sampler steps (default: the run's schedule.num_steps)"),
+    Arg("seed", int, 0, "seed of the starting noise"),
+    Arg("batch_size", int, 500, "samples per network call"),
+    Arg("use_ema", parse_bool, True, "sample with the EMA weights (when the run kept an EMA)"),
+    Arg("spacing", str, None, "timestep grid (default: the run's schedule.spacing)", SPACINGS),
+    Arg("device", str, "auto", "auto (cuda when available), cpu, cuda, cuda:1, ..."),
+]
+
+
+def to_uint8(x: torch.Tensor) -> np.ndarray:
+    """Images in [-1, 1], (N, C, H, W) -> uint8 (N, H, W, C), rounded as diffusers does
+    (``(x / 2 + 0.5).clamp(0, 1)`` then ``(x * 255).round()``)."""
+    x = (x.detach().float().cpu() / 2 + 0.5).clamp(0, 1)
+    return (x.permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
+
+
+def image_grid(images: np.ndarray, max_images: int = 100, min_tile: int = 32, pad: int = 2) -> np.ndarray:
+    """uint8 (N, H, W, C) -> one uint8 (H', W', C) grid of the first ``max_images``, each tile
+    upscaled (nearest) to at least ``min_tile`` pixels, on a gray background."""
+    imgs = images[:max_images]
+    n, h, w, c = imgs.shape
+    s = max(1, math.ceil(min_tile / max(h, w)))
+    imgs = imgs.repeat(s, axis=1).repeat(s, axis=2)
+    cols = math.ceil(math.sqrt(n))
+    rows = math.ceil(n / cols)
+    th, tw = h * s + pad, w * s + pad
+    grid = np.full((rows * th + pad, cols * tw + pad, c), 128, dtype=np.uint8)
+    for i, img in enumerate(imgs):
+        r, q = divmod(i, cols)
+        grid[pad + r * th: pad + r * th + h * s, pad + q * tw: pad + q * tw + w * s] = img
+    return grid
+
+
+def scatter_png(points: np.ndarray, size: int = 256, extent: Optional[float] = None) -> np.ndarray:
+    """2-D points -> a uint8 (size, size, 1) scatter plot (white background, black points)."""
+    ext = extent or float(np.abs(points).max() * 1.1 + 1e-6)
+    img = np.full((size, size, 1), 255, dtype=np.uint8)
+    ij = np.clip(((points[:, :2] / ext + 1) / 2 * (size - 1)).round().astype(int), 0, size - 1)
+    img[size - 1 - ij[:, 1], ij[:, 0]] = 0
+    return img
+
+
+def save_png(array: np.ndarray, path: Path) -> None:
+    from PIL import Image
+
+    Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array).save(path)
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise DistillError(f"device={name}: not a device name (auto, cpu, cuda, cuda:0, ...)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise DistillError(f"device={name}: CUDA is not available here; use device=cpu")
+    return dev
+
+
+def check_steps(method, steps: int, key: str = "steps") -> None:
+    if steps < 1:
+        raise DistillError(f"{key}={steps}: must be at least 1")
+    if not method.is_edm and steps > method.schedule.num_train_timesteps:
+        raise DistillError(f"{key}={steps}: at most the schedule's num_train_timesteps "
+                           f"({method.schedule.num_train_timesteps})")
+
+
+def generate(method, num_samples: int, steps: int, seed: int = 0, batch_size: int = 500, use_ema: bool = True,
+             spacing: Optional[str] = None) -> torch.Tensor:
+    """``num_samples`` samples (on CPU): one noise draw from ``seed`` (see the module docstring),
+    sampled in slices of ``batch_size``."""
+    z = method.draw_noise(num_samples, torch.Generator().manual_seed(seed)).cpu()
+    g = torch.Generator().manual_seed(seed + 1)  # only used by stochastic samplers (eta > 0)
+    out = [method.sample_from_noise(z[i:i + batch_size], steps, use_ema=use_ema, spacing=spacing, generator=g).cpu()
+           for i in range(0, num_samples, batch_size)]
+    return torch.cat(out)
+
+
+def run(argv: Sequence[str]) -> Path:
+    args = parse_kv(argv, PROG, ARGS)
+    from distillkit.models.loading import load_run_checkpoint
+
+    out = Path(args.out).expanduser()
+    if out.suffix != ".npz":
+        raise DistillError(f"out={args.out}: the file name must end in .npz")
+    if args.num_samples < 1:
+        raise DistillError(f"num_samples={args.num_samples}: must be at least 1")
+    if args.batch_size < 1:
+        raise DistillError(f"batch_size={args.batch_size}: must be at least 1")
+    device = _device(args.device)
+    method = load_run_checkpoint(args.checkpoint)
+    if not hasattr(method, "sample_from_noise"):
+        raise DistillError(f"checkpoint={args.checkpoint}: method={method.method_name} does not generate samples; "
+                           "distill-sample needs a diffusion run")
+    steps = args.steps if args.steps is not None else method.num_steps
+    check_steps(method, steps)
+    method.to(device)
+    x = generate(method, args.num_samples, steps, args.seed, args.batch_size, args.use_ema, args.spacing)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if method.is_image:
+        arr = to_uint8(x)
+        png = image_grid(arr)
+    else:
+        arr = x.float().numpy()
+        png = scatter_png(arr)
+    tmp = out.with_name(f".{out.stem}.tmp.npz")
+    np.savez(tmp, arr_0=arr)
+    tmp.replace(out)
+    save_png(png, out.with_suffix(".png"))
+    print(f"{PROG}: wrote {out} ({arr.dtype} {'x'.join(map(str, arr.shape))}, {steps} steps, "
+          f"{'EMA' if args.use_ema and method.ema is not None else 'raw'} weights) and {out.with_suffix('.png')}")
+    return out
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    try:
+        run(sys.argv[1:] if argv is None else argv)
+    except DistillError as e:
+        fail(PROG, str(e))
+
+
+if __name__ == "__main__":
+    main()
