@@ -113,7 +113,7 @@ def missing_values(cfg: DictConfig) -> list[str]:
     ``checkpoint`` as ``???`` (OmegaConf keeps the model option's ``null`` when merging)."""
     keys = missing_required(cfg)
     teacher = cfg.get("teacher")
-    if teacher is not None and teacher.get("_target_") and not teacher.get("checkpoint"):
+    if teacher is not None and teacher.get("_target_") and not teacher.get("checkpoint") and "pretrained" not in teacher:
         keys.append("teacher.checkpoint")
     return sorted(set(keys))
 
@@ -170,11 +170,13 @@ def _precision(cfg: DictConfig, accelerator: str) -> str:
 
 
 def build_loggers(cfg: DictConfig, run_dir: Path) -> list:
-    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    from distillkit.callbacks.csv_log import AppendingCSVLogger
 
     loggers: list = []
     if cfg.logger.csv:
-        loggers.append(CSVLogger(save_dir=str(run_dir), name="", version=""))
+        loggers.append(AppendingCSVLogger(save_dir=str(run_dir), name="", version=""))
     if cfg.logger.tensorboard:
         loggers.append(TensorBoardLogger(save_dir=str(run_dir), name="tensorboard", version=""))
     if cfg.logger.wandb:
@@ -253,6 +255,13 @@ def run(cfg: DictConfig) -> dict:
     dm.setup("fit")
     student = build_model(cfg.model, key="model")
     teacher = build_teacher(cfg.teacher)
+    if cfg.teacher.get("self_distill"):  # teacher=self: only a method that is its own teacher takes it
+        from hydra.utils import get_class
+
+        if not getattr(get_class(cfg.method._target_), "accepts_self_teacher", False):
+            choice = HydraConfig.get().runtime.choices.get("method")
+            raise DistillError(f"teacher=self (the network distils into itself) is for method=dsd; method={choice} "
+                               "needs a distinct teacher: e.g. teacher=unet_digits teacher.checkpoint=PATH")
     method = build(
         cfg.method, "method", student=student, teacher=teacher,
         optim_cfg=OmegaConf.to_container(cfg.optim, resolve=True),
@@ -262,6 +271,7 @@ def run(cfg: DictConfig) -> dict:
         _recursive_=False, _convert_="all",
     )
     method.run_config = config
+    method.run_dir = run_dir  # where methods write files of their own (progressive's round teachers)
     evaluation = None
     if cfg.eval.enabled:
         from distillkit.callbacks.evaluation import SampleEvaluation, has_sampler

@@ -100,3 +100,7 @@ def test_same_command_resumes_and_finished_run_is_not_redone(cli, runs_dir):
     run = runs[0]
     assert run.name == "debug=smoke"  # callbacks.progress and trainer.max_steps do not name runs
     assert json.loads((run / "results.json").read_text())["global_step"] == 9
+    import csv
+
+    steps = {int(r["step"]) for r in csv.DictReader((run / "metrics.csv").open()) if r.get("step")}
+    assert min(steps) < 5 and max(steps) >= 8, steps  # rows of both sessions: nothing lost on resume
