@@ -30,6 +30,7 @@ test-all: install
 
 bench: install
 	$(PY) scripts/bench_kd_digits.py --seeds 3
+	$(PY) scripts/bench_teacher_digits.py
 
 clean:
 	rm -rf runs outputs multirun .pytest_cache

@@ -1,9 +1,12 @@
-"""What `make demo` runs: the digits distillation benchmark in its quick form.
+"""What `make demo` runs: the digits benchmarks in their quick form, all on CPU, into runs/demo.
 
-Trains the digits teacher, then the student alone, KD, DKD and FitNet for one seed on a
-short schedule, all on CPU, into runs/demo, and prints the table (benchmarks/kd_digits_quick.json;
-the real benchmark, benchmarks/kd_digits.json, is `make bench`). Runs already in runs/demo
-are reused, so a second `make demo` takes seconds.
+1. Classifier distillation: the digits teacher, then the student alone, KD, DKD and FitNet for
+   one seed on a short schedule (benchmarks/kd_digits_quick.json; the real benchmark is
+   `make bench`).
+2. Diffusion: the digits diffusion teacher (about 4 minutes), then its digits-FID/IS at 1, 4,
+   16 and 64 DDIM steps against the real-data floor (benchmarks/teacher_digits_quick.json).
+
+Runs already in runs/demo are reused, so a second `make demo` takes seconds.
 """
 from __future__ import annotations
 
@@ -14,11 +17,14 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import bench_kd_digits  # noqa: E402
+import bench_teacher_digits  # noqa: E402
 
 
 def main() -> None:
     t0 = time.time()
     bench_kd_digits.main(["--quick", "--runs-dir", "runs/demo", "--out", "benchmarks/kd_digits_quick.json"])
+    print()
+    bench_teacher_digits.main(["--quick", "--runs-dir", "runs/demo"])
     print(f"\ndemo finished in {time.time() - t0:.0f} s (runs in runs/demo; `make bench` for 3 seeds, full schedule)")
 
 
