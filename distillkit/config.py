@@ -144,12 +144,21 @@ class UNetConfig(DenoiserConfig):
 
 
 @dataclass
+class PretrainedUNetConfig(DenoiserConfig):
+    """A diffusers UNet2DModel from a local folder (distillkit.models.pretrained.pretrained_unet)."""
+
+    _target_: str = "distillkit.models.pretrained.pretrained_unet"
+    # folder with config.json + weights (or a pipeline folder with unet/); nothing is downloaded
+    pretrained: str = MISSING
+
+
+@dataclass
 class MLPDenoiserConfig(DenoiserConfig):
     """An MLP denoiser for low-dimensional points (distillkit.models.mlp.MLPDenoiser)."""
 
     _target_: str = "distillkit.models.mlp.MLPDenoiser"
     dim: int = 2
-    hidden: int = 256
+    hidden: int = 128
     depth: int = 3
     time_embed_dim: int = 64
     # t is multiplied by this before the sinusoidal embedding (raise it for EDM's c_noise).
@@ -161,6 +170,14 @@ class NoTeacherConfig:
     """`teacher=none`: methods that need a teacher refuse to start with it."""
 
     _target_: Optional[str] = None
+
+
+@dataclass
+class SelfTeacherConfig:
+    """`teacher=self`: the network is its own teacher (method=dsd); other methods refuse it."""
+
+    _target_: Optional[str] = None
+    self_distill: bool = True
 
 
 # --------------------------------------------------------------------------- methods
@@ -226,6 +243,81 @@ class DiffusionConfig(MethodConfig):
     loss_space: Optional[PredictionType] = None
     weighting: Weighting = Weighting.none
     min_snr_gamma: float = 5.0
+
+
+class StepWeighting(str, Enum):
+    truncated_snr = "truncated_snr"  # max(SNR_t, 1) ||x - x_hat||^2 (Salimans & Ho 2022, Sec. 4)
+    snr_plus_one = "snr_plus_one"  # (SNR_t + 1) ||x - x_hat||^2, the v-loss
+    latent = "latent"  # plain MSE between the latents both steps land on
+
+
+class DSDVariant(str, Enum):
+    dsdn = "dsdn"  # one level at N = teacher_steps, sampled with N/2 steps
+    dsdi = "dsdi"  # levels N, N/2, ... down to 2 * final_steps
+
+
+class DSDTarget(str, Enum):
+    online = "online"  # evaluation 2 by the network itself (the literal method; collapses)
+    ema = "ema"  # evaluation 2 by an EMA target network (target_decay)
+
+
+class LatentSource(str, Enum):
+    noise = "noise"  # data-free: trajectories from pure noise, advanced by the single step
+    data = "data"  # forward-noised data batches
+
+
+@dataclass
+class StepDistillConfig(MethodConfig):
+    """Step distillation on nested trailing DDIM grids (distillkit.methods.step_distill): N =
+    teacher_steps at the start, halved each round/level down to final_steps sampling steps."""
+
+    # what the student predicts (v or x0: Salimans & Ho 2022, Sec. 4)
+    prediction_type: PredictionType = PredictionType.v
+    weighting: StepWeighting = StepWeighting.truncated_snr
+    teacher_steps: int = 64
+    final_steps: Optional[int] = None
+
+
+@dataclass
+class ProgressiveConfig(StepDistillConfig):
+    """Salimans & Ho 2022, Algorithm 2 (distillkit.methods.progressive)."""
+
+    final_steps: Optional[int] = 1
+    updates_per_round: int = 1000
+    # what the first teacher predicts (None: prediction_type); later teachers are students
+    teacher_prediction_type: Optional[PredictionType] = None
+    # each round's student starts as its teacher
+    init_from_teacher: bool = True
+
+
+@dataclass
+class SweepDistillConfig(StepDistillConfig):
+    """DSD / TSD (distillkit.methods.dsd): index sweep over the grid's pairs of steps."""
+
+    variant: DSDVariant = DSDVariant.dsdn
+    updates_per_level: int = 1000
+    latents: LatentSource = LatentSource.noise
+    # trajectories per update (None: the dataset's batch size)
+    latent_batch_size: Optional[int] = None
+    # weight of the denoising loss on data (an anchor; 0: data-free; one more evaluation)
+    denoise_weight: float = 0.0
+
+
+@dataclass
+class DSDConfig(SweepDistillConfig):
+    target: DSDTarget = DSDTarget.ema
+    # decay of the target network (target=ema); separate from callbacks.ema
+    target_decay: float = 0.99
+    # denoising training (weight 1) plus distill_weight * the DSD loss from update distill_start
+    from_scratch: bool = False
+    distill_weight: float = 1.0
+    distill_start: int = 0
+
+
+@dataclass
+class TSDConfig(SweepDistillConfig):
+    teacher_prediction_type: Optional[PredictionType] = None
+    init_from_teacher: bool = True
 
 
 # --------------------------------------------------------------------------- schedule
@@ -431,14 +523,17 @@ SCHEMAS: dict[str, dict[str, type]] = {
     "dataset": {"digits": DigitsConfig, "cifar": CifarConfig, "image_folder": ImageFolderConfig,
                 "toy2d": Toy2DConfig},
     "model": {"classifier": ModelConfig, "digits_cnn": DigitsCNNConfig, "timm": TimmConfig,
-              "unet": UNetConfig, "mlp": MLPDenoiserConfig},
-    "teacher": {"none": NoTeacherConfig},
+              "unet": UNetConfig, "mlp": MLPDenoiserConfig, "unet_pretrained": PretrainedUNetConfig},
+    "teacher": {"none": NoTeacherConfig, "self": SelfTeacherConfig},
     "method": {
         "supervised": SupervisedConfig,
         "kd": KDConfig,
         "dkd": DKDConfig,
         "fitnet": FitNetConfig,
         "diffusion": DiffusionConfig,
+        "progressive": ProgressiveConfig,
+        "dsd": DSDConfig,
+        "tsd": TSDConfig,
     },
     "schedule": {"none": ScheduleConfig, "vp": VPScheduleConfig, "edm": EDMScheduleConfig},
     "optim/optimizer": {"sgd": SGDConfig, "adam": AdamConfig, "adamw": AdamWConfig},
@@ -454,6 +549,8 @@ REQUIRED_HINTS = {
     "method.student_layer": "the module path of the student's hint layer, e.g. method.student_layer=layer2",
     "method.teacher_layer": "the module path of the teacher's hint layer, e.g. method.teacher_layer=layer2",
     "model.model_name": "a timm model name, e.g. model.model_name=resnet18",
+    "model.pretrained": "a local diffusers UNet folder (config.json + weights), e.g. model.pretrained=/models/ddpm-celebahq-256",
+    "teacher.pretrained": "a local diffusers UNet folder (config.json + weights), e.g. teacher.pretrained=/models/ddpm-celebahq-256",
 }
 
 

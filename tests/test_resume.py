@@ -64,3 +64,18 @@ def test_resume_after_signal_is_bit_exact(runs_dir: Path):
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), f"{k} differs after resuming from step {stopped_at}"
+
+
+def test_loader_leaves_the_global_rng_alone():
+    """Creating an epoch's iterator must not draw from the global RNG: a resumed run creates
+    it at another point of the random stream than an uninterrupted one."""
+    from torch.utils.data import TensorDataset
+
+    from distillkit.data.loader import ResumableLoader
+
+    loader = ResumableLoader(TensorDataset(torch.arange(10.0)), 2, seed=0)
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    next(iter(loader))
+    assert torch.equal(torch.rand(3), expected)

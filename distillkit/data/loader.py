@@ -51,6 +51,10 @@ class ResumableLoader(DataLoader):
     def __init__(self, dataset: Dataset, batch_size: int, seed: int, trainer: Any = None, **kwargs: Any):
         drop_last = kwargs.pop("drop_last", True)
         sampler = EpochSeededSampler(len(dataset), seed, drop_last, batch_size)
+        # Creating an iterator draws a base seed from ``generator``; with the default (None)
+        # that draw comes from the global RNG, at a different point in a resumed run than in
+        # an uninterrupted one, and would shift every later random draw of training.
+        kwargs.setdefault("generator", torch.Generator().manual_seed(seed))
         super().__init__(dataset, batch_size=batch_size, sampler=sampler, drop_last=drop_last, **kwargs)
         self.trainer = trainer
 
