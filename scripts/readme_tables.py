@@ -126,6 +126,29 @@ def teacher_digits_table(bench: dict) -> str:
 FORMATTERS["teacher_digits_quick"] = teacher_digits_table
 
 
+@formatter("step_distill_digits")
+def step_distill_digits_table(bench: dict) -> str:
+    """method | steps | FID (mean ± std) | IS | updates | nfe | wall s; then the targets, met or
+    missed, and DSD against progressive at equal nfe (computed from the rows)."""
+    from bench_step_distill_digits import table_rows, targets
+
+    summary = table_rows(bench["rows"])
+    body = []
+    for s in summary:
+        fid = f"{s['fid_mean']:.3f}" + (f" ± {s['fid_std']:.3f}" if s["fid_std"] is not None else "") + f" (n={s['n']})"
+        label = s["method"] + (f" ({s['checkpoint']})" if s["checkpoint"] not in ("last", None) else "")
+        body.append([label, str(s["steps"]), fid, _num(s["is_mean"], 2), _num(s["updates"], 0),
+                     _num(s["nfe"], 0), _num(s["wall_s"], 0)])
+    table = md_table(["method", "steps", "digits-FID (mean ± std)", "IS", "updates", "nfe", "wall s"], body,
+                     ["---", "--:", "--:", "--:", "--:", "--:", "--:"])
+    notes = "\n".join(f"- {line}" for line in targets(summary))
+    plot = f"\n\n![FID against cumulative network evaluations]({bench['plot']})" if bench.get("plot") else ""
+    return table + "\n\n" + notes + plot + "\n\n" + provenance(bench)
+
+
+FORMATTERS["step_distill_digits_quick"] = step_distill_digits_table
+
+
 def render(name: str, bench: Optional[dict] = None, path: Optional[Path] = None) -> str:
     """The markdown of benchmark ``name`` (read from ``path`` or benchmarks/<name>.json)."""
     if bench is None:

@@ -1,0 +1,435 @@
+"""Step distillation on digits: digits-FID and IS at 1, 2, 4 and 8 DDIM steps for the teacher,
+progressive distillation, DSDN, DSDI (literal and stabilised) and TSD, against the parameter
+updates, network evaluations and wall time each spent.
+
+    python scripts/bench_step_distill_digits.py --seeds 3      # benchmarks/step_distill_digits.json + README
+    python scripts/bench_step_distill_digits.py --quick        # smoke test: tiny schedules, 1 seed, no README
+    python scripts/bench_step_distill_digits.py --from-scratch # also: FID vs updates, with/without DSD from scratch
+
+The teacher is ``distill experiment=digits_diffusion_teacher`` in --runs-dir (trained once, seed 0,
+run dir .../default, which is where every digits_* distillation experiment reads its teacher
+from). Each method and seed is one ``distill experiment=<exp> seed=<s>`` subprocess (Runner of
+bench_kd_digits.py). Its checkpoints are then scored: every round/level file
+(``<run dir>/round_<r>.ckpt``, ``level_<r>.ckpt``: the EMA student of that round) and the run's
+last.ckpt, each at 1, 2, 4 and 8 steps, from the same 700 noise draws, by the shipped digits
+feature network against the training digits (as scripts/bench_teacher_digits.py). A row is
+``native`` when the checkpoint was trained for that step count (the student of the round whose
+teacher had 2N steps samples with N). ``updates`` and ``nfe`` are those spent up to that
+checkpoint (``nfe``: network evaluations in training, from the methods' own count in last.ckpt,
+pro rata for round files, the evaluations per update being constant; the
+teacher's rows count 0, like DESIGN's example), ``wall_s`` the training wall time up to it
+(pro rata of the run's for round files).
+
+Resumable: runs whose results.json exists are reused, and rows already in --out (same method,
+seed, steps, checkpoint) are not scored again.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import math
+import os
+import shlex
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Iterable, Optional
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+STEPS = [1, 2, 4, 8]
+TEACHER_STEPS = [1, 2, 4, 8, 64]
+# (row method name, experiment, its number of rounds/levels, the updates key)
+METHODS = {
+    "progressive": ("digits_progressive", "updates_per_round"),
+    "dsdn": ("digits_dsdn", "updates_per_level"),
+    "dsdi": ("digits_dsdi", "updates_per_level"),
+    "dsd_literal": ("digits_dsd_literal", "updates_per_level"),
+    "tsd": ("digits_tsd", "updates_per_level"),
+}
+DSD_METHODS = ("dsdn", "dsdi", "dsd_literal")
+# The benchmark scores the checkpoints itself: the in-training evaluation is switched off.
+NO_EVAL = ["eval.enabled=false"]
+QUICK_TEACHER = ["trainer.max_steps=50", "name=default"]  # still .../default: the experiments' teacher path
+QUICK_UPDATES = 4  # updates per round/level in --quick
+FROM_SCRATCH_EVAL = ["eval=digits", "eval.steps=[4]"]
+KEY = ("method", "seed", "steps", "checkpoint")
+
+
+def row_key(r: dict) -> tuple:
+    return tuple(r.get(k) for k in KEY)
+
+
+def missing(want: Iterable[tuple], rows: Iterable[dict]) -> list[tuple]:
+    """The keys of ``want`` that no row has yet (the resumable skip)."""
+    have = {row_key(r) for r in rows}
+    return [k for k in want if k not in have]
+
+
+def load_rows(out: Path) -> list[dict]:
+    if not out.is_file():
+        return []
+    return list(json.loads(out.read_text()).get("rows", []))
+
+
+# --------------------------------------------------------------------------- runs
+def plan_updates(exp: str, key: str, extra: list[str]) -> tuple[int, int]:
+    """(updates per round/level, number of rounds/levels) of experiment ``exp`` with ``extra``."""
+    from hydra import compose, initialize_config_dir
+
+    from distillkit.cli import CONF_DIR
+
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3", job_name="distill"):
+        cfg = compose("config", overrides=[f"experiment={exp}", *extra])
+    m = cfg.method
+    upr = int(m[key])
+    final = m.get("final_steps")
+    if exp in ("digits_dsdn", "digits_tsd", "digits_dsd_literal") or m.get("variant") == "dsdn":
+        n = 1
+    else:
+        n = int(round(math.log2(int(m.teacher_steps) / int(final))))
+    return upr, n
+
+
+def checkpoints(run_dir: Path, round_name: str, upr: int, n: int, teacher_steps: int = 64) -> list[dict]:
+    """The run's scoreable checkpoints: each existing ``<round_name>_<r>.ckpt`` and last.ckpt,
+    with the updates spent up to it and the steps its student was trained for."""
+    out = []
+    for r in range(1, n + 1):
+        p = run_dir / f"{round_name}_{r}.ckpt"
+        if p.is_file() and r < n:  # the last round's file holds the same network as last.ckpt
+            out.append({"checkpoint": f"{round_name}_{r}", "path": p, "updates": r * upr,
+                        "native_steps": teacher_steps >> r})
+    out.append({"checkpoint": "last", "path": run_dir / "last.ckpt", "updates": n * upr,
+                "native_steps": teacher_steps >> n})
+    return out
+
+
+def run_nfe(ckpt: Path) -> Optional[int]:
+    import torch
+
+    meta = torch.load(ckpt, map_location="cpu", weights_only=True).get("distillkit", {})
+    return int(meta["nfe"]) if "nfe" in meta else None
+
+
+# --------------------------------------------------------------------------- scoring
+class Scorer:
+    """The digits FID/IS of ``generate``'s 700 samples (the shared reference statistics)."""
+
+    def __init__(self):
+        import torch
+
+        from distillkit.data.digits import DigitsDataModule
+        from distillkit.metrics.fid import DIGITS_NUM_SAMPLES, SampleScorer
+        from distillkit.metrics.images import split_images
+
+        torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+        self.n = DIGITS_NUM_SAMPLES
+        dm = DigitsDataModule()
+        dm.setup("fit")
+        self.scorer = SampleScorer("digits")
+        self.stats = self.scorer.reference(split_images(dm, "train"), "digits", "train")
+
+    def __call__(self, method, steps: int) -> dict:
+        from distillkit.sample import generate
+
+        t0 = time.time()
+        x = generate(method, self.n, steps, seed=0, batch_size=self.n)
+        s = self.scorer.score(x, self.stats)
+        return {"fid": s["fid"], "is": s["is"], "num_samples": s["num_samples"],
+                "sample_wall_s": round(time.time() - t0, 2)}
+
+
+def load_method(last: Path, weights: Optional[Path] = None):
+    """The method of a run (from its last.ckpt), its sampling network replaced by a round file's."""
+    from distillkit.models.loading import load_run_checkpoint, read_state_dict
+
+    method = load_run_checkpoint(last)
+    if weights is not None:
+        method.eval_network().load_state_dict(read_state_dict(weights, key=str(weights)), strict=True)
+    return method
+
+
+def score_run(name: str, seed: int, res: dict, round_name: str, upr: int, n: int, rows: list[dict],
+              scorer: "Scorer") -> list[dict]:
+    run_dir = Path(res["run_dir"])
+    total = max(n * upr, 1)
+    # pro rata of the run's count: exact, each method spending the same evaluations per update
+    total_nfe = run_nfe(run_dir / "last.ckpt")
+    new = []
+    for c in checkpoints(run_dir, round_name, upr, n):
+        todo = missing([(name, seed, k, c["checkpoint"]) for k in STEPS], rows + new)
+        if not todo:
+            continue
+        method = load_method(run_dir / "last.ckpt", None if c["checkpoint"] == "last" else c["path"])
+        nfe = None if total_nfe is None else int(round(total_nfe * c["updates"] / total))
+        for (_, _, k, _) in todo:
+            s = scorer(method, k)
+            r = {"method": name, "seed": seed, "steps": k, "checkpoint": c["checkpoint"],
+                 "native": k == c["native_steps"], "fid": s["fid"], "is": s["is"], "updates": c["updates"],
+                 "nfe": nfe, "wall_s": round(res["wall_s"] * c["updates"] / total, 1),
+                 "num_samples": s["num_samples"], "sample_wall_s": s["sample_wall_s"]}
+            new.append(r)
+            print(f"  {name:12s} seed {seed} {c['checkpoint']:8s} {k} steps  FID {r['fid']:8.3f}  IS {r['is']:.2f}"
+                  f"  updates {r['updates']}  nfe {nfe}", flush=True)
+    return new
+
+
+# --------------------------------------------------------------------------- summary and targets
+def table_rows(rows: list[dict]) -> list[dict]:
+    """Per (method, steps): the rows of the checkpoint trained for that step count when there is
+    one (a progressive round), else of the final checkpoint; mean and std over seeds."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        if r.get("method") == "floor" or r.get("fid") is None or r.get("curve"):
+            continue
+        groups.setdefault((r["method"], r["steps"]), []).append(r)
+    out = []
+    for (m, k), rs in groups.items():
+        pick = [r for r in rs if r.get("native")] or [r for r in rs if r.get("checkpoint", "last") == "last"]
+        if not pick:
+            continue
+        fids, iss = [float(r["fid"]) for r in pick], [float(r["is"]) for r in pick]
+        mean = lambda key: statistics.fmean(float(r[key]) for r in pick) if all(r.get(key) is not None for r in pick) else None  # noqa: E731
+        out.append({"method": m, "steps": k, "checkpoint": pick[0].get("checkpoint", "last"),
+                    "fid_mean": statistics.fmean(fids), "fid_std": statistics.stdev(fids) if len(fids) > 1 else None,
+                    "is_mean": statistics.fmean(iss), "n": len(pick), "updates": mean("updates"),
+                    "nfe": mean("nfe"), "wall_s": mean("wall_s")})
+    order = ["teacher", "progressive", "dsdn", "dsdi", "dsd_literal", "tsd"]
+    out.sort(key=lambda s: (order.index(s["method"]) if s["method"] in order else len(order), s["method"], s["steps"]))
+    return out
+
+
+def targets(summary: list[dict]) -> list[str]:
+    """The benchmark's targets, met or missed, and DSD against progressive at equal nfe."""
+    by = {(s["method"], s["steps"]): s for s in summary}
+    t4, t64 = by.get(("teacher", 4)), by.get(("teacher", 64))
+    lines = []
+
+    def ok(b: bool) -> str:
+        return "met" if b else "MISSED"
+
+    dsd4 = [by[(m, 4)] for m in DSD_METHODS if (m, 4) in by]
+    best = min(dsd4, key=lambda s: s["fid_mean"]) if dsd4 else None
+    for label, s in (("progressive", by.get(("progressive", 4))), (f"best DSD ({best['method']})" if best else "best DSD", best)):
+        if s is None or t4 is None or t64 is None:
+            lines.append(f"{label} at 4 steps: not measured")
+            continue
+        a, b = s["fid_mean"] < 0.5 * t4["fid_mean"], s["fid_mean"] <= 1.5 * t64["fid_mean"]
+        lines.append(f"{label} at 4 steps: FID {s['fid_mean']:.3f}; below half the teacher's 4-step FID "
+                     f"({t4['fid_mean']:.3f}): {ok(a)}; within 1.5x the teacher's 64-step FID ({t64['fid_mean']:.3f}): {ok(b)}")
+    p1 = by.get(("progressive", 1))
+    if p1 is None or t64 is None:
+        lines.append("progressive at 1 step: not measured")
+    else:
+        lines.append(f"progressive at 1 step: FID {p1['fid_mean']:.3f}; within 1.5x the teacher's 64-step FID "
+                     f"({t64['fid_mean']:.3f}): {ok(p1['fid_mean'] <= 1.5 * t64['fid_mean'])}")
+    lines += dsd_vs_progressive(summary)
+    return lines
+
+
+def dsd_vs_progressive(summary: list[dict]) -> list[str]:
+    """At each step count both measured: does the best DSD variant reach a lower FID than
+    progressive distillation with no more network evaluations (the equal-nfe comparison)?"""
+    by = {(s["method"], s["steps"]): s for s in summary}
+    lines = []
+    for k in STEPS:
+        p = by.get(("progressive", k))
+        ds = [by[(m, k)] for m in DSD_METHODS if (m, k) in by]
+        if p is None or not ds or p.get("nfe") is None:
+            continue
+        d = min(ds, key=lambda s: s["fid_mean"])
+        if d.get("nfe") is None:
+            continue
+        better, cheaper = d["fid_mean"] < p["fid_mean"], d["nfe"] <= p["nfe"]
+        if better and cheaper:
+            v = "DSD beats progressive at equal (or fewer) network evaluations"
+        elif not better and not cheaper:
+            v = "DSD does NOT beat progressive: higher FID with more network evaluations"
+        elif better:
+            v = "DSD has the lower FID but spent more network evaluations: no win at equal nfe"
+        else:
+            v = "DSD does NOT beat progressive (higher FID), though it spent fewer network evaluations"
+        lines.append(f"{k} step(s): {d['method']} FID {d['fid_mean']:.3f} at {d['nfe']:.3g} nfe vs progressive "
+                     f"FID {p['fid_mean']:.3f} at {p['nfe']:.3g} nfe: {v}")
+    if not lines:
+        lines.append("DSD vs progressive at equal nfe: not measured")
+    return lines
+
+
+# --------------------------------------------------------------------------- the plot (PIL, no matplotlib)
+COLORS = {"progressive": (31, 119, 180), "dsdn": (255, 127, 14), "dsdi": (44, 160, 44),
+          "dsd_literal": (214, 39, 40), "tsd": (148, 103, 189), "teacher": (90, 90, 90)}
+
+
+def plot_fid_vs_nfe(rows: list[dict], path: Path, steps: int = 4) -> Optional[Path]:
+    """FID at ``steps`` sampling steps of every checkpoint against the cumulative network
+    evaluations spent up to it (log x), one line per method (mean over seeds); the teacher's
+    ``steps``-step FID as a dashed line at the left. PNG written with PIL."""
+    from PIL import Image, ImageDraw
+
+    pts: dict[str, dict[float, list[float]]] = {}
+    for r in rows:
+        if r.get("steps") != steps or r.get("curve") or r.get("method") in ("floor", "teacher"):
+            continue
+        if r.get("nfe") and r.get("fid") is not None:
+            pts.setdefault(r["method"], {}).setdefault(float(r["nfe"]), []).append(float(r["fid"]))
+    if not pts:
+        return None
+    lines = {m: sorted((x, statistics.fmean(v)) for x, v in d.items()) for m, d in pts.items()}
+    teacher = [float(r["fid"]) for r in rows if r.get("method") == "teacher" and r.get("steps") == steps]
+    xs = [x for ln in lines.values() for x, _ in ln]
+    ys = [y for ln in lines.values() for _, y in ln] + teacher
+    lx0, lx1 = math.log10(min(xs)), math.log10(max(xs))
+    if lx1 - lx0 < 1e-6:
+        lx0, lx1 = lx0 - 0.5, lx1 + 0.5
+    y0, y1 = 0.0, max(ys) * 1.08
+    W, H, L, R, T, B = 640, 420, 60, 150, 30, 45
+    img = Image.new("RGB", (W, H), "white")
+    d = ImageDraw.Draw(img)
+    px = lambda x: L + (math.log10(x) - lx0) / (lx1 - lx0) * (W - L - R)  # noqa: E731
+    py = lambda y: H - B - (y - y0) / (y1 - y0) * (H - T - B)  # noqa: E731
+    d.rectangle([L, T, W - R, H - B], outline="black")
+    for e in range(math.floor(lx0), math.ceil(lx1) + 1):
+        if lx0 - 1e-9 <= e <= lx1 + 1e-9:
+            d.line([px(10 ** e), H - B, px(10 ** e), H - B + 4], fill="black")
+            d.text((px(10 ** e) - 12, H - B + 6), f"1e{e}", fill="black")
+    for i in range(5):
+        y = y0 + (y1 - y0) * i / 4
+        d.line([L - 4, py(y), L, py(y)], fill="black")
+        d.text((5, py(y) - 6), f"{y:.2f}", fill="black")
+    d.text((L + 80, H - 18), "cumulative network evaluations (log)", fill="black")
+    d.text((L, 8), f"digits-FID at {steps} steps vs training nfe", fill="black")
+    if teacher:
+        ty = py(statistics.fmean(teacher))
+        for x in range(L, W - R, 10):
+            d.line([x, ty, x + 5, ty], fill=COLORS["teacher"])
+    for m, ln in lines.items():
+        c = COLORS.get(m, (0, 0, 0))
+        p = [(px(x), py(y)) for x, y in ln]
+        if len(p) > 1:
+            d.line(p, fill=c, width=2)
+        for x, y in p:
+            d.ellipse([x - 3, y - 3, x + 3, y + 3], fill=c)
+    legend = [*lines] + (["teacher (DDIM, dashed)"] if teacher else [])
+    for i, m in enumerate(legend):
+        c = COLORS.get(m.split()[0], (0, 0, 0))
+        d.rectangle([W - R + 10, T + 10 + 16 * i, W - R + 20, T + 20 + 16 * i], fill=c)
+        d.text((W - R + 25, T + 8 + 16 * i), m, fill="black")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img.save(path)
+    return path
+
+
+# --------------------------------------------------------------------------- from scratch
+def from_scratch_curves(run, quick: bool) -> list[dict]:
+    """FID at 4 steps against training updates: plain denoising training (the teacher's recipe)
+    and the same with DSD's self-distillation loss added from half-way (method.from_scratch)."""
+    import csv
+
+    steps = 40 if quick else 3200
+    every = 20 if quick else 400
+    ev = [*FROM_SCRATCH_EVAL, f"eval.every_n_steps={every}"]
+    runs = {
+        "diffusion": ["experiment=digits_diffusion_teacher", f"trainer.max_steps={steps}", *ev],
+        "dsd_from_scratch": ["experiment=digits_dsdn", "model.checkpoint=null", "method.from_scratch=true",
+                             f"method.distill_start={steps // 2}", f"method.updates_per_level={steps}",
+                             f"trainer.max_steps={steps}", "optim.optimizer.lr=2e-3", *ev],
+    }
+    out = []
+    for name, ov in runs.items():
+        res = run(ov)
+        p = Path(res["run_dir"]) / "metrics.csv"
+        with p.open(newline="") as f:
+            for rec in csv.DictReader(f):
+                if rec.get("fid/4step"):
+                    out.append({"method": name, "curve": "from_scratch", "seed": 0, "steps": 4,
+                                "updates": int(float(rec["step"])) + 1, "fid": float(rec["fid/4step"]),
+                                "is": float(rec["is/4step"]) if rec.get("is/4step") else None})
+    return out
+
+
+# --------------------------------------------------------------------------- main
+def main(argv: Optional[list[str]] = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 per method (default 3)")
+    ap.add_argument("--runs-dir", default="runs/bench_step_distill_digits", help="where the runs go (default %(default)s)")
+    ap.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of %(default)s")
+    ap.add_argument("--quick", action="store_true",
+                    help=f"smoke test: teacher of 50 updates, {QUICK_UPDATES} updates per round/level, 1 seed, no README")
+    ap.add_argument("--from-scratch", action="store_true", help="also the from-scratch comparison (one seed)")
+    ap.add_argument("--out", default=None, help="JSON to write (default benchmarks/step_distill_digits[_quick].json)")
+    args = ap.parse_args(argv)
+    from bench_kd_digits import Runner, machine
+
+    name = "step_distill_digits_quick" if args.quick else "step_distill_digits"
+    out = (ROOT / (args.out or f"benchmarks/{name}.json")).resolve()
+    command = shlex.join(["python", "scripts/bench_step_distill_digits.py", *(sys.argv[1:] if argv is None else argv)])
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    bad = [m for m in methods if m not in METHODS]
+    if bad:
+        sys.exit(f"--methods: unknown {bad}; choose from {list(METHODS)}")
+    seeds = range(1 if args.quick else args.seeds)
+    t0 = time.time()
+    rows = load_rows(out)
+    bench = {"name": name, "machine": machine(), "date": dt.date.today().isoformat(), "command": command}
+
+    def save() -> None:
+        bench["rows"] = rows
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(bench, indent=1) + "\n")
+
+    run = Runner((ROOT / args.runs_dir).resolve())
+    print(f"{name}: runs in {run.runs_dir}; {len(rows)} rows already in {out}", flush=True)
+    res = run(["experiment=digits_diffusion_teacher", *(QUICK_TEACHER if args.quick else [])])
+    print(f"  teacher: {res['global_step']} updates, {res['wall_s']:.0f} s" + (" (cached)" if res.get("cached") else ""))
+    scorer = None
+    todo = missing([("teacher", 0, k, "last") for k in TEACHER_STEPS], rows)
+    if todo:
+        scorer = scorer or Scorer()
+        teacher = load_method(Path(res["run_dir"]) / "last.ckpt")
+        for (_, _, k, _) in todo:
+            s = scorer(teacher, k)
+            rows.append({"method": "teacher", "seed": 0, "steps": k, "checkpoint": "last", "native": True,
+                         "fid": s["fid"], "is": s["is"], "updates": res["global_step"], "nfe": 0,
+                         "wall_s": res["wall_s"], "num_samples": s["num_samples"], "sample_wall_s": s["sample_wall_s"]})
+            print(f"  teacher {k} steps  FID {s['fid']:8.3f}  IS {s['is']:.2f}", flush=True)
+        save()
+    for m in methods:
+        exp, key = METHODS[m]
+        extra = [f"method.{key}={QUICK_UPDATES}"] if args.quick else []
+        upr, n = plan_updates(exp, key, extra)
+        for seed in seeds:
+            ov = [f"experiment={exp}", f"seed={seed}", *extra, f"trainer.max_steps={upr * n}", *NO_EVAL]
+            res = run(ov)
+            print(f"  {m} seed {seed}: {res['global_step']} updates, {res['wall_s']:.0f} s"
+                  + (" (cached)" if res.get("cached") else ""), flush=True)
+            ckpts = checkpoints(Path(res["run_dir"]), key.split("_")[-1], upr, n)
+            if not missing([(m, seed, k, c["checkpoint"]) for c in ckpts for k in STEPS], rows):
+                continue
+            scorer = scorer or Scorer()
+            rows += score_run(m, seed, res, key.split("_")[-1], upr, n, rows, scorer)
+            save()
+    if args.from_scratch and not any(r.get("curve") == "from_scratch" for r in rows):
+        rows += from_scratch_curves(run, args.quick)
+    save()
+    png = out.with_name(out.stem + "_fid_vs_nfe.png")
+    if plot_fid_vs_nfe(rows, png):
+        bench["plot"] = os.path.relpath(png, ROOT) if png.is_relative_to(ROOT) else str(png)
+    bench["summary"] = table_rows(rows)
+    bench["verdict"] = targets(bench["summary"])
+    save()
+    import readme_tables
+
+    print(f"\nwrote {out} ({time.time() - t0:.0f} s)\n")
+    print(readme_tables.render(name, bench))
+    if not args.quick and readme_tables.update_readme(name, path=out):
+        print("README.md table updated")
+    return bench
+
+
+if __name__ == "__main__":
+    main()

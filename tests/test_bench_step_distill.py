@@ -1,0 +1,73 @@
+"""The step-distillation benchmark's bookkeeping on made-up rows (no training): the resumable
+skip, the per-(method, steps) summary, the targets and the DSD-vs-progressive verdict."""
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+
+import bench_step_distill_digits as b  # noqa: E402
+import readme_tables  # noqa: E402
+
+
+def _r(method, steps, fid, seed=0, checkpoint="last", native=False, nfe=0, updates=0):
+    return {"method": method, "seed": seed, "steps": steps, "checkpoint": checkpoint, "native": native,
+            "fid": fid, "is": 9.0, "updates": updates, "nfe": nfe, "wall_s": 1.0}
+
+
+ROWS = [
+    _r("teacher", 4, 10.0), _r("teacher", 64, 1.0), _r("teacher", 1, 100.0),
+    # progressive: round 4 is its 4-step student (native), the last round its 1-step student
+    _r("progressive", 4, 1.2, checkpoint="round_4", native=True, nfe=12000, updates=4000),
+    _r("progressive", 4, 1.4, seed=1, checkpoint="round_4", native=True, nfe=12000, updates=4000),
+    _r("progressive", 4, 9.0, checkpoint="last", nfe=18000, updates=6000),  # not the 4-step student
+    _r("progressive", 1, 1.4, checkpoint="last", native=True, nfe=18000, updates=6000),
+    _r("dsdi", 4, 4.0, nfe=9000, updates=3000),
+    _r("dsdn", 4, 6.0, nfe=3000, updates=1000),
+]
+
+
+def test_missing_skips_rows_already_there():
+    want = [("progressive", 0, 4, "round_4"), ("progressive", 2, 4, "round_4"), ("dsdn", 0, 1, "last")]
+    assert b.missing(want, ROWS) == [("progressive", 2, 4, "round_4"), ("dsdn", 0, 1, "last")]
+    assert b.missing(want[:1], ROWS) == []
+
+
+def test_load_rows_resumes_from_json(tmp_path):
+    out = tmp_path / "x.json"
+    assert b.load_rows(out) == []
+    out.write_text('{"name": "x", "rows": [{"method": "teacher", "seed": 0, "steps": 4, "checkpoint": "last"}]}')
+    assert b.missing([("teacher", 0, 4, "last"), ("teacher", 0, 8, "last")], b.load_rows(out)) == [("teacher", 0, 8, "last")]
+
+
+def test_summary_prefers_the_native_checkpoint_and_averages_seeds():
+    s = {(x["method"], x["steps"]): x for x in b.table_rows(ROWS)}
+    p4 = s[("progressive", 4)]
+    assert p4["checkpoint"] == "round_4" and p4["n"] == 2 and abs(p4["fid_mean"] - 1.3) < 1e-9
+    assert p4["fid_std"] is not None and p4["nfe"] == 12000
+    assert s[("dsdi", 4)]["fid_std"] is None
+
+
+def test_targets_and_equal_nfe_verdict():
+    lines = b.targets(b.table_rows(ROWS))
+    text = "\n".join(lines)
+    # progressive 4-step 1.3 < 5 and <= 1.5: both met; best DSD (dsdi, 4.0) < 5 but > 1.5: one missed
+    assert "progressive at 4 steps: FID 1.300" in text and "MISSED" not in lines[0]
+    assert "best DSD (dsdi)" in lines[1] and ": met;" in lines[1] and "MISSED" in lines[1]
+    assert "progressive at 1 step" in lines[2] and "MISSED" not in lines[2]
+    assert "DSD does NOT beat progressive (higher FID), though it spent fewer" in lines[3]
+
+
+def test_dsd_win_only_when_lower_fid_at_no_more_nfe():
+    rows = [_r("progressive", 4, 2.0, native=True, nfe=12000), _r("dsdn", 4, 1.0, nfe=3000)]
+    assert "DSD beats progressive at equal" in b.dsd_vs_progressive(b.table_rows(rows))[0]
+    rows[1]["nfe"] = 20000
+    assert "no win at equal nfe" in b.dsd_vs_progressive(b.table_rows(rows))[0]
+
+
+def test_formatter_registered_and_renders(tmp_path):
+    bench = {"name": "step_distill_digits", "machine": "m", "date": "d", "command": "c", "rows": ROWS}
+    md = readme_tables.render("step_distill_digits", bench)
+    assert "| progressive (round_4) | 4 | 1.300 ± 0.141 (n=2) |" in md
+    assert "DSD does NOT beat progressive" in md and "Machine: m" in md
+    png = b.plot_fid_vs_nfe(ROWS, tmp_path / "p.png")
+    assert png is not None and png.stat().st_size > 0
