@@ -28,14 +28,13 @@ are refused.
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
 
 from distillkit.errors import DistillError
-from distillkit.kvargs import Arg, fail, parse_bool, parse_kv
+from distillkit.kvargs import Arg, command_main, parse_bool, parse_kv
 
 PROG = "distill-export"
 DIFFUSERS_PREDICTION = {"eps": "epsilon", "v": "v_prediction", "x0": "sample"}
@@ -107,10 +106,7 @@ def run(argv: Sequence[str]) -> Path:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
-    try:
-        run(sys.argv[1:] if argv is None else argv)
-    except DistillError as e:
-        fail(PROG, str(e))
+    command_main(PROG, run, argv)
 
 
 if __name__ == "__main__":

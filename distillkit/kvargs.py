@@ -88,3 +88,13 @@ def parse_kv(argv: Sequence[str], prog: str, spec: Sequence[Arg]) -> SimpleNames
         fail(prog, f"missing required key{'s' if len(missing) > 1 else ''} "
                    f"{', '.join(m + '=...' for m in missing)} (see {prog} --help)")
     return SimpleNamespace(**{a.name: values.get(a.name, a.default) for a in spec})
+
+
+def command_main(prog: str, run: Callable[[Sequence[str]], Any], argv: Optional[Sequence[str]] = None) -> None:
+    """Entry point of a ``key=value`` command: user errors print one line and exit 2."""
+    from distillkit.errors import DistillError
+
+    try:
+        run(sys.argv[1:] if argv is None else argv)
+    except DistillError as e:
+        fail(prog, str(e))

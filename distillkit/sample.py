@@ -24,7 +24,6 @@ round(255 * clamp(x / 2 + 0.5, 0, 1)).
 from __future__ import annotations
 
 import math
-import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -32,7 +31,7 @@ import numpy as np
 import torch
 
 from distillkit.errors import DistillError
-from distillkit.kvargs import Arg, fail, parse_bool, parse_kv
+from distillkit.kvargs import Arg, command_main, parse_bool, parse_kv
 
 PROG = "distill-sample"
 SPACINGS = ("trailing", "leading", "linspace")
@@ -157,10 +156,7 @@ def run(argv: Sequence[str]) -> Path:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
-    try:
-        run(sys.argv[1:] if argv is None else argv)
-    except DistillError as e:
-        fail(PROG, str(e))
+    command_main(PROG, run, argv)
 
 
 if __name__ == "__main__":
