@@ -32,6 +32,7 @@ import torch
 
 from distillkit.errors import DistillError
 from distillkit.kvargs import Arg, command_main, parse_bool, parse_kv
+from distillkit.metrics.images import save_png
 
 PROG = "distill-sample"
 SPACINGS = ("trailing", "leading", "linspace")
@@ -80,12 +81,6 @@ def scatter_png(points: np.ndarray, size: int = 256, extent: Optional[float] = N
     ij = np.clip(((points[:, :2] / ext + 1) / 2 * (size - 1)).round().astype(int), 0, size - 1)
     img[size - 1 - ij[:, 1], ij[:, 0]] = 0
     return img
-
-
-def save_png(array: np.ndarray, path: Path) -> None:
-    from PIL import Image
-
-    Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array).save(path)
 
 
 def _device(name: str) -> torch.device:
