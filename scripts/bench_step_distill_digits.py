@@ -42,25 +42,37 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 STEPS = [1, 2, 4, 8]
 TEACHER_STEPS = [1, 2, 4, 8, 64]
-# (row method name, experiment, its number of rounds/levels, the updates key)
+# row method name: (experiment, the updates key, the benchmark's overrides of the experiment).
+# The halving methods all go 64 -> 1 (6 rounds/levels, ~1,000 updates each), so each has a
+# student trained for every step count of the table. The fixed-N methods (DSDN, TSD) train one
+# level at N = 8, so that they sample natively with 4 steps, the step count of the targets.
 METHODS = {
-    "progressive": ("digits_progressive", "updates_per_round"),
-    "dsdn": ("digits_dsdn", "updates_per_level"),
-    "dsdi": ("digits_dsdi", "updates_per_level"),
-    "dsd_literal": ("digits_dsd_literal", "updates_per_level"),
-    "tsd": ("digits_tsd", "updates_per_level"),
+    "progressive": ("digits_progressive", "updates_per_round", []),
+    "dsdn": ("digits_dsdn", "updates_per_level", ["method.teacher_steps=8"]),
+    "dsdi": ("digits_dsdi", "updates_per_level", ["method.final_steps=1"]),
+    "dsd_literal": ("digits_dsd_literal", "updates_per_level", ["method.variant=dsdi", "method.final_steps=1"]),
+    "tsd": ("digits_tsd", "updates_per_level", ["method.teacher_steps=8"]),
 }
 DSD_METHODS = ("dsdn", "dsdi", "dsd_literal")
 # The benchmark scores the checkpoints itself: the in-training evaluation is switched off.
 NO_EVAL = ["eval.enabled=false"]
 QUICK_TEACHER = ["trainer.max_steps=50", "name=default"]  # still .../default: the experiments' teacher path
 QUICK_UPDATES = 4  # updates per round/level in --quick
-FROM_SCRATCH_EVAL = ["eval=digits", "eval.steps=[4]"]
+FROM_SCRATCH_EVAL = ["eval=digits", "eval.steps=[4,32]"]
 KEY = ("method", "seed", "steps", "checkpoint")
+# a curve has one row per evaluation: its rows differ by updates
+MERGE_KEY = (*KEY, "curve", "updates")
 
 
 def row_key(r: dict) -> tuple:
     return tuple(r.get(k) for k in KEY)
+
+
+def merge_rows(disk: list[dict], mine: list[dict]) -> list[dict]:
+    """The rows on disk plus those of ``mine`` they lack: benchmark processes that run different
+    --methods in parallel share one JSON file."""
+    have = {tuple(r.get(k) for k in MERGE_KEY) for r in disk}
+    return disk + [r for r in mine if tuple(r.get(k) for k in MERGE_KEY) not in have]
 
 
 def missing(want: Iterable[tuple], rows: Iterable[dict]) -> list[tuple]:
@@ -76,8 +88,9 @@ def load_rows(out: Path) -> list[dict]:
 
 
 # --------------------------------------------------------------------------- runs
-def plan_updates(exp: str, key: str, extra: list[str]) -> tuple[int, int]:
-    """(updates per round/level, number of rounds/levels) of experiment ``exp`` with ``extra``."""
+def plan_updates(exp: str, key: str, extra: list[str]) -> tuple[int, int, int]:
+    """(updates per round/level, number of rounds/levels, first teacher's steps) of experiment
+    ``exp`` with ``extra``."""
     from hydra import compose, initialize_config_dir
 
     from distillkit.cli import CONF_DIR
@@ -85,13 +98,11 @@ def plan_updates(exp: str, key: str, extra: list[str]) -> tuple[int, int]:
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3", job_name="distill"):
         cfg = compose("config", overrides=[f"experiment={exp}", *extra])
     m = cfg.method
-    upr = int(m[key])
-    final = m.get("final_steps")
-    if exp in ("digits_dsdn", "digits_tsd", "digits_dsd_literal") or m.get("variant") == "dsdn":
-        n = 1
-    else:
-        n = int(round(math.log2(int(m.teacher_steps) / int(final))))
-    return upr, n
+    upr, first = int(m[key]), int(m.teacher_steps)
+    if m.get("variant") == "dsdn":
+        return upr, 1, first
+    final = m.get("final_steps") or (8 if "variant" in m else first // 2)  # dsdi's default is 8
+    return upr, int(round(math.log2(first / int(final)))), first
 
 
 def checkpoints(run_dir: Path, round_name: str, upr: int, n: int, teacher_steps: int = 64) -> list[dict]:
@@ -153,14 +164,14 @@ def load_method(last: Path, weights: Optional[Path] = None):
     return method
 
 
-def score_run(name: str, seed: int, res: dict, round_name: str, upr: int, n: int, rows: list[dict],
+def score_run(name: str, seed: int, res: dict, round_name: str, upr: int, n: int, first: int, rows: list[dict],
               scorer: "Scorer") -> list[dict]:
     run_dir = Path(res["run_dir"])
     total = max(n * upr, 1)
     # pro rata of the run's count: exact, each method spending the same evaluations per update
     total_nfe = run_nfe(run_dir / "last.ckpt")
     new = []
-    for c in checkpoints(run_dir, round_name, upr, n):
+    for c in checkpoints(run_dir, round_name, upr, n, first):
         todo = missing([(name, seed, k, c["checkpoint"]) for k in STEPS], rows + new)
         if not todo:
             continue
@@ -335,9 +346,13 @@ def from_scratch_curves(run, quick: bool) -> list[dict]:
     ev = [*FROM_SCRATCH_EVAL, f"eval.every_n_steps={every}"]
     runs = {
         "diffusion": ["experiment=digits_diffusion_teacher", f"trainer.max_steps={steps}", *ev],
+        # the teacher's optimiser, schedule and EMA; DSDN's self-distillation (N = 64, EMA target)
+        # added to the denoising loss from half-way
         "dsd_from_scratch": ["experiment=digits_dsdn", "model.checkpoint=null", "method.from_scratch=true",
                              f"method.distill_start={steps // 2}", f"method.updates_per_level={steps}",
-                             f"trainer.max_steps={steps}", "optim.optimizer.lr=2e-3", *ev],
+                             f"trainer.max_steps={steps}", "optim.optimizer.lr=2e-3",
+                             "optim.optimizer.weight_decay=1e-4", "optim.scheduler.name=cosine",
+                             "optim.scheduler.warmup_steps=100", "callbacks.ema.decay=0.995", *ev],
     }
     out = []
     for name, ov in runs.items():
@@ -345,10 +360,12 @@ def from_scratch_curves(run, quick: bool) -> list[dict]:
         p = Path(res["run_dir"]) / "metrics.csv"
         with p.open(newline="") as f:
             for rec in csv.DictReader(f):
-                if rec.get("fid/4step"):
-                    out.append({"method": name, "curve": "from_scratch", "seed": 0, "steps": 4,
-                                "updates": int(float(rec["step"])) + 1, "fid": float(rec["fid/4step"]),
-                                "is": float(rec["is/4step"]) if rec.get("is/4step") else None})
+                for k in (4, 32):
+                    if rec.get(f"fid/{k}step"):
+                        out.append({"method": name, "curve": "from_scratch", "seed": 0, "steps": k,
+                                    "updates": int(float(rec["step"])) + 1, "fid": float(rec[f"fid/{k}step"]),
+                                    "is": float(rec[f"is/{k}step"]) if rec.get(f"is/{k}step") else None,
+                                    "wall_s": res["wall_s"]})
     return out
 
 
@@ -378,9 +395,18 @@ def main(argv: Optional[list[str]] = None) -> dict:
     bench = {"name": name, "machine": machine(), "date": dt.date.today().isoformat(), "command": command}
 
     def save() -> None:
-        bench["rows"] = rows
+        """Merge with the rows another process may have written meanwhile, then write atomically."""
+        import fcntl
+
+        nonlocal rows
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(bench, indent=1) + "\n")
+        with open(out.with_name(out.name + ".lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            rows = merge_rows(load_rows(out), rows)
+            bench["rows"] = rows
+            tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
+            tmp.write_text(json.dumps(bench, indent=1) + "\n")
+            os.replace(tmp, out)
 
     run = Runner((ROOT / args.runs_dir).resolve())
     print(f"{name}: runs in {run.runs_dir}; {len(rows)} rows already in {out}", flush=True)
@@ -399,19 +425,19 @@ def main(argv: Optional[list[str]] = None) -> dict:
             print(f"  teacher {k} steps  FID {s['fid']:8.3f}  IS {s['is']:.2f}", flush=True)
         save()
     for m in methods:
-        exp, key = METHODS[m]
-        extra = [f"method.{key}={QUICK_UPDATES}"] if args.quick else []
-        upr, n = plan_updates(exp, key, extra)
+        exp, key, extra = METHODS[m]
+        extra = [*extra, f"method.{key}={QUICK_UPDATES}"] if args.quick else list(extra)
+        upr, n, first = plan_updates(exp, key, extra)
         for seed in seeds:
             ov = [f"experiment={exp}", f"seed={seed}", *extra, f"trainer.max_steps={upr * n}", *NO_EVAL]
             res = run(ov)
             print(f"  {m} seed {seed}: {res['global_step']} updates, {res['wall_s']:.0f} s"
                   + (" (cached)" if res.get("cached") else ""), flush=True)
-            ckpts = checkpoints(Path(res["run_dir"]), key.split("_")[-1], upr, n)
+            ckpts = checkpoints(Path(res["run_dir"]), key.split("_")[-1], upr, n, first)
             if not missing([(m, seed, k, c["checkpoint"]) for c in ckpts for k in STEPS], rows):
                 continue
             scorer = scorer or Scorer()
-            rows += score_run(m, seed, res, key.split("_")[-1], upr, n, rows, scorer)
+            rows += score_run(m, seed, res, key.split("_")[-1], upr, n, first, rows, scorer)
             save()
     if args.from_scratch and not any(r.get("curve") == "from_scratch" for r in rows):
         rows += from_scratch_curves(run, args.quick)

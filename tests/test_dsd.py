@@ -282,7 +282,8 @@ DIGITS_SMOKE = ["trainer.max_epochs=1", "dataset.batch_size=16", "dataset.eval_b
 @pytest.mark.parametrize("experiment,extra,steps,nfe,files", [
     ("digits_dsdn", ["method.teacher_steps=8", "method.updates_per_level=3"], 3, {3.0}, []),
     ("digits_dsd_literal", ["method.teacher_steps=8", "method.updates_per_level=3"], 3, {2.0}, []),
-    ("digits_dsdi", ["method.teacher_steps=8", "method.final_steps=2", "method.updates_per_level=2"], 4, {3.0}, []),
+    ("digits_dsdi", ["method.teacher_steps=8", "method.final_steps=2", "method.updates_per_level=2"], 4, {3.0},
+     ["level_1.ckpt", "level_2.ckpt"]),
     ("digits_tsd", ["method.variant=dsdi", "method.teacher_steps=4", "method.final_steps=1",
                     "method.updates_per_level=2"], 4, {3.0}, ["level_1.ckpt", "level_2.ckpt"]),
     ("digits_progressive", ["method.teacher_steps=4", "method.updates_per_round=2", "eval=digits",

@@ -20,6 +20,8 @@ ends, the student's evaluation network (its EMA when EMA is on) is written to
 ``<run_dir>/<round_name>_<r>.ckpt`` (a plain ``{"state_dict": ...}`` any ``*.checkpoint`` key
 accepts) and becomes round r+1's teacher, and the student restarts from it. The round index is
 in every checkpoint; a restarted or requeued run reloads the teacher of its round from that file.
+DSD (no separate teacher) writes the same files, ``level_<r>.ckpt``: the network after each level,
+for scoring and sampling at that level's step count.
 
 Loss. Every method here regresses in x-space, w(t) ||x_hat - x_tilde||^2, with the x_tilde of
 ``distillkit.diffusion.step_targets`` (Salimans & Ho 2022, Algorithm 2) and its weightings
@@ -235,9 +237,10 @@ class StepDistillation(DiffusionMethod):
 
     def begin_round(self, r: int, prev: int) -> None:
         """Round r starts now (prev: the round before, 0 at a fresh start)."""
+        if r > 1:
+            self.save_round(r - 1)  # the student that finished round r-1 (and, with a teacher, the new teacher)
         if self.has_round_teacher:
             if r > 1:
-                self.save_round(r - 1)          # the student that finished round r-1: the new teacher
                 self._set_teacher(copy.deepcopy(self.eval_network()), r)
             if self.init_from_teacher:
                 copy_weights(self.student, self.teacher, f"method={self.method_name}: the student starts as the teacher")
@@ -281,7 +284,7 @@ class StepDistillation(DiffusionMethod):
 
     def on_train_end(self) -> None:
         # The last round's student is also saved as its own round file.
-        if self.has_round_teacher and self.global_step >= self.total_updates:
+        if self.global_step >= self.total_updates:
             self.save_round(self.num_rounds)
 
     # ------------------------------------------------------------------ logging and checkpoints
