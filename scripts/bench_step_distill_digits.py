@@ -4,6 +4,7 @@ updates, network evaluations and wall time each spent.
 
     python scripts/bench_step_distill_digits.py --seeds 3      # benchmarks/step_distill_digits.json + README
     python scripts/bench_step_distill_digits.py --quick        # smoke test: tiny schedules, 1 seed, no README
+    python scripts/bench_step_distill_digits.py --demo --runs-dir runs/demo   # make demo: 8 -> 2 steps, short
     python scripts/bench_step_distill_digits.py --from-scratch # also: FID vs updates, with/without DSD from scratch
 
 The teacher is ``distill experiment=digits_diffusion_teacher`` in --runs-dir (trained once, seed 0,
@@ -58,6 +59,11 @@ DSD_METHODS = ("dsdn", "dsdi", "dsd_literal")
 NO_EVAL = ["eval.enabled=false"]
 QUICK_TEACHER = ["trainer.max_steps=50", "name=default"]  # still .../default: the experiments' teacher path
 QUICK_UPDATES = 4  # updates per round/level in --quick
+# --demo (make demo): progressive and stabilised DSDI from the teacher's 8 steps to 2, 300
+# updates per round/level (about a minute each on 2 CPU cores), scored at 2 and 4 steps
+DEMO = {m: ["method.teacher_steps=8", "method.final_steps=2", f"method.{METHODS[m][1]}=300"]
+        for m in ("progressive", "dsdi")}
+DEMO_STEPS, DEMO_TEACHER_STEPS = [2, 4], [2, 4, 8]
 FROM_SCRATCH_EVAL = ["eval=digits", "eval.steps=[4,32]"]
 KEY = ("method", "seed", "steps", "checkpoint")
 # a curve has one row per evaluation: its rows differ by updates
@@ -94,7 +100,9 @@ def plan_updates(exp: str, key: str, extra: list[str]) -> tuple[int, int, int]:
     from hydra import compose, initialize_config_dir
 
     from distillkit.cli import CONF_DIR
+    from distillkit.config import register_configs
 
+    register_configs()
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3", job_name="distill"):
         cfg = compose("config", overrides=[f"experiment={exp}", *extra])
     m = cfg.method
@@ -165,14 +173,14 @@ def load_method(last: Path, weights: Optional[Path] = None):
 
 
 def score_run(name: str, seed: int, res: dict, round_name: str, upr: int, n: int, first: int, rows: list[dict],
-              scorer: "Scorer") -> list[dict]:
+              scorer: "Scorer", steps: list[int] = STEPS) -> list[dict]:
     run_dir = Path(res["run_dir"])
     total = max(n * upr, 1)
     # pro rata of the run's count: exact, each method spending the same evaluations per update
     total_nfe = run_nfe(run_dir / "last.ckpt")
     new = []
     for c in checkpoints(run_dir, round_name, upr, n, first):
-        todo = missing([(name, seed, k, c["checkpoint"]) for k in STEPS], rows + new)
+        todo = missing([(name, seed, k, c["checkpoint"]) for k in steps], rows + new)
         if not todo:
             continue
         method = load_method(run_dir / "last.ckpt", None if c["checkpoint"] == "last" else c["path"])
@@ -377,22 +385,26 @@ def main(argv: Optional[list[str]] = None) -> dict:
     ap.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of %(default)s")
     ap.add_argument("--quick", action="store_true",
                     help=f"smoke test: teacher of 50 updates, {QUICK_UPDATES} updates per round/level, 1 seed, no README")
+    ap.add_argument("--demo", action="store_true",
+                    help="make demo: progressive and DSDI 8 -> 2 steps, 300 updates each, 1 seed, no README")
     ap.add_argument("--from-scratch", action="store_true", help="also the from-scratch comparison (one seed)")
     ap.add_argument("--out", default=None, help="JSON to write (default benchmarks/step_distill_digits[_quick].json)")
     args = ap.parse_args(argv)
     from bench_kd_digits import Runner, machine
 
-    name = "step_distill_digits_quick" if args.quick else "step_distill_digits"
+    name = "step_distill_digits" + ("_quick" if args.quick else "_demo" if args.demo else "")
     out = (ROOT / (args.out or f"benchmarks/{name}.json")).resolve()
     command = shlex.join(["python", "scripts/bench_step_distill_digits.py", *(sys.argv[1:] if argv is None else argv)])
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    methods = list(DEMO) if args.demo else [m.strip() for m in args.methods.split(",") if m.strip()]
+    steps, teacher_steps = (DEMO_STEPS, DEMO_TEACHER_STEPS) if args.demo else (STEPS, TEACHER_STEPS)
     bad = [m for m in methods if m not in METHODS]
     if bad:
         sys.exit(f"--methods: unknown {bad}; choose from {list(METHODS)}")
-    seeds = range(1 if args.quick else args.seeds)
+    seeds = range(1 if args.quick or args.demo else args.seeds)
     t0 = time.time()
     rows = load_rows(out)
-    bench = {"name": name, "machine": machine(), "date": dt.date.today().isoformat(), "command": command}
+    bench = {"name": name, "machine": machine(), "date": dt.date.today().isoformat(), "command": command,
+             "demo": bool(args.demo)}
 
     def save() -> None:
         """Merge with the rows another process may have written meanwhile, then write atomically."""
@@ -413,7 +425,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
     res = run(["experiment=digits_diffusion_teacher", *(QUICK_TEACHER if args.quick else [])])
     print(f"  teacher: {res['global_step']} updates, {res['wall_s']:.0f} s" + (" (cached)" if res.get("cached") else ""))
     scorer = None
-    todo = missing([("teacher", 0, k, "last") for k in TEACHER_STEPS], rows)
+    todo = missing([("teacher", 0, k, "last") for k in teacher_steps], rows)
     if todo:
         scorer = scorer or Scorer()
         teacher = load_method(Path(res["run_dir"]) / "last.ckpt")
@@ -426,7 +438,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
         save()
     for m in methods:
         exp, key, extra = METHODS[m]
-        extra = [*extra, f"method.{key}={QUICK_UPDATES}"] if args.quick else list(extra)
+        extra = DEMO[m] if args.demo else [*extra, f"method.{key}={QUICK_UPDATES}"] if args.quick else list(extra)
         upr, n, first = plan_updates(exp, key, extra)
         for seed in seeds:
             ov = [f"experiment={exp}", f"seed={seed}", *extra, f"trainer.max_steps={upr * n}", *NO_EVAL]
@@ -434,10 +446,10 @@ def main(argv: Optional[list[str]] = None) -> dict:
             print(f"  {m} seed {seed}: {res['global_step']} updates, {res['wall_s']:.0f} s"
                   + (" (cached)" if res.get("cached") else ""), flush=True)
             ckpts = checkpoints(Path(res["run_dir"]), key.split("_")[-1], upr, n, first)
-            if not missing([(m, seed, k, c["checkpoint"]) for c in ckpts for k in STEPS], rows):
+            if not missing([(m, seed, k, c["checkpoint"]) for c in ckpts for k in steps], rows):
                 continue
             scorer = scorer or Scorer()
-            rows += score_run(m, seed, res, key.split("_")[-1], upr, n, first, rows, scorer)
+            rows += score_run(m, seed, res, key.split("_")[-1], upr, n, first, rows, scorer, steps)
             save()
     if args.from_scratch and not any(r.get("curve") == "from_scratch" for r in rows):
         rows += from_scratch_curves(run, args.quick)
@@ -452,7 +464,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
 
     print(f"\nwrote {out} ({time.time() - t0:.0f} s)\n")
     print(readme_tables.render(name, bench))
-    if not args.quick and readme_tables.update_readme(name, path=out):
+    if not (args.quick or args.demo) and readme_tables.update_readme(name, path=out):
         print("README.md table updated")
     return bench
 

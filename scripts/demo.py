@@ -5,6 +5,10 @@
    `make bench`).
 2. Diffusion: the digits diffusion teacher (about 4 minutes), then its digits-FID/IS at 1, 4,
    16 and 64 DDIM steps against the real-data floor (benchmarks/teacher_digits_quick.json).
+3. Step distillation: progressive distillation and DSDI (EMA target, denoising anchor) of that
+   teacher from 8 DDIM steps to 2, 300 updates per round/level, scored at 4 and 2 steps next to
+   the teacher's plain DDIM (benchmarks/step_distill_digits_demo.json; the full benchmark is
+   scripts/bench_step_distill_digits.py).
 
 Runs already in runs/demo are reused, so a second `make demo` takes seconds.
 """
@@ -17,6 +21,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import bench_kd_digits  # noqa: E402
+import bench_step_distill_digits  # noqa: E402
 import bench_teacher_digits  # noqa: E402
 
 
@@ -25,6 +30,8 @@ def main() -> None:
     bench_kd_digits.main(["--quick", "--runs-dir", "runs/demo", "--out", "benchmarks/kd_digits_quick.json"])
     print()
     bench_teacher_digits.main(["--quick", "--runs-dir", "runs/demo"])
+    print()
+    bench_step_distill_digits.main(["--demo", "--runs-dir", "runs/demo"])
     print(f"\ndemo finished in {time.time() - t0:.0f} s (runs in runs/demo; `make bench` for 3 seeds, full schedule)")
 
 

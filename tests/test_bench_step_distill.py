@@ -71,3 +71,27 @@ def test_formatter_registered_and_renders(tmp_path):
     assert "DSD does NOT beat progressive" in md and "Machine: m" in md
     png = b.plot_fid_vs_nfe(ROWS, tmp_path / "p.png")
     assert png is not None and png.stat().st_size > 0
+
+
+def test_merge_keeps_rows_of_both_processes_once():
+    disk = [_r("teacher", 4, 10.0), _r("dsdi", 4, 4.0)]
+    mine = [_r("teacher", 4, 10.0), _r("progressive", 4, 1.2, checkpoint="round_4")]
+    curve = [{"method": "diffusion", "curve": "from_scratch", "seed": 0, "steps": 4, "updates": u, "fid": 1.0}
+             for u in (400, 800)]
+    merged = b.merge_rows(disk, mine + curve)
+    assert [(r["method"], r.get("updates")) for r in merged] == [
+        ("teacher", 0), ("dsdi", 0), ("progressive", 0), ("diffusion", 400), ("diffusion", 800)]
+    assert b.merge_rows(merged, merged) == merged
+
+
+def test_plan_reads_rounds_and_first_teacher_steps_from_the_configs():
+    """The benchmark's runs: halving methods 64 -> 1 in 6 rounds/levels, DSDN/TSD one level at N=8."""
+    plan = {m: b.plan_updates(exp, key, extra) for m, (exp, key, extra) in b.METHODS.items()}
+    assert plan["progressive"] == (1000, 6, 64)
+    assert plan["dsdi"] == plan["dsd_literal"] == (1008, 6, 64)
+    assert plan["dsdn"] == plan["tsd"] == (1008, 1, 8)
+    assert b.plan_updates(*b.METHODS["dsdi"][:2], []) == (1008, 3, 64)  # the experiment's own 64 -> 8
+    demo = {m: b.plan_updates(b.METHODS[m][0], b.METHODS[m][1], b.DEMO[m]) for m in b.DEMO}
+    assert demo == {"progressive": (300, 2, 8), "dsdi": (300, 2, 8)}
+    ck = b.checkpoints(Path("/r"), "level", 1008, 1, 8)
+    assert [(c["checkpoint"], c["native_steps"]) for c in ck] == [("last", 4)]
