@@ -53,6 +53,9 @@ METHODS = {
     "dsdi": ("digits_dsdi", "updates_per_level", ["method.final_steps=1"]),
     "dsd_literal": ("digits_dsd_literal", "updates_per_level", ["method.variant=dsdi", "method.final_steps=1"]),
     "tsd": ("digits_tsd", "updates_per_level", ["method.teacher_steps=8"]),
+    # the control of the anchor: DSDI's runs with the self-distillation loss off (distill_weight=0),
+    # i.e. the teacher fine-tuned by the denoising loss alone for as many updates (1 nfe each)
+    "anchor_only": ("digits_dsdi", "updates_per_level", ["method.final_steps=1", "method.distill_weight=0"]),
 }
 DSD_METHODS = ("dsdn", "dsdi", "dsd_literal")
 # The benchmark scores the checkpoints itself: the in-training evaluation is switched off.
@@ -217,7 +220,7 @@ def table_rows(rows: list[dict]) -> list[dict]:
                     "fid_mean": statistics.fmean(fids), "fid_std": statistics.stdev(fids) if len(fids) > 1 else None,
                     "is_mean": statistics.fmean(iss), "n": len(pick), "updates": mean("updates"),
                     "nfe": mean("nfe"), "wall_s": mean("wall_s")})
-    order = ["teacher", "progressive", "dsdn", "dsdi", "dsd_literal", "tsd"]
+    order = ["teacher", "progressive", "dsdn", "dsdi", "dsd_literal", "tsd", "anchor_only"]
     out.sort(key=lambda s: (order.index(s["method"]) if s["method"] in order else len(order), s["method"], s["steps"]))
     return out
 
@@ -281,7 +284,8 @@ def dsd_vs_progressive(summary: list[dict]) -> list[str]:
 
 # --------------------------------------------------------------------------- the plot (PIL, no matplotlib)
 COLORS = {"progressive": (31, 119, 180), "dsdn": (255, 127, 14), "dsdi": (44, 160, 44),
-          "dsd_literal": (214, 39, 40), "tsd": (148, 103, 189), "teacher": (90, 90, 90)}
+          "dsd_literal": (214, 39, 40), "tsd": (148, 103, 189), "anchor_only": (140, 86, 75),
+          "teacher": (90, 90, 90)}
 
 
 def plot_fid_vs_nfe(rows: list[dict], path: Path, steps: int = 4) -> Optional[Path]:
@@ -388,6 +392,9 @@ def main(argv: Optional[list[str]] = None) -> dict:
     ap.add_argument("--demo", action="store_true",
                     help="make demo: progressive and DSDI 8 -> 2 steps, 300 updates each, 1 seed, no README")
     ap.add_argument("--from-scratch", action="store_true", help="also the from-scratch comparison (one seed)")
+    ap.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
+                    help="a config override for every method's run (repeatable; e.g. a learning-rate probe, "
+                         "with its own --out)")
     ap.add_argument("--out", default=None, help="JSON to write (default benchmarks/step_distill_digits[_quick].json)")
     args = ap.parse_args(argv)
     from bench_kd_digits import Runner, machine
@@ -439,9 +446,9 @@ def main(argv: Optional[list[str]] = None) -> dict:
     for m in methods:
         exp, key, extra = METHODS[m]
         extra = DEMO[m] if args.demo else [*extra, f"method.{key}={QUICK_UPDATES}"] if args.quick else list(extra)
-        upr, n, first = plan_updates(exp, key, extra)
+        upr, n, first = plan_updates(exp, key, [*extra, *args.override])
         for seed in seeds:
-            ov = [f"experiment={exp}", f"seed={seed}", *extra, f"trainer.max_steps={upr * n}", *NO_EVAL]
+            ov = [f"experiment={exp}", f"seed={seed}", *extra, *args.override, f"trainer.max_steps={upr * n}", *NO_EVAL]
             res = run(ov)
             print(f"  {m} seed {seed}: {res['global_step']} updates, {res['wall_s']:.0f} s"
                   + (" (cached)" if res.get("cached") else ""), flush=True)
@@ -464,7 +471,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
 
     print(f"\nwrote {out} ({time.time() - t0:.0f} s)\n")
     print(readme_tables.render(name, bench))
-    if not (args.quick or args.demo) and readme_tables.update_readme(name, path=out):
+    # the README shows the default benchmark only: not a smoke test, the demo, or a probe
+    if not (args.quick or args.demo or args.override or args.out) and readme_tables.update_readme(name, path=out):
         print("README.md table updated")
     return bench
 

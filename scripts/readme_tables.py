@@ -146,7 +146,21 @@ def step_distill_digits_table(bench: dict) -> str:
     else:
         notes = "\n".join(f"- {line}" for line in targets(summary))
     plot = f"\n\n![FID against cumulative network evaluations]({bench['plot']})" if bench.get("plot") else ""
-    return table + "\n\n" + notes + plot + "\n\n" + provenance(bench)
+    return table + "\n\n" + notes + plot + from_scratch_table(bench["rows"]) + "\n\n" + provenance(bench)
+
+
+def from_scratch_table(rows: list[dict]) -> str:
+    """The from-scratch comparison: digits-FID at each evaluation of plain denoising training and
+    of the same with DSD's self-distillation loss (rows with ``curve == "from_scratch"``)."""
+    curve = [r for r in rows if r.get("curve") == "from_scratch"]
+    if not curve:
+        return ""
+    methods = sorted({r["method"] for r in curve})
+    cols = [(m, k) for k in sorted({r["steps"] for r in curve}) for m in methods]
+    fid = {(r["method"], r["steps"], r["updates"]): r["fid"] for r in curve}
+    body = [[str(u)] + [_num(fid.get((m, k, u)), 3) for m, k in cols] for u in sorted({r["updates"] for r in curve})]
+    return ("\n\nFrom scratch (one seed): digits-FID against training updates\n\n"
+            + md_table(["updates"] + [f"{m}, {k} steps" for m, k in cols], body, ["--:"] * (len(cols) + 1)))
 
 
 FORMATTERS["step_distill_digits_quick"] = FORMATTERS["step_distill_digits_demo"] = step_distill_digits_table

@@ -95,3 +95,12 @@ def test_plan_reads_rounds_and_first_teacher_steps_from_the_configs():
     assert demo == {"progressive": (300, 2, 8), "dsdi": (300, 2, 8)}
     ck = b.checkpoints(Path("/r"), "level", 1008, 1, 8)
     assert [(c["checkpoint"], c["native_steps"]) for c in ck] == [("last", 4)]
+
+
+def test_from_scratch_curves_render_as_a_table():
+    curve = [{"method": m, "curve": "from_scratch", "seed": 0, "steps": 4, "updates": u, "fid": f}
+             for m, u, f in (("diffusion", 400, 30.0), ("diffusion", 800, 20.0), ("dsd_from_scratch", 800, 15.0))]
+    md = readme_tables.from_scratch_table(ROWS + curve)
+    assert "| updates | diffusion, 4 steps | dsd_from_scratch, 4 steps |" in md
+    assert "| 400 | 30.000 | — |" in md and "| 800 | 20.000 | 15.000 |" in md
+    assert readme_tables.from_scratch_table(ROWS) == ""
