@@ -288,9 +288,16 @@ COLORS = {"progressive": (31, 119, 180), "dsdn": (255, 127, 14), "dsdi": (44, 16
           "teacher": (90, 90, 90)}
 
 
+def log_ticks(l0: float, l1: float) -> list[float]:
+    """1, 2 and 5 times the powers of ten between 10**l0 and 10**l1."""
+    return [m * 10 ** e for e in range(math.floor(l0), math.ceil(l1) + 1) for m in (1, 2, 5)
+            if l0 - 1e-9 <= math.log10(m * 10 ** e) <= l1 + 1e-9]
+
+
 def plot_fid_vs_nfe(rows: list[dict], path: Path, steps: int = 4) -> Optional[Path]:
     """FID at ``steps`` sampling steps of every checkpoint against the cumulative network
-    evaluations spent up to it (log x), one line per method (mean over seeds); the teacher's
+    evaluations spent up to it (log x, log y: a collapsed run sits orders of magnitude above the
+    rest), one line per method (mean over seeds); the teacher's
     ``steps``-step FID as a dashed line at the left. PNG written with PIL."""
     from PIL import Image, ImageDraw
 
@@ -309,23 +316,21 @@ def plot_fid_vs_nfe(rows: list[dict], path: Path, steps: int = 4) -> Optional[Pa
     lx0, lx1 = math.log10(min(xs)), math.log10(max(xs))
     if lx1 - lx0 < 1e-6:
         lx0, lx1 = lx0 - 0.5, lx1 + 0.5
-    y0, y1 = 0.0, max(ys) * 1.08
+    ly0, ly1 = math.log10(min(ys) / 1.15), math.log10(max(ys) * 1.15)
     W, H, L, R, T, B = 640, 420, 60, 150, 30, 45
     img = Image.new("RGB", (W, H), "white")
     d = ImageDraw.Draw(img)
     px = lambda x: L + (math.log10(x) - lx0) / (lx1 - lx0) * (W - L - R)  # noqa: E731
-    py = lambda y: H - B - (y - y0) / (y1 - y0) * (H - T - B)  # noqa: E731
+    py = lambda y: H - B - (math.log10(y) - ly0) / (ly1 - ly0) * (H - T - B)  # noqa: E731
     d.rectangle([L, T, W - R, H - B], outline="black")
-    for e in range(math.floor(lx0), math.ceil(lx1) + 1):
-        if lx0 - 1e-9 <= e <= lx1 + 1e-9:
-            d.line([px(10 ** e), H - B, px(10 ** e), H - B + 4], fill="black")
-            d.text((px(10 ** e) - 12, H - B + 6), f"1e{e}", fill="black")
-    for i in range(5):
-        y = y0 + (y1 - y0) * i / 4
-        d.line([L - 4, py(y), L, py(y)], fill="black")
-        d.text((5, py(y) - 6), f"{y:.2f}", fill="black")
+    for v in log_ticks(lx0, lx1):
+        d.line([px(v), H - B, px(v), H - B + 4], fill="black")
+        d.text((px(v) - 12, H - B + 6), f"{v:g}", fill="black")
+    for v in log_ticks(ly0, ly1):
+        d.line([L - 4, py(v), L, py(v)], fill="black")
+        d.text((5, py(v) - 6), f"{v:g}", fill="black")
     d.text((L + 80, H - 18), "cumulative network evaluations (log)", fill="black")
-    d.text((L, 8), f"digits-FID at {steps} steps vs training nfe", fill="black")
+    d.text((L, 8), f"digits-FID (log) at {steps} steps vs training nfe", fill="black")
     if teacher:
         ty = py(statistics.fmean(teacher))
         for x in range(L, W - R, 10):
@@ -375,7 +380,7 @@ def from_scratch_curves(run, quick: bool) -> list[dict]:
                 for k in (4, 32):
                     if rec.get(f"fid/{k}step"):
                         out.append({"method": name, "curve": "from_scratch", "seed": 0, "steps": k,
-                                    "updates": int(float(rec["step"])) + 1, "fid": float(rec[f"fid/{k}step"]),
+                                    "updates": int(float(rec["step"])), "fid": float(rec[f"fid/{k}step"]),
                                     "is": float(rec[f"is/{k}step"]) if rec.get(f"is/{k}step") else None,
                                     "wall_s": res["wall_s"]})
     return out
