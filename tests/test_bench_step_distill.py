@@ -104,3 +104,10 @@ def test_from_scratch_curves_render_as_a_table():
     assert "| updates | diffusion, 4 steps | dsd_from_scratch, 4 steps |" in md
     assert "| 400 | 30.000 | — |" in md and "| 800 | 20.000 | 15.000 |" in md
     assert readme_tables.from_scratch_table(ROWS) == ""
+
+
+def test_anchor_control_share_of_the_gain():
+    rows = ROWS + [_r("anchor_only", 4, 8.0, checkpoint="level_4", native=True)]
+    line = b.targets(b.table_rows(rows))[-1]
+    # teacher 10, DSDI 4, anchor alone 8: the distillation loss gives 4 of the 6 points
+    assert line.startswith("the anchor alone") and "accounts for 67% of DSDI's gain" in line
