@@ -31,6 +31,7 @@ test-all: install
 bench: install
 	$(PY) scripts/bench_kd_digits.py --seeds 3
 	$(PY) scripts/bench_teacher_digits.py
+	$(PY) scripts/bench_step_distill_digits.py --seeds 3 --from-scratch
 
 clean:
 	rm -rf runs outputs multirun .pytest_cache

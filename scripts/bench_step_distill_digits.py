@@ -1,11 +1,14 @@
 """Step distillation on digits: digits-FID and IS at 1, 2, 4 and 8 DDIM steps for the teacher,
-progressive distillation, DSDN, DSDI (literal and stabilised) and TSD, against the parameter
-updates, network evaluations and wall time each spent.
+progressive distillation, DSDN, DSDI (literal and stabilised), TSD and the anchor-only control
+(see METHODS for each run's settings), against the parameter updates, network evaluations and
+wall time each spent.
 
     python scripts/bench_step_distill_digits.py --seeds 3      # benchmarks/step_distill_digits.json + README
     python scripts/bench_step_distill_digits.py --quick        # smoke test: tiny schedules, 1 seed, no README
     python scripts/bench_step_distill_digits.py --demo --runs-dir runs/demo   # make demo: 8 -> 2 steps, short
     python scripts/bench_step_distill_digits.py --from-scratch # also: FID vs updates, with/without DSD from scratch
+    python scripts/bench_step_distill_digits.py --methods progressive --seeds 1 \
+        --override optim.optimizer.lr=5e-4 --out benchmarks/step_distill_digits_probe_lr5e-4.json   # a probe
 
 The teacher is ``distill experiment=digits_diffusion_teacher`` in --runs-dir (trained once, seed 0,
 run dir .../default, which is where every digits_* distillation experiment reads its teacher
