@@ -76,15 +76,15 @@ KEY = ("method", "seed", "steps", "checkpoint")
 MERGE_KEY = (*KEY, "curve", "updates")
 
 
-def row_key(r: dict) -> tuple:
-    return tuple(r.get(k) for k in KEY)
+def row_key(r: dict, keys: tuple = KEY) -> tuple:
+    return tuple(r.get(k) for k in keys)
 
 
 def merge_rows(disk: list[dict], mine: list[dict]) -> list[dict]:
     """The rows on disk plus those of ``mine`` they lack: benchmark processes that run different
     --methods in parallel share one JSON file."""
-    have = {tuple(r.get(k) for k in MERGE_KEY) for r in disk}
-    return disk + [r for r in mine if tuple(r.get(k) for k in MERGE_KEY) not in have]
+    have = {row_key(r, MERGE_KEY) for r in disk}
+    return disk + [r for r in mine if row_key(r, MERGE_KEY) not in have]
 
 
 def missing(want: Iterable[tuple], rows: Iterable[dict]) -> list[tuple]:
@@ -178,14 +178,15 @@ def load_method(last: Path, weights: Optional[Path] = None):
     return method
 
 
-def score_run(name: str, seed: int, res: dict, round_name: str, upr: int, n: int, first: int, rows: list[dict],
-              scorer: "Scorer", steps: list[int] = STEPS) -> list[dict]:
+def score_run(name: str, seed: int, res: dict, ckpts: list[dict], rows: list[dict], scorer: "Scorer",
+              steps: list[int] = STEPS) -> list[dict]:
+    """Score ``ckpts`` (from :func:`checkpoints`, last.ckpt last) at ``steps``, skipping rows already there."""
     run_dir = Path(res["run_dir"])
-    total = max(n * upr, 1)
+    total = max(ckpts[-1]["updates"], 1)
     # pro rata of the run's count: exact, each method spending the same evaluations per update
     total_nfe = run_nfe(run_dir / "last.ckpt")
     new = []
-    for c in checkpoints(run_dir, round_name, upr, n, first):
+    for c in ckpts:
         todo = missing([(name, seed, k, c["checkpoint"]) for k in steps], rows + new)
         if not todo:
             continue
@@ -461,16 +462,17 @@ def main(argv: Optional[list[str]] = None) -> dict:
         exp, key, extra = METHODS[m]
         extra = DEMO[m] if args.demo else [*extra, f"method.{key}={QUICK_UPDATES}"] if args.quick else list(extra)
         upr, n, first = plan_updates(exp, key, [*extra, *args.override])
+        round_name = key.split("_")[-1]  # updates_per_round -> round_<r>.ckpt, updates_per_level -> level_<r>.ckpt
         for seed in seeds:
             ov = [f"experiment={exp}", f"seed={seed}", *extra, *args.override, f"trainer.max_steps={upr * n}", *NO_EVAL]
             res = run(ov)
             print(f"  {m} seed {seed}: {res['global_step']} updates, {res['wall_s']:.0f} s"
                   + (" (cached)" if res.get("cached") else ""), flush=True)
-            ckpts = checkpoints(Path(res["run_dir"]), key.split("_")[-1], upr, n, first)
+            ckpts = checkpoints(Path(res["run_dir"]), round_name, upr, n, first)
             if not missing([(m, seed, k, c["checkpoint"]) for c in ckpts for k in steps], rows):
                 continue
             scorer = scorer or Scorer()
-            rows += score_run(m, seed, res, key.split("_")[-1], upr, n, first, rows, scorer, steps)
+            rows += score_run(m, seed, res, ckpts, rows, scorer, steps)
             save()
     if args.from_scratch and not any(r.get("curve") == "from_scratch" for r in rows):
         rows += from_scratch_curves(run, args.quick)
