@@ -276,6 +276,9 @@ class StepDistillConfig(MethodConfig):
     weighting: StepWeighting = StepWeighting.truncated_snr
     teacher_steps: int = 64
     final_steps: Optional[int] = None
+    # each round/level starts with a fresh optimizer state (Adam moments, step count), as each
+    # halving of the official progressive code starts a new training state
+    fresh_optimizer: bool = False
 
 
 @dataclass
@@ -374,14 +377,18 @@ class EDMScheduleConfig(ScheduleConfig):
 # --------------------------------------------------------------------------- optim
 @dataclass
 class SchedulerConfig:
-    # none | multistep | cosine
+    # none | multistep | cosine | linear
     name: str = "none"
     # multistep: epochs at which the lr is multiplied by gamma
     milestones: List[int] = field(default_factory=list)
     gamma: float = 0.1
-    # cosine: lr decays to lr * min_lr_ratio over the run
+    # cosine, linear: lr decays to lr * min_lr_ratio over the run
     min_lr_ratio: float = 0.0
+    # cosine: linear warmup over the first warmup_steps updates
     warmup_steps: int = 0
+    # linear: restart the decay every cycle_steps updates (0: one decay over the run); step
+    # distillation's per-round anneal is cycle_steps=${method.updates_per_round}
+    cycle_steps: int = 0
 
 
 @dataclass

@@ -200,6 +200,52 @@ def test_round_switch_saves_the_student_and_makes_it_the_teacher(tmp_path, monke
         again.sync_round()
 
 
+@pytest.mark.parametrize("fresh", [False, True])
+def test_fresh_optimizer_clears_the_state_at_a_round_boundary(fresh, monkeypatch):
+    """method.fresh_optimizer=true: round 2 starts with empty Adam moments (as each halving of the
+    official code starts a new training state); by default they carry over."""
+    from types import SimpleNamespace
+
+    data, sched = GaussianData.random(dim=2, seed=0), NoiseSchedule("cosine", T)
+    m = progressive(Oracle(data, sched, bias=0.3), Oracle(data, sched), updates_per_round=3, fresh_optimizer=fresh)
+    opt = torch.optim.Adam(m.student.parameters(), lr=0.1)
+    m._trainer = SimpleNamespace(optimizers=[opt], is_global_zero=True)
+    monkeypatch.setattr(Progressive, "trainer", property(lambda self: self._trainer))
+    step = {"n": 0}
+    monkeypatch.setattr(Progressive, "global_step", property(lambda self: step["n"]))
+    for n in range(4):
+        step["n"] = n
+        m.sync_round()
+        if n == 3:
+            assert m.round == 2 and (len(opt.state) == 0) == fresh
+        opt.zero_grad()
+        m.student.bias.square().backward()
+        opt.step()
+        assert len(opt.state) == 1
+    assert int(opt.state[m.student.bias]["step"]) == (1 if fresh else 4)
+
+
+def test_linear_lr_restarts_every_cycle():
+    """optim.scheduler.name=linear with cycle_steps: the lr decays linearly to lr * min_lr_ratio
+    over each cycle and restarts (progressive's per-round anneal: cycle_steps = updates_per_round)."""
+    data, sched = GaussianData.random(dim=2, seed=0), NoiseSchedule("cosine", T)
+    optim = {"optimizer": {"_target_": "torch.optim.SGD", "_partial_": True, "lr": 1.0},
+             "scheduler": {"name": "linear", "cycle_steps": 4, "min_lr_ratio": 0.0}}
+    m = progressive(Oracle(data, sched, bias=0.3), Oracle(data, sched), optim_cfg=optim)
+    cfg = m.configure_optimizers()
+    opt, s = cfg["optimizer"], cfg["lr_scheduler"]["scheduler"]
+    assert cfg["lr_scheduler"]["interval"] == "step"
+    lrs = []
+    for _ in range(9):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        s.step()
+    assert lrs == pytest.approx([1.0, 0.75, 0.5, 0.25, 1.0, 0.75, 0.5, 0.25, 1.0])
+    optim["scheduler"]["cycle_steps"] = -1
+    with pytest.raises(DistillError, match="optim.scheduler.cycle_steps=-1"):
+        progressive(Oracle(data, sched), Oracle(data, sched), optim_cfg=optim).configure_optimizers()
+
+
 def _metrics(run_dir: Path) -> list[dict]:
     with open(run_dir / "metrics.csv") as f:
         return list(csv.DictReader(f))

@@ -124,7 +124,22 @@ class DistillMethod(L.LightningModule):
 
             s = torch.optim.lr_scheduler.LambdaLR(opt, factor)
             return {"optimizer": opt, "lr_scheduler": {"scheduler": s, "interval": "step"}}
-        raise DistillError(f"optim.scheduler.name={name!r}: allowed values are none, multistep, cosine")
+        if name == "linear":
+            # Linear decay to lr * min_lr_ratio, restarted every cycle_steps updates when set (the
+            # per-halving anneal of Salimans & Ho's progressive distillation: the official
+            # config's learning_rate_anneal_steps = steps_per_iter).
+            cycle = int(sched.get("cycle_steps", 0) or 0)
+            if cycle < 0:
+                raise DistillError(f"optim.scheduler.cycle_steps={cycle}: must be >= 0 (0: one decay over the run)")
+            period = cycle or self.total_steps()
+            floor = float(sched.get("min_lr_ratio", 0.0))
+
+            def factor(step: int) -> float:
+                return 1.0 - (1.0 - floor) * min(1.0, (step % period if cycle else step) / max(1, period))
+
+            s = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+            return {"optimizer": opt, "lr_scheduler": {"scheduler": s, "interval": "step"}}
+        raise DistillError(f"optim.scheduler.name={name!r}: allowed values are none, multistep, cosine, linear")
 
     # ------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict) -> None:

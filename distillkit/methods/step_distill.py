@@ -101,7 +101,7 @@ class StepDistillation(DiffusionMethod):
     def __init__(self, student: nn.Module, teacher: Optional[nn.Module] = None, *, weighting: str = "truncated_snr",
                  teacher_steps: int = 64, final_steps: Optional[int] = None, updates_per_round: int = 1000,
                  teacher_prediction_type: Optional[str] = None, init_from_teacher: bool = True,
-                 prediction_type: str = "v", **kw: Any):
+                 fresh_optimizer: bool = False, prediction_type: str = "v", **kw: Any):
         # The denoising loss of the base (anchors, from-scratch training) stays the plain MSE on
         # the prediction; ``weighting`` here is the step-distillation loss's.
         super().__init__(student, teacher=teacher, prediction_type=prediction_type, weighting="none", **kw)
@@ -120,6 +120,7 @@ class StepDistillation(DiffusionMethod):
         except ValueError as e:
             raise DistillError(f"method.teacher_prediction_type: {e}") from None
         self.init_from_teacher = bool(init_from_teacher)
+        self.fresh_optimizer = bool(fresh_optimizer)
         self.updates_per_round = int(updates_per_round)
         if self.updates_per_round < 1:
             raise DistillError(f"method.updates_per_{self.round_name}={updates_per_round}: must be >= 1")
@@ -244,6 +245,10 @@ class StepDistillation(DiffusionMethod):
                 self._set_teacher(copy.deepcopy(self.eval_network()), r)
             if self.init_from_teacher:
                 copy_weights(self.student, self.teacher, f"method={self.method_name}: the student starts as the teacher")
+        if r > 1 and self.fresh_optimizer and self._trainer is not None:
+            # Moments of the previous round's loss would steer the first updates of this one.
+            for opt in self.trainer.optimizers:
+                opt.state.clear()
         log.info("method=%s: %s %d of %d, teacher steps %d -> student steps %d (update %d)", self.method_name,
                  self.round_name, r, self.num_rounds, self.round_steps[r - 1], self.round_steps[r - 1] // 2,
                  self.global_step)
