@@ -23,7 +23,11 @@ def test_method_smoke_through_cli(cli, runs_dir, digits_teacher_ckpt, method):
     res = json.loads((run / "results.json").read_text())
     assert res["global_step"] == 6 and 0.0 <= res["test/acc"] <= 1.0
     ckpt = torch.load(run / "last.ckpt", map_location="cpu", weights_only=True)  # plain types only
-    assert ckpt["distillkit"]["config"]["method"]["_target_"].endswith(method.capitalize() if method != "supervised" else "Supervised") or True
+    cls = {"supervised": "Supervised", "kd": "KD", "dkd": "DKD", "fitnet": "FitNet"}[method]
+    assert ckpt["distillkit"]["config"]["method"]["_target_"] == f"distillkit.methods.{method}.{cls}"
+    # network evaluations: the student's forward, plus the frozen teacher's for a distillation
+    per_update = 1 if method == "supervised" else 2
+    assert ckpt["distillkit"]["nfe"] == 6 * per_update
     keys = ckpt["state_dict"].keys()
     assert any(k.startswith("student.") for k in keys)
     assert not any(k.startswith("teacher") for k in keys), "the teacher must not be saved with the student"

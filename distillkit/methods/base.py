@@ -44,6 +44,15 @@ class DistillMethod(L.LightningModule):
             self.ema.requires_grad_(False)
         # Set by the CLI: the resolved config (plain types) stored in every checkpoint.
         self.run_config: dict = {}
+        self.nfe = 0  # network evaluations in training so far (kept in the checkpoint)
+
+    # ------------------------------------------------------------------ NFE
+    def count_nfe(self, n: int) -> None:
+        """Record one update that cost ``n`` (batched) network evaluations, teacher's included;
+        logged as ``nfe_per_update`` and the cumulative ``nfe``."""
+        self.nfe += int(n)
+        self.log("nfe_per_update", float(n), on_step=True, on_epoch=False)
+        self.log("nfe", float(self.nfe), on_step=True, on_epoch=False)
 
     # ------------------------------------------------------------------ teacher
     def _teacher_to_device(self) -> None:
@@ -147,6 +156,7 @@ class DistillMethod(L.LightningModule):
             "method": self.method_name,
             "config": self.run_config,
             "rng": capture_rng(),
+            "nfe": int(self.nfe),
         }
         # Everything else Lightning put in (optimizer, scheduler, loop states) must also be
         # plain types and tensors, so that torch.load(weights_only=True) accepts the file.
@@ -154,6 +164,7 @@ class DistillMethod(L.LightningModule):
             checkpoint[k] = to_plain(checkpoint[k])
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.nfe = int(checkpoint.get("distillkit", {}).get("nfe", 0))
         rng = checkpoint.get("distillkit", {}).get("rng")
         if rng:
             restore_rng(rng)

@@ -18,6 +18,8 @@ class ClassifierMethod(DistillMethod):
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         x, y = batch
         terms = self.losses(x, y)
+        # the student's forward, and the frozen teacher's when the method has one
+        self.count_nfe(1 if self.teacher is None else 2)
         self.log_dict({f"train/{k}": v.detach() for k, v in terms.items() if k != "loss"},
                       prog_bar=False, on_step=True, on_epoch=False, batch_size=len(y))
         self.log("train/loss", terms["loss"].detach(), prog_bar=True, on_step=True, batch_size=len(y))

@@ -142,14 +142,6 @@ class DiffusionMethod(DistillMethod):
         self.spacing = str(self.schedule_cfg.get("spacing") or "trailing")
         self.eta = float(self.schedule_cfg.get("eta") or 0.0)
         self.solver = str(self.schedule_cfg.get("solver") or "heun")
-        self.nfe = 0  # network evaluations in training so far (kept in the checkpoint)
-
-    # ------------------------------------------------------------------ NFE
-    def count_nfe(self, n: int) -> None:
-        """Record one update that cost ``n`` (batched) network evaluations."""
-        self.nfe += int(n)
-        self.log("nfe_per_update", float(n), on_step=True, on_epoch=False)
-        self.log("nfe", float(self.nfe), on_step=True, on_epoch=False)
 
     # ------------------------------------------------------------------ the denoising loss
     def loss_weight(self, t: torch.Tensor) -> torch.Tensor:
@@ -253,12 +245,7 @@ class DiffusionMethod(DistillMethod):
     # ------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         super().on_save_checkpoint(checkpoint)
-        checkpoint["distillkit"]["nfe"] = int(self.nfe)
         checkpoint["distillkit"]["image_shape"] = list(self.image_shape)
-
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
-        super().on_load_checkpoint(checkpoint)
-        self.nfe = int(checkpoint.get("distillkit", {}).get("nfe", 0))
 
 
 class Diffusion(DiffusionMethod):
