@@ -57,6 +57,19 @@ def test_targets_and_equal_nfe_verdict():
     assert "DSD does NOT beat progressive (higher FID), though it spent fewer" in lines[3]
 
 
+def test_targets_take_the_best_progressive_and_dsd_variant():
+    """The annealed runs count for the targets when their FID is lower (and not otherwise)."""
+    rows = ROWS + [_r("progressive_annealed", 1, 1.2, native=True, nfe=18000, updates=6000),
+                   _r("progressive_annealed", 4, 1.5, checkpoint="round_4", native=True, nfe=12000, updates=4000),
+                   _r("dsdi_annealed", 4, 1.1, checkpoint="level_4", native=True, nfe=12096, updates=4032)]
+    lines = b.targets(b.table_rows(rows))
+    assert lines[0].startswith("progressive at 4 steps: FID 1.300")
+    assert "best DSD (dsdi_annealed)" in lines[1] and "MISSED" not in lines[1]
+    assert lines[2].startswith("progressive_annealed at 1 step: FID 1.200")
+    assert "4 step(s): dsdi_annealed FID 1.100 at 1.21e+04 nfe vs progressive FID 1.300" in "\n".join(lines)
+    assert "no win at equal nfe" in "\n".join(lines)  # 12096 > 12000 evaluations
+
+
 def test_dsd_win_only_when_lower_fid_at_no_more_nfe():
     rows = [_r("progressive", 4, 2.0, native=True, nfe=12000), _r("dsdn", 4, 1.0, nfe=3000)]
     assert "DSD beats progressive at equal" in b.dsd_vs_progressive(b.table_rows(rows))[0]
@@ -90,6 +103,7 @@ def test_plan_reads_rounds_and_first_teacher_steps_from_the_configs():
     assert plan["progressive"] == (1000, 6, 64)
     assert plan["dsdi"] == plan["dsd_literal"] == (1008, 6, 64)
     assert plan["dsdn"] == plan["tsd"] == (1008, 1, 8)
+    assert plan["progressive_annealed"] == plan["progressive"] and plan["dsdi_annealed"] == plan["dsdi"]
     assert b.plan_updates(*b.METHODS["dsdi"][:2], []) == (1008, 3, 64)  # the experiment's own 64 -> 8
     demo = {m: b.plan_updates(b.METHODS[m][0], b.METHODS[m][1], b.DEMO[m]) for m in b.DEMO}
     assert demo == {"progressive": (300, 2, 8), "dsdi": (300, 2, 8)}
