@@ -299,7 +299,8 @@ def dsd_vs_progressive(summary: list[dict]) -> list[str]:
         elif not better and not cheaper:
             v = "DSD does NOT beat progressive: higher FID with more network evaluations"
         elif better:
-            v = "DSD has the lower FID but spent more network evaluations: no win at equal nfe"
+            v = (f"DSD has the lower FID but spent {100 * (d['nfe'] / p['nfe'] - 1):.1f}% more network evaluations: "
+                 "no win at equal nfe")
         else:
             v = "DSD does NOT beat progressive (higher FID), though it spent fewer network evaluations"
         lines.append(f"{k} step(s): {d['method']} FID {d['fid_mean']:.3f} at {d['nfe']:.3g} nfe vs {p['method']} "
