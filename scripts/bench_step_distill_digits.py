@@ -80,8 +80,9 @@ NO_EVAL = ["eval.enabled=false"]
 QUICK_TEACHER = ["trainer.max_steps=50", "name=default"]  # still .../default: the experiments' teacher path
 QUICK_UPDATES = 4  # updates per round/level in --quick
 # --demo (make demo): progressive and stabilised DSDI from the teacher's 8 steps to 2, 300
-# updates per round/level (about a minute each on 2 CPU cores), scored at 2 and 4 steps
-DEMO = {m: ["method.teacher_steps=8", "method.final_steps=2", f"method.{METHODS[m][1]}=300"]
+# updates per round/level with the annealed optimisation (about a minute each on 2 CPU
+# cores), scored at 2 and 4 steps
+DEMO = {m: ["method.teacher_steps=8", "method.final_steps=2", f"method.{METHODS[m][1]}=300", *annealed(300)]
         for m in ("progressive", "dsdi")}
 DEMO_STEPS, DEMO_TEACHER_STEPS = [2, 4], [2, 4, 8]
 FROM_SCRATCH_EVAL = ["eval=digits", "eval.steps=[4,32]"]
