@@ -122,16 +122,16 @@ def plan_updates(exp: str, key: str, extra: list[str]) -> tuple[int, int, int]:
 
     from distillkit.cli import CONF_DIR
     from distillkit.config import register_configs
+    from distillkit.methods.dsd import sweep_final_steps
 
     register_configs()
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3", job_name="distill"):
         cfg = compose("config", overrides=[f"experiment={exp}", *extra])
     m = cfg.method
     upr, first = int(m[key]), int(m.teacher_steps)
-    if m.get("variant") == "dsdn":
-        return upr, 1, first
-    final = m.get("final_steps") or (8 if "variant" in m else first // 2)  # dsdi's default is 8
-    return upr, int(round(math.log2(first / int(final)))), first
+    # the methods' own defaults when final_steps is unset (progressive: one round)
+    final = sweep_final_steps(m.variant, first, m.final_steps) if "variant" in m else int(m.final_steps or first // 2)
+    return upr, int(round(math.log2(first / final))), first
 
 
 def checkpoints(run_dir: Path, round_name: str, upr: int, n: int, teacher_steps: int = 64) -> list[dict]:

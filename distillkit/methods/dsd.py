@@ -107,6 +107,18 @@ def eval_mode_fn(net: nn.Module):
 
 
 # --------------------------------------------------------------------------- the base of DSD and TSD
+
+def sweep_final_steps(variant: str, teacher_steps: int, final_steps: Optional[int]) -> int:
+    """The sampling steps a DSD/TSD run ends with: N/2 for ``dsdn`` (one level at N), else
+    ``final_steps`` (8 when unset) for ``dsdi``."""
+    if plain(variant) == "dsdn":
+        if final_steps is not None and int(final_steps) != int(teacher_steps) // 2:
+            raise DistillError(f"method.variant=dsdn trains one level at N=method.teacher_steps={teacher_steps} "
+                               f"and samples with N/2 steps: leave method.final_steps unset (got {final_steps}), "
+                               "or use method.variant=dsdi to halve down to it")
+        return int(teacher_steps) // 2
+    return 8 if final_steps is None else int(final_steps)
+
 class SweepDistillation(StepDistillation):
     """Levels (dsdn: one, dsdi: halving), the index sweep, latents and the denoising anchor."""
 
@@ -120,14 +132,7 @@ class SweepDistillation(StepDistillation):
         self.variant = str(plain(variant))
         if self.variant not in VARIANTS:
             raise DistillError(f"method.variant={self.variant!r}: allowed values are {', '.join(VARIANTS)}")
-        if self.variant == "dsdn":
-            if final_steps is not None and int(final_steps) != int(teacher_steps) // 2:
-                raise DistillError(f"method.variant=dsdn trains one level at N=method.teacher_steps={teacher_steps} "
-                                   f"and samples with N/2 steps: leave method.final_steps unset (got {final_steps}), "
-                                   "or use method.variant=dsdi to halve down to it")
-            final_steps = int(teacher_steps) // 2
-        elif final_steps is None:
-            final_steps = 8
+        final_steps = sweep_final_steps(self.variant, teacher_steps, final_steps)
         super().__init__(student, teacher=teacher, teacher_steps=teacher_steps, final_steps=final_steps,
                          updates_per_round=updates_per_level, **kw)
         self.latent_source = str(plain(latents))
