@@ -7,7 +7,8 @@
    16 and 64 DDIM steps against the real-data floor (benchmarks/teacher_digits_quick.json).
 3. Step distillation: progressive distillation and DSDI (EMA target, denoising anchor) of that
    teacher from 8 DDIM steps to 2, 300 updates per round/level (lr 1e-3 annealed over each),
-   scored at 4 and 2 steps next to the teacher's plain DDIM (benchmarks/step_distill_digits_demo.json; the full benchmark is
+   scored at 4 and 2 steps next to the teacher's plain DDIM
+   (benchmarks/step_distill_digits_demo.json; the full benchmark is
    scripts/bench_step_distill_digits.py).
 
 Runs already in runs/demo are reused, so a second `make demo` takes seconds.

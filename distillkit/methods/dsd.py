@@ -106,8 +106,6 @@ def eval_mode_fn(net: nn.Module):
     return fn
 
 
-# --------------------------------------------------------------------------- the base of DSD and TSD
-
 def sweep_final_steps(variant: str, teacher_steps: int, final_steps: Optional[int]) -> int:
     """The sampling steps a DSD/TSD run ends with: N/2 for ``dsdn`` (one level at N), else
     ``final_steps`` (8 when unset) for ``dsdi``."""
@@ -119,6 +117,8 @@ def sweep_final_steps(variant: str, teacher_steps: int, final_steps: Optional[in
         return int(teacher_steps) // 2
     return 8 if final_steps is None else int(final_steps)
 
+
+# --------------------------------------------------------------------------- the base of DSD and TSD
 class SweepDistillation(StepDistillation):
     """Levels (dsdn: one, dsdi: halving), the index sweep, latents and the denoising anchor."""
 
