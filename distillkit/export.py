@@ -40,7 +40,7 @@ PROG = "distill-export"
 DIFFUSERS_PREDICTION = {"eps": "epsilon", "v": "v_prediction", "x0": "sample"}
 
 ARGS = [
-    Arg("checkpoint", str, help="a diffusion run's last.ckpt"),
+    Arg("checkpoint", str, help="a diffusion run's last.ckpt, or a round_<r>.ckpt / level_<r>.ckpt"),
     Arg("out", str, help="output folder (a diffusers DDIMPipeline)"),
     Arg("use_ema", parse_bool, True, "export the EMA weights (when the run kept an EMA)"),
 ]

@@ -10,6 +10,8 @@ evaluation suites) and a grid of the first samples next to it (``out`` with suff
 The network and its sampler come from the checkpoint alone (:func:`load_run_checkpoint`):
 DDIM (VP schedules) or Heun / Euler (EDM), with the EMA weights unless ``use_ema=false``;
 ``steps`` and ``spacing`` default to the run's ``schedule.num_steps`` / ``schedule.spacing``.
+A round/level file of step distillation (``<run dir>/round_<r>.ckpt``, ``level_<r>.ckpt``) is
+read the same way: that round's network, sampled by default with the steps it was trained for.
 
 Noise, so that results are reproducible and comparable with diffusers: the starting noise of all
 N samples is drawn first, in one call ``torch.randn((N, *image_shape),
@@ -38,7 +40,7 @@ PROG = "distill-sample"
 SPACINGS = ("trailing", "leading", "linspace")
 
 ARGS = [
-    Arg("checkpoint", str, help="a diffusion run's last.ckpt"),
+    Arg("checkpoint", str, help="a diffusion run's last.ckpt, or a round_<r>.ckpt / level_<r>.ckpt"),
     Arg("num_samples", int, help="number of samples N"),
     Arg("out", str, help="output file, .npz (a .png grid is written next to it)"),
     Arg("steps", int, None, "sampler steps (default: the run's schedule.num_steps)"),

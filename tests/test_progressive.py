@@ -297,3 +297,41 @@ def test_teacher_self_is_refused(cli, runs_dir):
     r = cli("dataset=toy2d", "model=mlp2d", "teacher=self", "method=progressive", "schedule=cosine",
             f"runs_dir={runs_dir}", *SMOKE)
     assert r.returncode == 2 and "teacher=self" in r.output and "distinct teacher" in r.output
+
+
+def test_round_files_are_sampled_like_a_run_checkpoint(cli, tmp_path):
+    """distill-sample reads round_<r>.ckpt as it reads last.ckpt: that round's network (for EMA and
+    raw weights alike) with its own step count as the default; teacher.checkpoint still reads the
+    file as plain weights; a round file without the run's config gets an error that says what to do."""
+    import numpy as np
+
+    from distillkit.models.loading import load_run_checkpoint, read_state_dict
+    from distillkit.sample import generate, run as sample_run
+
+    teacher = _toy_teacher(tmp_path / "teacher.pt")
+    r = cli("dataset=toy2d", "model=mlp2d", "teacher=mlp2d", f"teacher.checkpoint={teacher}", "method=progressive",
+            "schedule=cosine", f"schedule.num_train_timesteps={T}", "method.teacher_steps=8", "method.final_steps=2",
+            "method.updates_per_round=3", "callbacks.ema.enabled=true", "callbacks.ema.decay=0.5", "name=pd",
+            f"runs_dir={tmp_path}", *SMOKE)
+    assert r.returncode == 0, r.output
+    run = tmp_path / "default" / "pd"
+
+    def sampled(name: str, *extra: str) -> np.ndarray:
+        out = sample_run([f"checkpoint={run / name}", "num_samples=32", f"out={tmp_path / name}.npz", *extra])
+        with np.load(out) as f:
+            return f["arr_0"]
+
+    for name, steps in (("round_1.ckpt", 4), ("round_2.ckpt", 2)):
+        assert load_run_checkpoint(run / name).num_steps == steps
+        reference = load_run_checkpoint(run / "last.ckpt")
+        reference.eval_network().load_state_dict(read_state_dict(run / name), strict=True)
+        want = generate(reference, 32, steps).numpy()
+        assert np.array_equal(sampled(name), want)
+        assert np.array_equal(sampled(name, "use_ema=false"), want)  # the student holds the same network
+    assert not np.array_equal(sampled("round_1.ckpt", "steps=2"), sampled("round_2.ckpt"))
+
+    legacy = torch.load(run / "round_1.ckpt", weights_only=True)
+    del legacy["distillkit"]
+    torch.save(legacy, tmp_path / "legacy.ckpt")
+    with pytest.raises(DistillError, match="round/level file .* point checkpoint at the run's last.ckpt"):
+        load_run_checkpoint(tmp_path / "legacy.ckpt")

@@ -17,11 +17,13 @@ Round teachers. Methods with a distinct frozen teacher (progressive, TSD) start 
 configured teacher (``teacher.checkpoint``) and, with ``init_from_teacher``, copy it into the
 student ("the student starts as the teacher", Salimans & Ho 2022, Algorithm 2). When round r
 ends, the student's evaluation network (its EMA when EMA is on) is written to
-``<run_dir>/<round_name>_<r>.ckpt`` (a plain ``{"state_dict": ...}`` any ``*.checkpoint`` key
-accepts) and becomes round r+1's teacher, and the student restarts from it. The round index is
-in every checkpoint; a restarted or requeued run reloads the teacher of its round from that file.
-DSD (no separate teacher) writes the same files, ``level_<r>.ckpt``: the network after each level,
-for scoring and sampling at that level's step count.
+``<run_dir>/<round_name>_<r>.ckpt`` (the network's ``{"state_dict": ...}``, which any
+``*.checkpoint`` key accepts, with the run's config: ``distill-sample`` and ``distill-export`` read
+it like a last.ckpt and default to that round's step count) and becomes round r+1's teacher,
+and the student restarts from it. The round index is in every checkpoint; a restarted or
+requeued run reloads the teacher of its round from that file. DSD (no separate teacher) writes
+the same files, ``level_<r>.ckpt``: the network after each level, for scoring and sampling at
+that level's step count.
 
 Loss. Every method here regresses in x-space, w(t) ||x_hat - x_tilde||^2, with the x_tilde of
 ``distillkit.diffusion.step_targets`` (Salimans & Ho 2022, Algorithm 2) and its weightings
@@ -263,7 +265,11 @@ class StepDistillation(DiffusionMethod):
         sd = {k: v.detach().cpu().clone() for k, v in self.eval_network().state_dict().items()}
         payload = {"state_dict": sd, self.round_name: r, "teacher_steps": self.round_steps[r - 1],
                    "student_steps": self.round_steps[r - 1] // 2, "global_step": int(self.global_step),
-                   "method": self.method_name, "prediction_type": self.prediction_type}
+                   "method": self.method_name, "prediction_type": self.prediction_type,
+                   # the run's config, so that distill-sample / distill-export rebuild the network
+                   # and its sampler from this file alone; "network": unprefixed network weights
+                   "distillkit": {"method": self.method_name, "config": self.run_config, "weights": "network",
+                                  "image_shape": list(self.image_shape)}}
         tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
         torch.save(payload, tmp)
         os.replace(tmp, path)

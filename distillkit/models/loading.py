@@ -4,6 +4,11 @@ Accepted weight files (nothing is downloaded): a distillkit Lightning checkpoint
 the student's weights, EMA ones when the run kept an EMA), a plain state dict or one wrapped
 as ``{"model": ...}`` / ``{"state_dict": ...}`` (RepDistiller and mdistiller save them so),
 or a ``.safetensors`` file. Everything from outside is read with ``weights_only=True``.
+
+Step distillation's round/level files (``round_<r>.ckpt``, ``level_<r>.ckpt``) hold one network's
+weights, unprefixed, with the run's config (``["distillkit"]["weights"] == "network"``): they are
+weight files for ``*.checkpoint`` keys and, like last.ckpt, run checkpoints for
+:func:`load_run_checkpoint`.
 """
 from __future__ import annotations
 
@@ -19,6 +24,7 @@ from distillkit.errors import DistillError
 
 STUDENT_PREFIX = "student."
 EMA_PREFIX = "ema.module."  # torch.optim.swa_utils.AveragedModel keeps the copy as .module
+NETWORK_WEIGHTS = "network"  # ["distillkit"]["weights"] of a file holding one network's own keys
 
 
 def read_state_dict(path: str | Path, key: str = "teacher.checkpoint") -> dict[str, torch.Tensor]:
@@ -46,7 +52,7 @@ def read_state_dict(path: str | Path, key: str = "teacher.checkpoint") -> dict[s
 def _unwrap(obj: Any, key: str, path: Any) -> dict[str, torch.Tensor]:
     if not isinstance(obj, Mapping):
         raise DistillError(f"{key}={path}: the file holds a {type(obj).__name__}, not a state dict")
-    if "distillkit" in obj and "state_dict" in obj:  # one of our checkpoints
+    if "distillkit" in obj and "state_dict" in obj and not _holds_network(obj):  # a run's Lightning checkpoint
         sd = obj["state_dict"]
         ema = {k[len(EMA_PREFIX):]: v for k, v in sd.items() if k.startswith(EMA_PREFIX)}
         return ema or {k[len(STUDENT_PREFIX):]: v for k, v in sd.items() if k.startswith(STUDENT_PREFIX)}
@@ -103,6 +109,11 @@ def build_teacher(cfg: DictConfig) -> nn.Module | None:
     return teacher
 
 
+def _holds_network(ckpt: Mapping) -> bool:
+    meta = ckpt.get("distillkit")
+    return isinstance(meta, Mapping) and meta.get("weights") == NETWORK_WEIGHTS
+
+
 def _data_shape(dataset_cfg: Mapping) -> tuple[tuple[int, ...], int]:
     """(image_shape, num_classes) of a dataset config, without reading any data."""
     from hydra.utils import get_class
@@ -119,7 +130,9 @@ def load_run_checkpoint(path: str | Path, key: str = "checkpoint"):
     """The method of a distillkit run, rebuilt from its ``last.ckpt`` alone, in eval mode on CPU.
 
     The network and the method are built from the resolved config the checkpoint carries
-    (``ckpt["distillkit"]["config"]``) and get every weight of the run (student and EMA). The
+    (``ckpt["distillkit"]["config"]``) and get every weight of the run (student and EMA). A round
+    or level file of step distillation gives its network to both the student and the EMA, and
+    its step count (``student_steps``) becomes the sampler's default. The
     teacher is not rebuilt (``teacher=None``, also for methods that train with one): sampling
     and export use the student only. ``model.checkpoint`` (the student's initial weights) is
     not read either. Used by ``distill-sample`` and ``distill-export``. Errors name ``key``."""
@@ -127,7 +140,8 @@ def load_run_checkpoint(path: str | Path, key: str = "checkpoint"):
 
     p = Path(path).expanduser()
     if not p.is_file():
-        raise DistillError(f"{key}={path}: no such file; point {key} at a distillkit run's last.ckpt")
+        raise DistillError(f"{key}={path}: no such file; point {key} at a distillkit run's last.ckpt "
+                           "(or a round_<r>.ckpt / level_<r>.ckpt of step distillation)")
     try:
         ckpt = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as e:
@@ -136,8 +150,11 @@ def load_run_checkpoint(path: str | Path, key: str = "checkpoint"):
     meta = ckpt.get("distillkit") if isinstance(ckpt, Mapping) else None
     config = meta.get("config") if isinstance(meta, Mapping) else None
     if not config or "state_dict" not in ckpt:
-        raise DistillError(f"{key}={path}: not a distillkit run checkpoint (it has no ['distillkit']['config']); "
-                           "point it at the last.ckpt in a run dir")
+        hint = (" It looks like a round/level file written before they carried the run's config: point "
+                f"{key} at the run's last.ckpt, or load these weights into its network yourself "
+                "(distillkit.models.loading.read_state_dict)." if isinstance(ckpt, Mapping) and "student_steps" in ckpt
+                else " Point it at the last.ckpt in a run dir.")
+        raise DistillError(f"{key}={path}: not a distillkit run checkpoint (it has no ['distillkit']['config']).{hint}")
     shape, num_classes = _data_shape(config["dataset"])
     if meta.get("image_shape"):
         shape = tuple(int(s) for s in meta["image_shape"])
@@ -158,10 +175,27 @@ def load_run_checkpoint(path: str | Path, key: str = "checkpoint"):
     except Exception as e:
         raise DistillError(f"{key}={path}: cannot rebuild method {target} from the checkpoint's config "
                            f"({type(e).__name__}: {e})") from None
+    if _holds_network(ckpt):
+        return _with_network(method, ckpt, config, key, path)
     missing, unexpected = method.load_state_dict(ckpt["state_dict"], strict=False)
     if missing or unexpected:
         raise DistillError(f"{key}={path}: the weights do not fit the network built from the checkpoint's config "
                            f"({len(missing)} missing keys, e.g. {missing[:3]}; {len(unexpected)} unexpected, "
                            f"e.g. {unexpected[:3]})")
+    method.run_config = config
+    return method.eval()
+
+
+def _with_network(method, ckpt: Mapping, config: Mapping, key: str, path) -> Any:
+    """``method`` with the one network of a round/level file as its student and EMA."""
+    nets = [method.student] + ([method.ema.module] if method.ema is not None else [])
+    for net in nets:
+        try:
+            net.load_state_dict(ckpt["state_dict"], strict=True)
+        except RuntimeError as e:
+            raise DistillError(f"{key}={path}: the weights do not fit the network built from the file's config "
+                               f"({str(e).splitlines()[0][:200]})") from None
+    if ckpt.get("student_steps"):
+        method.num_steps = int(ckpt["student_steps"])
     method.run_config = config
     return method.eval()
