@@ -213,6 +213,42 @@ def test_train_dataloader_batch(c100: Path):
     assert xe.shape == (10, 3, 32, 32)
 
 
+def _trainer_at(epoch: int, batches_done: int):
+    """What ResumableLoader reads of a trainer restored at (epoch, batches done in it)."""
+    from types import SimpleNamespace as NS
+
+    progress = NS(current=NS(processed=batches_done))
+    return NS(current_epoch=epoch, global_rank=0, world_size=1, fit_loop=NS(epoch_loop=NS(batch_progress=progress)))
+
+
+def _epoch(dm: CifarDataModule, epoch: int, batches_done: int = 0) -> list:
+    loader = dm.train_dataloader()
+    loader.trainer = _trainer_at(epoch, batches_done)
+    return [b[0] for b in loader]
+
+
+def test_augmentation_is_a_function_of_seed_epoch_and_example(c100: Path):
+    """The training loader's crops and flips do not depend on worker processes, on where a
+    resumed run creates its iterator, or on the global RNG; they change from epoch to epoch."""
+    from distillkit.data.loader import item_generator
+
+    dm = CifarDataModule(str(c100), seed=0, batch_size=4)
+    dm.setup()
+    uninterrupted = [_epoch(dm, e) for e in (0, 1)]
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    resumed = _epoch(dm, 1, batches_done=2)  # a run restored after two batches of epoch 1
+    assert torch.equal(torch.get_rng_state(), before)
+    assert len(resumed) == 3 and all(torch.equal(a, b) for a, b in zip(resumed, uninterrupted[1][2:]))
+    dm_workers = CifarDataModule(str(c100), seed=0, batch_size=4, num_workers=2)
+    dm_workers.setup()
+    for e in (0, 1):
+        assert all(torch.equal(a, b) for a, b in zip(_epoch(dm_workers, e), uninterrupted[e]))
+    ds = dm.train_set
+    views = {i: [ds.load(i, item_generator(0, e, i))[0] for e in range(4)] for i in range(5)}
+    assert any(not torch.equal(v[0], w) for v in views.values() for w in v[1:])  # epochs differ
+
+
 def test_schema_fields_instantiate(c100: Path):
     """The constructor takes every field of CifarConfig (what Hydra passes), plus seed."""
     from hydra.utils import instantiate

@@ -136,9 +136,13 @@ class CifarImages(Dataset):
         return len(self.images)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.load(i)
+
+    def load(self, i: int, generator: Optional[torch.Generator] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Item i, augmented with ``generator``'s draws (the training loader seeds one per item)."""
         x = self.images[i].float().div_(255.0)
         if self.augment:
-            x = random_crop_flip(x, padding=4)
+            x = random_crop_flip(x, padding=4, generator=generator)
         return self.normalize(x), self.labels[i]
 
 

@@ -77,9 +77,13 @@ class ImageTensors(Dataset):
         return len(self.images)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.load(i)
+
+    def load(self, i: int, generator: Optional[torch.Generator] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Item i, augmented with ``generator``'s draws (the training loader seeds one per item)."""
         x = self.images[i].float().div_(127.5).sub_(1.0)
         if self.augment:
-            x = random_crop_flip(x, padding=self.crop_padding, fill=-1.0)
+            x = random_crop_flip(x, padding=self.crop_padding, fill=-1.0, generator=generator)
         return x, self.labels[i]
 
 

@@ -8,6 +8,13 @@ position off by one. Nothing may iterate the loader before Lightning restores it
 state (``trainer.estimated_stepping_batches`` does, so methods size their schedules with
 :func:`distillkit.methods.base.DistillMethod.total_steps` instead). Under DDP each rank takes a strided share of the same permutation
 (Lightning's own distributed sampler is switched off: ``use_distributed_sampler=False``).
+
+Augmentation is a pure function of (seed, epoch, example) too. A dataset that draws random
+augmentations implements ``load(i, generator)``; the loader then asks for ``(epoch, i)`` and
+passes a generator seeded from (seed, epoch, i) (:func:`item_generator`). Neither the worker
+processes (``num_workers > 0``: their RNG streams restart with every iterator, so they cannot be
+checkpointed) nor the global RNG are used, so a resumed run augments exactly as an uninterrupted
+one, and ``dataset.num_workers`` does not change what a run computes.
 """
 from __future__ import annotations
 
@@ -18,8 +25,31 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 
+def item_generator(seed: int, epoch: int, index: int) -> torch.Generator:
+    """The generator of example ``index``'s augmentation in ``epoch`` of a run seeded ``seed``."""
+    key = ((int(seed) * 1_000_003 + int(epoch)) * 2_147_483_647 + int(index)) % (2 ** 63 - 1)
+    return torch.Generator().manual_seed(key)
+
+
+class SeededItems(Dataset):
+    """``dataset`` read by ``(epoch, i)`` keys: item i with its augmentation drawn from
+    :func:`item_generator` (``dataset.load(i, generator)``)."""
+
+    def __init__(self, dataset: Dataset, seed: int):
+        self.dataset = dataset
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, key: tuple[int, int]) -> Any:
+        epoch, i = key
+        return self.dataset.load(i, item_generator(self.seed, epoch, i))  # type: ignore[attr-defined]
+
+
 class EpochSeededSampler(Sampler[int]):
-    def __init__(self, dataset_len: int, seed: int, drop_last: bool, batch_size: int):
+    def __init__(self, dataset_len: int, seed: int, drop_last: bool, batch_size: int, keyed: bool = False):
+        self.keyed = keyed  # yield (epoch, index) for SeededItems
         self.n = dataset_len
         self.seed = seed
         self.drop_last = drop_last
@@ -37,8 +67,8 @@ class EpochSeededSampler(Sampler[int]):
         return perm[self.rank :: self.world_size]
 
     def __iter__(self) -> Iterator[int]:
-        idx = self._indices()
-        return iter(idx[self.start_batch * self.batch_size :])
+        idx = self._indices()[self.start_batch * self.batch_size :]
+        return iter([(self.epoch, i) for i in idx] if self.keyed else idx)
 
     def __len__(self) -> int:
         per_rank = math.ceil(self.n / self.world_size)
@@ -50,7 +80,10 @@ class ResumableLoader(DataLoader):
 
     def __init__(self, dataset: Dataset, batch_size: int, seed: int, trainer: Any = None, **kwargs: Any):
         drop_last = kwargs.pop("drop_last", True)
-        sampler = EpochSeededSampler(len(dataset), seed, drop_last, batch_size)
+        keyed = callable(getattr(dataset, "load", None))  # draws augmentations: seeded per item
+        sampler = EpochSeededSampler(len(dataset), seed, drop_last, batch_size, keyed=keyed)
+        if keyed:
+            dataset = SeededItems(dataset, seed)
         # Creating an iterator draws a base seed from ``generator``; with the default (None)
         # that draw comes from the global RNG, at a different point in a resumed run than in
         # an uninterrupted one, and would shift every later random draw of training.

@@ -1,8 +1,9 @@
 """Torch-only image transforms for (C, H, W) tensors: the standard CIFAR training
 augmentation (random crop with padding, horizontal flip) and per-channel normalisation.
 
-Randomness comes from torch's global RNG unless a ``generator`` is given; the global RNG is
-seeded by the run and saved in its checkpoints, which is what makes augmentation repeatable.
+Randomness comes from torch's global RNG unless a ``generator`` is given; the training loader
+gives one per example, seeded from (seed, epoch, example), which is what makes augmentation
+repeatable and resumable (:mod:`distillkit.data.loader`).
 """
 from __future__ import annotations
 
