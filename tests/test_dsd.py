@@ -327,6 +327,29 @@ def test_dsd_resumes_exactly(cli, tmp_path):
     assert all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"])
 
 
+@pytest.mark.ddp
+def test_dsd_resumes_exactly_under_ddp(cli, tmp_path):
+    """Two gloo ranks, each following its own data-free trajectories with its own RNG: stopped
+    mid-level and resumed, the run ends with the weights of an uninterrupted one (every rank's
+    latents and RNG states are in the checkpoint, not copies of rank 0's)."""
+    args = ["dataset=toy2d", "model=mlp2d", "teacher=self", "method=dsd", "method.variant=dsdi",
+            "method.teacher_steps=8", "method.final_steps=2", "method.updates_per_level=4", "method.denoise_weight=0.5",
+            "schedule=cosine", f"schedule.num_train_timesteps={T}", "callbacks.ema.enabled=true",
+            "callbacks.checkpoint_every_n_steps=3", "trainer.accelerator=cpu", "trainer.devices=2",
+            "trainer.strategy=ddp", "name=dsd", *SMOKE]
+    first = cli(*args, f"runs_dir={tmp_path / 'a'}", "trainer.max_steps=3", timeout=900)
+    assert first.returncode == 0, first.output
+    saved = torch.load(tmp_path / "a/default/dsd/last.ckpt", weights_only=True)["distillkit"]
+    x0, x1 = saved["latents"]["x_per_rank"]
+    assert not torch.equal(x0, x1) and len(saved["rng_per_rank"]) == 2
+    r = cli(*args, f"runs_dir={tmp_path / 'a'}", "trainer.max_steps=8", timeout=900)
+    assert r.returncode == 0, r.output
+    assert cli(*args, f"runs_dir={tmp_path / 'b'}", timeout=900).returncode == 0
+    a, b = (torch.load(d / "default/dsd/last.ckpt", weights_only=True) for d in (tmp_path / "a", tmp_path / "b"))
+    assert a["global_step"] == b["global_step"] == 8
+    assert all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"])
+
+
 def test_paper_setting_runs_on_a_pretrained_folder(cli, runs_dir, tmp_path):
     """experiment=celebahq_tsd (frozen pretrained eps teacher, student from the same diffusers
     folder, DSDI levels 64 -> 8) on a tiny random UNet folder and a folder of random images."""

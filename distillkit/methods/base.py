@@ -152,22 +152,29 @@ class DistillMethod(L.LightningModule):
 
     # ------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        rng = capture_rng()
         checkpoint["distillkit"] = {
             "method": self.method_name,
             "config": self.run_config,
-            "rng": capture_rng(),
+            "rng": rng,
             "nfe": int(self.nfe),
         }
+        if self.world_size_now() > 1:  # each rank draws its own stream (rank 0 writes the file)
+            checkpoint["distillkit"]["rng_per_rank"] = gather_from_ranks(rng)
         # Everything else Lightning put in (optimizer, scheduler, loop states) must also be
         # plain types and tensors, so that torch.load(weights_only=True) accepts the file.
         for k in list(checkpoint):
             checkpoint[k] = to_plain(checkpoint[k])
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        self.nfe = int(checkpoint.get("distillkit", {}).get("nfe", 0))
-        rng = checkpoint.get("distillkit", {}).get("rng")
+        meta = checkpoint.get("distillkit", {})
+        self.nfe = int(meta.get("nfe", 0))
+        rng = this_ranks(meta.get("rng_per_rank"), self) or meta.get("rng")
         if rng:
             restore_rng(rng)
+
+    def world_size_now(self) -> int:
+        return int(self.trainer.world_size) if self._trainer is not None else 1
 
 
 def to_plain(obj: Any) -> Any:
@@ -183,6 +190,25 @@ def to_plain(obj: Any) -> Any:
     if isinstance(obj, tuple) and type(obj) is tuple:
         return tuple(to_plain(v) for v in obj)
     return obj
+
+
+def gather_from_ranks(obj: Any) -> list:
+    """[obj of rank 0, obj of rank 1, ...]: a collective, so every rank must call it (checkpoints
+    are: Lightning builds the checkpoint dict on every rank and rank 0 writes it)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return [obj]
+    out: list = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def this_ranks(per_rank: Optional[list], method: "DistillMethod") -> Any:
+    """This rank's entry of a gathered list when the run resumes with as many ranks, else None."""
+    if not per_rank or len(per_rank) != method.world_size_now():
+        return None
+    return per_rank[method.global_rank]
 
 
 # The RNG states in plain types and tensors, so checkpoints load with weights_only=True.

@@ -25,7 +25,7 @@ Latents (``method.latents``). ``noise`` (data-free, the paper's): a batch of tra
 from pure noise at g[0] = T-1 and advances along the model's own trajectory by the detached
 single step x_t' (TSD: the teacher's), so it costs no extra evaluation and visits every index
 0 .. N-2 in turn; after index N-2 it restarts from fresh noise. ``data``: x_t = alpha_t x + sigma_t eps
-from the data batch instead. The latents are checkpointed (rank 0's under DDP).
+from the data batch instead. The latents are checkpointed (every rank's under DDP).
 
 Index sweep (the review: "DSDN loops from step 0-63 and updates each step against the consecutive
 sampling step's output"): update k of a level trains the pair i = k mod (N - 1), so every pair gets
@@ -58,6 +58,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from distillkit.diffusion import ddim_step_between
 from distillkit.diffusion.from_config import plain
 from distillkit.errors import DistillError
+from distillkit.methods.base import gather_from_ranks, this_ranks
 from distillkit.methods.step_distill import StepDistillation, single_and_double_step, two_ddim_steps, x_space_loss
 
 log = logging.getLogger("distillkit")
@@ -233,16 +234,24 @@ class SweepDistillation(StepDistillation):
     # ------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         super().on_save_checkpoint(checkpoint)
-        checkpoint["distillkit"]["latents"] = {
-            "x": None if self._latents is None else self._latents.detach().cpu().clone(),
-            "index": int(self._latent_index)}
+        x = None if self._latents is None else self._latents.detach().cpu().clone()
+        state = {"x": x, "index": int(self._latent_index)}
+        if self.world_size_now() > 1:  # every rank follows its own trajectories
+            state["x_per_rank"] = gather_from_ranks(x)
+        checkpoint["distillkit"]["latents"] = state
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         super().on_load_checkpoint(checkpoint)
         state = checkpoint.get("distillkit", {}).get("latents") or {}
-        x = state.get("x")
+        saved = state.get("x_per_rank") or [state.get("x")]
+        x = this_ranks(saved, self)
+        if x is None and state.get("x") is not None:
+            # resumed with another number of ranks: copies of one rank's trajectories would
+            # repeat the same examples on every rank, so they restart (rebuilt at the index)
+            log.warning("method=%s: the checkpoint's latents are from %d rank(s), this run has %d; they are "
+                        "rebuilt from noise", self.method_name, len(saved), self.world_size_now())
         self._latents = None if x is None else x.to(self.device)
-        self._latent_index = int(state.get("index", -1))
+        self._latent_index = int(state.get("index", -1)) if x is not None else -1
 
 
 # --------------------------------------------------------------------------- DSD
