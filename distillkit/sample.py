@@ -34,7 +34,7 @@ import torch
 
 from distillkit.errors import DistillError
 from distillkit.kvargs import Arg, command_main, parse_bool, parse_kv
-from distillkit.metrics.images import save_png
+from distillkit.metrics.images import image_grid, save_png, to_uint8_nhwc
 
 PROG = "distill-sample"
 SPACINGS = ("trailing", "leading", "linspace")
@@ -50,30 +50,6 @@ ARGS = [
     Arg("spacing", str, None, "timestep grid (default: the run's schedule.spacing)", SPACINGS),
     Arg("device", str, "auto", "auto (cuda when available), cpu, cuda, cuda:1, ..."),
 ]
-
-
-def to_uint8(x: torch.Tensor) -> np.ndarray:
-    """Images in [-1, 1], (N, C, H, W) -> uint8 (N, H, W, C), rounded as diffusers does
-    (``(x / 2 + 0.5).clamp(0, 1)`` then ``(x * 255).round()``)."""
-    x = (x.detach().float().cpu() / 2 + 0.5).clamp(0, 1)
-    return (x.permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
-
-
-def image_grid(images: np.ndarray, max_images: int = 100, min_tile: int = 32, pad: int = 2) -> np.ndarray:
-    """uint8 (N, H, W, C) -> one uint8 (H', W', C) grid of the first ``max_images``, each tile
-    upscaled (nearest) to at least ``min_tile`` pixels, on a gray background."""
-    imgs = images[:max_images]
-    n, h, w, c = imgs.shape
-    s = max(1, math.ceil(min_tile / max(h, w)))
-    imgs = imgs.repeat(s, axis=1).repeat(s, axis=2)
-    cols = math.ceil(math.sqrt(n))
-    rows = math.ceil(n / cols)
-    th, tw = h * s + pad, w * s + pad
-    grid = np.full((rows * th + pad, cols * tw + pad, c), 128, dtype=np.uint8)
-    for i, img in enumerate(imgs):
-        r, q = divmod(i, cols)
-        grid[pad + r * th: pad + r * th + h * s, pad + q * tw: pad + q * tw + w * s] = img
-    return grid
 
 
 def scatter_png(points: np.ndarray, size: int = 256, extent: Optional[float] = None) -> np.ndarray:
@@ -138,8 +114,8 @@ def run(argv: Sequence[str]) -> Path:
     x = generate(method, args.num_samples, steps, args.seed, args.batch_size, args.use_ema, args.spacing)
     out.parent.mkdir(parents=True, exist_ok=True)
     if method.is_image:
-        arr = to_uint8(x)
-        png = image_grid(arr)
+        arr = to_uint8_nhwc(x)
+        png = image_grid(x[:100], pad=2, scale=max(1, math.ceil(32 / max(x.shape[-2:]))))  # tiles >= 32 px
     else:
         arr = x.float().numpy()
         png = scatter_png(arr)

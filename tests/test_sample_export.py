@@ -65,10 +65,11 @@ def test_sample_writes_npz_and_png(samples):
 
 def test_samples_do_not_depend_on_batch_size(ckpt, samples):
     from distillkit.models.loading import load_run_checkpoint
-    from distillkit.sample import generate, to_uint8
+    from distillkit.metrics.images import to_uint8_nhwc
+    from distillkit.sample import generate
 
     method = load_run_checkpoint(ckpt)
-    assert np.array_equal(to_uint8(generate(method, N, STEPS, seed=SEED, batch_size=N)), np.load(samples)["arr_0"])
+    assert np.array_equal(to_uint8_nhwc(generate(method, N, STEPS, seed=SEED, batch_size=N)), np.load(samples)["arr_0"])
 
 
 def test_export_loads_in_diffusers_and_matches_distill_sample(ckpt, samples, tmp_path):

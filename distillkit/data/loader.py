@@ -19,7 +19,7 @@ one, and ``dataset.num_workers`` does not change what a run computes.
 from __future__ import annotations
 
 import math
-from typing import Any, Iterator, Optional
+from typing import Any, Iterator
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler

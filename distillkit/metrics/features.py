@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from distillkit.errors import DistillError
+from distillkit.metrics.images import to_uint8
 
 FEATURE_NETS = ("digits", "inception")
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
@@ -125,7 +126,7 @@ class InceptionFeatureNet(FeatureNet):
     @staticmethod
     def to_uint8(x: torch.Tensor) -> torch.Tensor:
         if x.dtype != torch.uint8:
-            x = ((x.float() + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8)
+            x = to_uint8(x)
         if x.shape[1] == 1:
             x = x.expand(-1, 3, -1, -1)
         return x

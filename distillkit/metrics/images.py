@@ -30,10 +30,15 @@ def split_images(datamodule: Any, split: str = "train", batch_size: int = 512) -
     return torch.cat(xs)
 
 
+def to_uint8(x: torch.Tensor) -> torch.Tensor:
+    """Float images in [-1, 1] -> uint8, rounded as diffusers' pipelines do
+    (``(x / 2 + 0.5).clamp(0, 1)``, then ``(x * 255).round()``), on x's device and layout."""
+    return ((x.detach().float() / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)
+
+
 def to_uint8_nhwc(x: torch.Tensor) -> np.ndarray:
     """Float images in [-1, 1], (N, C, H, W) -> uint8 (N, H, W, C) (the ``.npz`` convention)."""
-    x = ((x.detach().float().cpu() + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8)
-    return x.permute(0, 2, 3, 1).contiguous().numpy()
+    return to_uint8(x.cpu()).permute(0, 2, 3, 1).contiguous().numpy()
 
 
 def from_uint8_nhwc(a: Union[np.ndarray, torch.Tensor]) -> torch.Tensor:
