@@ -127,6 +127,20 @@ def explain_missing(keys: list[str]) -> str:
     return "\n".join(lines)
 
 
+def check_data_range(method, dm) -> None:
+    """Diffusion methods sample images in [-1, 1] (clamped and written as such): refuse data
+    scaled otherwise (CIFAR's classifier normalisation) before anything is trained."""
+    from hydra.core.hydra_config import HydraConfig
+
+    from distillkit.methods.diffusion import DiffusionMethod
+
+    if isinstance(method, DiffusionMethod) and method.is_image and dm.data_range != (-1.0, 1.0):
+        choice = HydraConfig.get().runtime.choices.get("dataset")
+        raise DistillError(f"dataset={choice} gives images normalised for classifiers (mean/std), but method="
+                           f"{method.method_name} models images in [-1, 1]: add dataset.normalize=minus_one_one "
+                           "(and dataset.crop_padding=0 to train on flips only, as diffusion models do)")
+
+
 def prevalidate(overrides: list[str]) -> None:
     """Compose once with the same overrides to report config errors as one clear message."""
     from hydra import compose, initialize_config_dir
@@ -270,6 +284,7 @@ def run(cfg: DictConfig) -> dict:
         input_shape=tuple(dm.image_shape), num_classes=dm.num_classes,
         _recursive_=False, _convert_="all",
     )
+    check_data_range(method, dm)
     method.run_config = config
     method.run_dir = run_dir  # where methods write files of their own (progressive's round teachers)
     evaluation = None

@@ -58,6 +58,12 @@ class CifarConfig(DatasetConfig):
     data_dir: str = MISSING
     num_classes: int = 100
     augment: bool = True
+    # mean_std: per-channel mean/std (classifiers, the KD literature); minus_one_one: [-1, 1]
+    # (diffusion models)
+    normalize: str = "mean_std"
+    # random crop of the image padded by this many pixels (0: horizontal flip only, as diffusion
+    # models train on CIFAR-10)
+    crop_padding: int = 4
     num_workers: int = 4
 
 

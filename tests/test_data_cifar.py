@@ -323,3 +323,49 @@ def test_files_pickled_by_python3_load_too(tmp_path: Path, protocol: int):
     p.write_bytes(pickle.dumps(obj, protocol=protocol))
     d = load_pickle(p)
     assert np.array_equal(d[b"data"], obj[b"data"]) and d[b"fine_labels"] == [1, 2, 3]
+
+
+def test_diffusion_view_and_fid_reference(c10: Path):
+    """normalize=minus_one_one scales pixels to [-1, 1], crop_padding=0 only flips; whatever the
+    training view, FID's reference (split_images) is the raw pixels in [-1, 1], unaugmented."""
+    from distillkit.metrics.images import split_images
+
+    raw = CifarDataModule(str(c10), num_classes=10, augment=False, normalize="minus_one_one")
+    raw.setup()
+    pixels = raw.train_set.raw_images()
+    assert raw.data_range == (-1.0, 1.0) and pixels.dtype == torch.uint8
+    torch.testing.assert_close(torch.stack([raw.train_set[i][0] for i in range(len(pixels))]),
+                               pixels.float() / 255 * 2 - 1)
+    flips = CifarDataModule(str(c10), num_classes=10, normalize="minus_one_one", crop_padding=0)
+    flips.setup()
+    for i in range(len(pixels)):
+        x, y = pixels[i].float() / 255 * 2 - 1, flips.train_set[i][0]
+        assert torch.allclose(y, x, atol=1e-6) or torch.allclose(y, x.flip(-1), atol=1e-6)
+    classifier = CifarDataModule(str(c10), num_classes=10)  # mean/std, crops and flips
+    classifier.setup()
+    assert classifier.data_range is None
+    assert torch.equal(split_images(classifier, "train"), pixels.float() / 127.5 - 1)
+    with pytest.raises(ValueError, match="dataset.normalize"):
+        CifarDataModule(str(c10), num_classes=10, normalize="zero_one")
+
+
+TINY_UNET = ["block_out_channels=[8,8,8,8]", "layers_per_block=1", "norm_num_groups=4"]
+
+
+def test_cifar10_diffusion_experiments_run(cli, c10: Path, tmp_path: Path):
+    """experiment=cifar10_diffusion_teacher and cifar10_progressive (its teacher) through the CLI
+    on fake CIFAR-10 with a tiny UNet; a diffusion method on classifier-normalised CIFAR is refused."""
+    runs = tmp_path / "runs"
+    smoke = [f"dataset.data_dir={c10}", f"runs_dir={runs}", "debug=smoke", "callbacks.progress=none",
+             "dataset.batch_size=4", "dataset.eval_batch_size=4", *(f"model.{o}" for o in TINY_UNET)]
+    r = cli("experiment=cifar10_diffusion_teacher", *smoke, "dataset.normalize=mean_std")
+    assert r.returncode == 2 and "dataset.normalize=minus_one_one" in r.output, r.output
+    r = cli("experiment=cifar10_diffusion_teacher", *smoke, "trainer.max_steps=2", "name=default")
+    assert r.returncode == 0, r.output
+    teacher = runs / "cifar10_diffusion_teacher" / "default" / "last.ckpt"
+    assert teacher.is_file()
+    r = cli("experiment=cifar10_progressive", *smoke, *(f"teacher.{o}" for o in TINY_UNET),
+            "method.teacher_steps=4", "method.updates_per_round=1", "name=pd")
+    assert r.returncode == 0, r.output
+    run = runs / "cifar10_progressive" / "pd"
+    assert [(run / f"round_{k}.ckpt").is_file() for k in (1, 2)] == [True, True]

@@ -16,6 +16,9 @@ class DistillDataModule(L.LightningDataModule):
 
     num_classes: int = 0
     image_shape: tuple[int, int, int] = (0, 0, 0)
+    # (low, high) of the pixel values when the images are scaled to a fixed range (None:
+    # otherwise, e.g. mean/std-normalised); diffusion methods need (-1.0, 1.0)
+    data_range: Optional[tuple[float, float]] = None
 
     def __init__(self, batch_size: int = 64, eval_batch_size: int = 256, num_workers: int = 0,
                  split_seed: int = 0, seed: int = 0):

@@ -7,7 +7,9 @@ https://www.cs.toronto.edu/~kriz/cifar.html, extract it, and point ``dataset.dat
 Images are normalised with the usual per-channel mean/std; training images get the standard
 augmentation (random 32x32 crop of the image zero-padded by 4 px, then a horizontal flip with
 probability 0.5), applied in pixel space before normalisation as torchvision's
-``RandomCrop(32, 4)`` / ``RandomHorizontalFlip`` / ``Normalize`` pipeline does. Validation and
+``RandomCrop(32, 4)`` / ``RandomHorizontalFlip`` / ``Normalize`` pipeline does. Diffusion models
+take ``dataset.normalize=minus_one_one`` (pixels scaled to [-1, 1]) and
+``dataset.crop_padding=0`` (flips only, as DDPM and progressive distillation train on CIFAR-10). Validation and
 test are both the official 10,000-image test set, as in the KD literature (Hinton et al. 2015;
 CRD, Tian et al. 2020; DKD, Zhao et al. 2022), so numbers compare with published tables; there
 is no held-out split for model selection.
@@ -25,6 +27,9 @@ from torch.utils.data import Dataset
 
 from distillkit.data.base import DistillDataModule
 from distillkit.data.transforms import Normalize, random_crop_flip
+
+
+NORMALIZATIONS = ("mean_std", "minus_one_one")
 
 
 @dataclass(frozen=True)
@@ -126,14 +131,20 @@ def load_split(folder: Path, files: tuple[str, ...], label_key: bytes) -> tuple[
 class CifarImages(Dataset):
     """uint8 images, transformed per item: [0, 1] -> (augment) -> normalise."""
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, normalize: Normalize, augment: bool):
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, normalize: Normalize, augment: bool,
+                 crop_padding: int = 4):
         self.images = images
         self.labels = labels
         self.normalize = normalize
         self.augment = augment
+        self.crop_padding = crop_padding
 
     def __len__(self) -> int:
         return len(self.images)
+
+    def raw_images(self) -> torch.Tensor:
+        """uint8 (N, C, H, W): the images before augmentation and normalisation (FID's reference)."""
+        return self.images
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.load(i)
@@ -142,7 +153,7 @@ class CifarImages(Dataset):
         """Item i, augmented with ``generator``'s draws (the training loader seeds one per item)."""
         x = self.images[i].float().div_(255.0)
         if self.augment:
-            x = random_crop_flip(x, padding=4, generator=generator)
+            x = random_crop_flip(x, padding=self.crop_padding, generator=generator)
         return self.normalize(x), self.labels[i]
 
 
@@ -152,16 +163,26 @@ class CifarDataModule(DistillDataModule):
 
     image_shape = (3, 32, 32)
 
-    def __init__(self, data_dir: str, num_classes: int = 100, augment: bool = True, **kwargs):
+    def __init__(self, data_dir: str, num_classes: int = 100, augment: bool = True, normalize: str = "mean_std",
+                 crop_padding: int = 4, **kwargs):
         super().__init__(**kwargs)
         if num_classes not in SPECS:
             raise ValueError(f"dataset.num_classes must be 10 (CIFAR-10) or 100 (CIFAR-100), got {num_classes}")
+        if normalize not in NORMALIZATIONS:
+            raise ValueError(f"dataset.normalize={normalize!r}: allowed values are {', '.join(NORMALIZATIONS)}")
+        if crop_padding < 0:
+            raise ValueError(f"dataset.crop_padding={crop_padding}: must be >= 0 (0: flip only)")
         self.spec = SPECS[num_classes]
         self.data_dir = data_dir
         self.num_classes = num_classes
         self.augment = augment
         self.folder = find_cifar_dir(data_dir, self.spec)  # fail at start, before any work
-        self.normalize = Normalize(self.spec.mean, self.spec.std)
+        self.crop_padding = int(crop_padding)
+        if normalize == "minus_one_one":  # (x - 0.5) / 0.5 = 2x - 1
+            self.normalize = Normalize((0.5,) * 3, (0.5,) * 3)
+            self.data_range = (-1.0, 1.0)
+        else:
+            self.normalize = Normalize(self.spec.mean, self.spec.std)
         self.classes: Optional[list[str]] = None
 
     def setup(self, stage: Optional[str] = None) -> None:
@@ -179,6 +200,6 @@ class CifarDataModule(DistillDataModule):
             names = load_pickle(meta).get(s.names_key)
             if names is not None:
                 self.classes = [n.decode() if isinstance(n, bytes) else str(n) for n in names]
-        self.train_set = CifarImages(x_tr, y_tr, self.normalize, self.augment)
+        self.train_set = CifarImages(x_tr, y_tr, self.normalize, self.augment, self.crop_padding)
         self.test_set = CifarImages(x_te, y_te, self.normalize, augment=False)
         self.val_set = self.test_set

@@ -25,6 +25,7 @@ def load_digits_tensors() -> tuple[torch.Tensor, torch.Tensor]:
 class DigitsDataModule(DistillDataModule):
     num_classes = 10
     image_shape = (1, 8, 8)
+    data_range = (-1.0, 1.0)
 
     def __init__(self, val_fraction: float = 0.15, test_fraction: float = 0.25,
                  train_fraction: float = 1.0, **kwargs):

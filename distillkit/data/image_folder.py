@@ -76,6 +76,10 @@ class ImageTensors(Dataset):
     def __len__(self) -> int:
         return len(self.images)
 
+    def raw_images(self) -> torch.Tensor:
+        """uint8 (N, C, H, W): the images before augmentation and normalisation (FID's reference)."""
+        return self.images
+
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.load(i)
 
@@ -88,6 +92,8 @@ class ImageTensors(Dataset):
 
 
 class ImageFolderDataModule(DistillDataModule):
+    data_range = (-1.0, 1.0)
+
     def __init__(self, data_dir: str, image_size: int = 32, channels: int = 3, augment: bool = True,
                  val_fraction: float = 0.1, test_fraction: float = 0.1, crop_padding: int = 0, **kwargs):
         super().__init__(**kwargs)

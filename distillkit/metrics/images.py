@@ -13,8 +13,10 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 
 def split_images(datamodule: Any, split: str = "train", batch_size: int = 512) -> torch.Tensor:
-    """Every image of ``datamodule.<split>_set`` as one float tensor (N, C, H, W), in the
-    dataset's order (a TensorDataset is read directly; others through a DataLoader)."""
+    """Every image of ``datamodule.<split>_set`` as one float tensor (N, C, H, W) in [-1, 1], in
+    the dataset's order: the reference of FID / IS. Datasets of uint8 images (CIFAR, image
+    folders) give their ``raw_images()``, neither augmented nor normalised for classifiers; a
+    TensorDataset is read directly, others through a DataLoader."""
     ds: Dataset = getattr(datamodule, f"{split}_set", None)
     if ds is None:
         if hasattr(datamodule, "setup"):
@@ -22,6 +24,8 @@ def split_images(datamodule: Any, split: str = "train", batch_size: int = 512) -
             ds = getattr(datamodule, f"{split}_set", None)
         if ds is None:
             raise ValueError(f"the datamodule has no {split}_set")
+    if callable(getattr(ds, "raw_images", None)):
+        return ds.raw_images().float() / 127.5 - 1.0
     if isinstance(ds, TensorDataset):
         return ds.tensors[0].float()
     xs = []
