@@ -122,6 +122,11 @@ class StepDistillation(DiffusionMethod):
         except ValueError as e:
             raise DistillError(f"method.teacher_prediction_type: {e}") from None
         self.init_from_teacher = bool(init_from_teacher)
+        if self.init_from_teacher and self.needs_teacher and self._first_teacher_pred_type != self.prediction_type:
+            log.warning("method=%s: the student starts from the teacher's weights but reads their output as %s, "
+                        "where the teacher predicts %s: round 1 has to re-learn the output layer (give it enough "
+                        "updates: method.updates_per_%s), or train the teacher to predict %s", self.method_name,
+                        self.prediction_type, self._first_teacher_pred_type, self.round_name, self.prediction_type)
         self.fresh_optimizer = bool(fresh_optimizer)
         self.updates_per_round = int(updates_per_round)
         if self.updates_per_round < 1:
