@@ -8,11 +8,11 @@ Images are normalised with the usual per-channel mean/std; training images get t
 augmentation (random 32x32 crop of the image zero-padded by 4 px, then a horizontal flip with
 probability 0.5), applied in pixel space before normalisation as torchvision's
 ``RandomCrop(32, 4)`` / ``RandomHorizontalFlip`` / ``Normalize`` pipeline does. Diffusion models
-take ``dataset.normalize=minus_one_one`` (pixels scaled to [-1, 1]) and
-``dataset.crop_padding=0`` (flips only, as DDPM and progressive distillation train on CIFAR-10). Validation and
-test are both the official 10,000-image test set, as in the KD literature (Hinton et al. 2015;
-CRD, Tian et al. 2020; DKD, Zhao et al. 2022), so numbers compare with published tables; there
-is no held-out split for model selection.
+take ``dataset.normalize=minus_one_one`` (pixels scaled to [-1, 1]) and ``dataset.crop_padding=0``
+(flips only, as DDPM and progressive distillation train on CIFAR-10). Validation and test are
+both the official 10,000-image test set, as in the KD literature (Hinton et al. 2015; CRD, Tian
+et al. 2020; DKD, Zhao et al. 2022), so numbers compare with published tables; there is no
+held-out split for model selection.
 """
 from __future__ import annotations
 

@@ -176,20 +176,21 @@ def load_run_checkpoint(path: str | Path, key: str = "checkpoint"):
         raise DistillError(f"{key}={path}: cannot rebuild method {target} from the checkpoint's config "
                            f"({type(e).__name__}: {e})") from None
     if _holds_network(ckpt):
-        return _with_network(method, ckpt, config, key, path)
-    missing, unexpected = method.load_state_dict(ckpt["state_dict"], strict=False)
-    if missing or unexpected:
-        raise DistillError(f"{key}={path}: the weights do not fit the network built from the checkpoint's config "
-                           f"({len(missing)} missing keys, e.g. {missing[:3]}; {len(unexpected)} unexpected, "
-                           f"e.g. {unexpected[:3]})")
+        _load_network(method, ckpt, key, path)
+    else:
+        missing, unexpected = method.load_state_dict(ckpt["state_dict"], strict=False)
+        if missing or unexpected:
+            raise DistillError(f"{key}={path}: the weights do not fit the network built from the checkpoint's "
+                               f"config ({len(missing)} missing keys, e.g. {missing[:3]}; {len(unexpected)} "
+                               f"unexpected, e.g. {unexpected[:3]})")
     method.run_config = config
     return method.eval()
 
 
-def _with_network(method, ckpt: Mapping, config: Mapping, key: str, path) -> Any:
-    """``method`` with the one network of a round/level file as its student and EMA."""
-    nets = [method.student] + ([method.ema.module] if method.ema is not None else [])
-    for net in nets:
+def _load_network(method, ckpt: Mapping, key: str, path) -> None:
+    """The one network of a round/level file into ``method``'s student and EMA; its step count
+    becomes the sampler's default."""
+    for net in [method.student] + ([method.ema.module] if method.ema is not None else []):
         try:
             net.load_state_dict(ckpt["state_dict"], strict=True)
         except RuntimeError as e:
@@ -197,5 +198,3 @@ def _with_network(method, ckpt: Mapping, config: Mapping, key: str, path) -> Any
                                f"({str(e).splitlines()[0][:200]})") from None
     if ckpt.get("student_steps"):
         method.num_steps = int(ckpt["student_steps"])
-    method.run_config = config
-    return method.eval()
