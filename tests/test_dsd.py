@@ -309,13 +309,17 @@ def test_every_variant_runs_through_the_cli(cli, runs_dir, fake_digits_teacher, 
         assert (run / "eval.jsonl").is_file()
 
 
+# DSDI with an EMA target, data-free latents and a checkpoint at step 3 (the resume tests)
+DSDI_RESUME = ["dataset=toy2d", "model=mlp2d", "teacher=self", "method=dsd", "method.variant=dsdi",
+               "method.teacher_steps=8", "method.final_steps=2", "method.updates_per_level=4",
+               "method.denoise_weight=0.5", "schedule=cosine", f"schedule.num_train_timesteps={T}",
+               "callbacks.ema.enabled=true", "callbacks.checkpoint_every_n_steps=3", "name=dsd", *SMOKE]
+
+
 def test_dsd_resumes_exactly(cli, tmp_path):
     """DSDI with an EMA target and data-free latents: stopped mid-level and resumed, it ends with the
     weights (student, sampling EMA, target network) of an uninterrupted run."""
-    args = ["dataset=toy2d", "model=mlp2d", "teacher=self", "method=dsd", "method.variant=dsdi",
-            "method.teacher_steps=8", "method.final_steps=2", "method.updates_per_level=4", "method.denoise_weight=0.5",
-            "schedule=cosine", f"schedule.num_train_timesteps={T}", "callbacks.ema.enabled=true",
-            "callbacks.checkpoint_every_n_steps=3", "name=dsd", *SMOKE]
+    args = DSDI_RESUME
     assert cli(*args, f"runs_dir={tmp_path / 'a'}", "trainer.max_steps=3").returncode == 0
     r = cli(*args, f"runs_dir={tmp_path / 'a'}", "trainer.max_steps=8")
     assert r.returncode == 0, r.output
@@ -332,11 +336,7 @@ def test_dsd_resumes_exactly_under_ddp(cli, tmp_path):
     """Two gloo ranks, each following its own data-free trajectories with its own RNG: stopped
     mid-level and resumed, the run ends with the weights of an uninterrupted one (every rank's
     latents and RNG states are in the checkpoint, not copies of rank 0's)."""
-    args = ["dataset=toy2d", "model=mlp2d", "teacher=self", "method=dsd", "method.variant=dsdi",
-            "method.teacher_steps=8", "method.final_steps=2", "method.updates_per_level=4", "method.denoise_weight=0.5",
-            "schedule=cosine", f"schedule.num_train_timesteps={T}", "callbacks.ema.enabled=true",
-            "callbacks.checkpoint_every_n_steps=3", "trainer.accelerator=cpu", "trainer.devices=2",
-            "trainer.strategy=ddp", "name=dsd", *SMOKE]
+    args = [*DSDI_RESUME, "trainer.accelerator=cpu", "trainer.devices=2", "trainer.strategy=ddp"]
     first = cli(*args, f"runs_dir={tmp_path / 'a'}", "trainer.max_steps=3", timeout=900)
     assert first.returncode == 0, first.output
     saved = torch.load(tmp_path / "a/default/dsd/last.ckpt", weights_only=True)["distillkit"]

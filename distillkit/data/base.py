@@ -60,6 +60,31 @@ class DistillDataModule(L.LightningDataModule):
         return self._eval_loader(self.test_set)
 
 
+class UInt8Images(Dataset):
+    """uint8 images (N, C, H, W) and their labels, turned into float tensors per item by
+    ``load(i, generator)``, which draws any augmentation from ``generator`` (the training loader
+    seeds one per item: :mod:`distillkit.data.loader`)."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, augment: bool = False, crop_padding: int = 0):
+        self.images = images
+        self.labels = labels
+        self.augment = augment
+        self.crop_padding = crop_padding
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def raw_images(self) -> torch.Tensor:
+        """uint8 (N, C, H, W): the images before augmentation and normalisation (FID's reference)."""
+        return self.images
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.load(i)
+
+    def load(self, i: int, generator: Optional[torch.Generator] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+
 def split_indices(n: int, val_fraction: float, test_fraction: float, split_seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """A fixed random train/val/test partition of range(n), determined by split_seed alone."""
     g = torch.Generator().manual_seed(split_seed)

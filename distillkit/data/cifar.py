@@ -23,9 +23,8 @@ from typing import Optional
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
 
-from distillkit.data.base import DistillDataModule
+from distillkit.data.base import DistillDataModule, UInt8Images
 from distillkit.data.transforms import Normalize, random_crop_flip
 
 
@@ -128,26 +127,13 @@ def load_split(folder: Path, files: tuple[str, ...], label_key: bytes) -> tuple[
     return torch.from_numpy(np.concatenate(xs)), torch.from_numpy(np.concatenate(ys))
 
 
-class CifarImages(Dataset):
+class CifarImages(UInt8Images):
     """uint8 images, transformed per item: [0, 1] -> (augment) -> normalise."""
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, normalize: Normalize, augment: bool,
                  crop_padding: int = 4):
-        self.images = images
-        self.labels = labels
+        super().__init__(images, labels, augment, crop_padding)
         self.normalize = normalize
-        self.augment = augment
-        self.crop_padding = crop_padding
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def raw_images(self) -> torch.Tensor:
-        """uint8 (N, C, H, W): the images before augmentation and normalisation (FID's reference)."""
-        return self.images
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.load(i)
 
     def load(self, i: int, generator: Optional[torch.Generator] = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Item i, augmented with ``generator``'s draws (the training loader seeds one per item)."""

@@ -15,9 +15,8 @@ from typing import Optional
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
 
-from distillkit.data.base import DistillDataModule, split_indices
+from distillkit.data.base import DistillDataModule, UInt8Images, split_indices
 from distillkit.data.transforms import random_crop_flip
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
@@ -64,24 +63,8 @@ def load_image(path: Path, image_size: int, channels: int) -> np.ndarray:
     return a[None] if a.ndim == 2 else a.transpose(2, 0, 1)
 
 
-class ImageTensors(Dataset):
+class ImageTensors(UInt8Images):
     """uint8 images, per item scaled to [-1, 1] and (augment) flipped / cropped."""
-
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, augment: bool = False, crop_padding: int = 0):
-        self.images = images
-        self.labels = labels
-        self.augment = augment
-        self.crop_padding = crop_padding
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def raw_images(self) -> torch.Tensor:
-        """uint8 (N, C, H, W): the images before augmentation and normalisation (FID's reference)."""
-        return self.images
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.load(i)
 
     def load(self, i: int, generator: Optional[torch.Generator] = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Item i, augmented with ``generator``'s draws (the training loader seeds one per item)."""
