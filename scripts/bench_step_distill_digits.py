@@ -73,7 +73,12 @@ def annealed(updates: int) -> list[str]:
 # the same halving runs with that optimisation (same updates, so the same nfe)
 METHODS["progressive_annealed"] = ("digits_progressive", "updates_per_round", annealed(1000))
 METHODS["dsdi_annealed"] = ("digits_dsdi", "updates_per_level", ["method.final_steps=1", *annealed(1008)])
-PROGRESSIVE_METHODS = ("progressive", "progressive_annealed")
+# the 1-step target's budget probe: the annealed recipe with 8x the updates (and nfe) per round
+METHODS["progressive_annealed_8k"] = ("digits_progressive", "updates_per_round",
+                                      ["method.updates_per_round=8000", *annealed(8000)])
+PROGRESSIVE_METHODS = ("progressive", "progressive_annealed", "progressive_annealed_8k")
+# the equal-nfe comparison with DSD: the progressive runs of DSD's budget (~1,000 updates per halving)
+EQUAL_BUDGET_PROGRESSIVE = ("progressive", "progressive_annealed")
 DSD_METHODS = ("dsdn", "dsdi", "dsd_literal", "dsdi_annealed")
 # The benchmark scores the checkpoints itself: the in-training evaluation is switched off.
 NO_EVAL = ["eval.enabled=false"]
@@ -239,7 +244,7 @@ def table_rows(rows: list[dict]) -> list[dict]:
                     "fid_mean": statistics.fmean(fids), "fid_std": statistics.stdev(fids) if len(fids) > 1 else None,
                     "is_mean": statistics.fmean(iss), "n": len(pick), "updates": mean("updates"),
                     "nfe": mean("nfe"), "wall_s": mean("wall_s")})
-    order = ["teacher", "progressive", "progressive_annealed", "dsdn", "dsdi", "dsdi_annealed", "dsd_literal", "tsd",
+    order = ["teacher", "progressive", "progressive_annealed", "progressive_annealed_8k", "dsdn", "dsdi", "dsdi_annealed", "dsd_literal", "tsd",
              "anchor_only"]
     out.sort(key=lambda s: (order.index(s["method"]) if s["method"] in order else len(order), s["method"], s["steps"]))
     return out
@@ -291,7 +296,7 @@ def dsd_vs_progressive(summary: list[dict]) -> list[str]:
     by = {(s["method"], s["steps"]): s for s in summary}
     lines = []
     for k in STEPS:
-        p, d = best_of(by, PROGRESSIVE_METHODS, k), best_of(by, DSD_METHODS, k)
+        p, d = best_of(by, EQUAL_BUDGET_PROGRESSIVE, k), best_of(by, DSD_METHODS, k)
         if p is None or d is None or p.get("nfe") is None or d.get("nfe") is None:
             continue
         better, cheaper = d["fid_mean"] < p["fid_mean"], d["nfe"] <= p["nfe"]
@@ -312,7 +317,8 @@ def dsd_vs_progressive(summary: list[dict]) -> list[str]:
 
 
 # --------------------------------------------------------------------------- the plot (PIL, no matplotlib)
-COLORS = {"progressive": (31, 119, 180), "progressive_annealed": (23, 190, 207), "dsdn": (255, 127, 14),
+COLORS = {"progressive": (31, 119, 180), "progressive_annealed": (23, 190, 207),
+          "progressive_annealed_8k": (0, 0, 128), "dsdn": (255, 127, 14),
           "dsdi": (44, 160, 44), "dsdi_annealed": (188, 189, 34),
           "dsd_literal": (214, 39, 40), "tsd": (148, 103, 189), "anchor_only": (140, 86, 75),
           "teacher": (90, 90, 90)}
@@ -420,6 +426,8 @@ def from_scratch_curves(run, quick: bool) -> list[dict]:
 def main(argv: Optional[list[str]] = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 per method (default 3)")
+    ap.add_argument("--seed", type=int, default=None,
+                    help="only this seed (seeds in parallel processes: they share --out)")
     ap.add_argument("--runs-dir", default="runs/bench_step_distill_digits", help="where the runs go (default %(default)s)")
     ap.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of %(default)s")
     ap.add_argument("--quick", action="store_true",
@@ -442,7 +450,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
     bad = [m for m in methods if m not in METHODS]
     if bad:
         sys.exit(f"--methods: unknown {bad}; choose from {list(METHODS)}")
-    seeds = range(1 if args.quick or args.demo else args.seeds)
+    seeds = [args.seed] if args.seed is not None else range(1 if args.quick or args.demo else args.seeds)
     t0 = time.time()
     rows = load_rows(out)
     bench = {"name": name, "machine": machine(), "date": dt.date.today().isoformat(), "command": command,
