@@ -70,6 +70,17 @@ def test_targets_take_the_best_progressive_and_dsd_variant():
     assert "spent 0.8% more network evaluations: no win at equal nfe" in "\n".join(lines)  # 12096 vs 12000
 
 
+def test_longer_progressive_counts_for_the_targets_not_the_equal_nfe_comparison():
+    """progressive_annealed_8k spends 8x the nfe: it may meet the 1-step target, but DSD is
+    compared with the progressive runs of its own budget."""
+    rows = ROWS + [_r("progressive_annealed_8k", 1, 1.1, native=True, nfe=144000, updates=48000),
+                   _r("progressive_annealed_8k", 4, 1.0, checkpoint="round_4", native=True, nfe=96000, updates=32000)]
+    lines = b.targets(b.table_rows(rows))
+    assert lines[0].startswith("progressive_annealed_8k at 4 steps: FID 1.000")
+    assert lines[2].startswith("progressive_annealed_8k at 1 step: FID 1.100")
+    assert "4 step(s): dsdi FID 4.000 at 9e+03 nfe vs progressive FID 1.300 at 1.2e+04 nfe" in "\n".join(lines)
+
+
 def test_dsd_win_only_when_lower_fid_at_no_more_nfe():
     rows = [_r("progressive", 4, 2.0, native=True, nfe=12000), _r("dsdn", 4, 1.0, nfe=3000)]
     assert "DSD beats progressive at equal" in b.dsd_vs_progressive(b.table_rows(rows))[0]
