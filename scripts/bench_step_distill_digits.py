@@ -7,6 +7,7 @@ wall time each spent.
     python scripts/bench_step_distill_digits.py --quick        # smoke test: tiny schedules, 1 seed, no README
     python scripts/bench_step_distill_digits.py --demo --runs-dir runs/demo   # make demo: 8 -> 2 steps, short
     python scripts/bench_step_distill_digits.py --from-scratch # also: FID vs updates, with/without DSD from scratch
+    python scripts/bench_step_distill_digits.py --methods progressive_annealed_8k --seed 1  # one seed per process
     python scripts/bench_step_distill_digits.py --methods progressive --seeds 1 \
         --override optim.optimizer.lr=5e-4 --out benchmarks/step_distill_digits_probe_lr5e-4.json   # a probe
 
