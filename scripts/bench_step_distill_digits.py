@@ -245,8 +245,7 @@ def table_rows(rows: list[dict]) -> list[dict]:
                     "fid_mean": statistics.fmean(fids), "fid_std": statistics.stdev(fids) if len(fids) > 1 else None,
                     "is_mean": statistics.fmean(iss), "n": len(pick), "updates": mean("updates"),
                     "nfe": mean("nfe"), "wall_s": mean("wall_s")})
-    order = ["teacher", "progressive", "progressive_annealed", "progressive_annealed_8k", "dsdn", "dsdi", "dsdi_annealed", "dsd_literal", "tsd",
-             "anchor_only"]
+    order = ["teacher", *PROGRESSIVE_METHODS, "dsdn", "dsdi", "dsdi_annealed", "dsd_literal", "tsd", "anchor_only"]
     out.sort(key=lambda s: (order.index(s["method"]) if s["method"] in order else len(order), s["method"], s["steps"]))
     return out
 
