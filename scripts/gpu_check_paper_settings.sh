@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# The GPU check of the paper-setting experiments: each runs a few hundred updates on
+# stand-in data of the real shapes (scripts/fake_paper_data.py), and the plain progress lines
+# ("step N ... (elapsed s)") give the seconds per update; nvidia-smi logs the memory.
+#   bash scripts/gpu_check_paper_settings.sh [OUT]        # OUT defaults to runs/gpu_check
+# S=0 runs the minimum (one or two updates each, CelebA-HQ at batch 2) to check the script
+# itself on any machine.
+set -uo pipefail
+OUT=${1:-runs/gpu_check}; S=${S:-1}; PY=${PY:-python}; D=$OUT/data; R=$OUT/runs
+SMALL=""; [ "$S" = 0 ] && SMALL="dataset.batch_size=2 dataset.eval_batch_size=2"
+mkdir -p "$OUT"
+nvidia-smi --query-gpu=timestamp,memory.used,utilization.gpu --format=csv,noheader -lms 500 > "$OUT/gpu.csv" 2>/dev/null &
+SMI=$!
+trap 'kill $SMI 2>/dev/null' EXIT
+$PY scripts/fake_paper_data.py "$D" || exit 1
+W="callbacks.progress=plain runs_dir=$R name=check trainer.test_after_fit=false trainer.check_val_every_n_epoch=1000"
+run() {  # log name, then the command's arguments
+  local n=$1; shift
+  $PY "$@" > "$OUT/$n.log" 2>&1; echo "== $n: exit $?"
+  grep -E "step [0-9]+ |(round|level) [0-9]+ of|results:|Error" "$OUT/$n.log" | tail -12
+}
+run cifar10_teacher -m distillkit.cli experiment=cifar10_diffusion_teacher dataset.data_dir="$D" $W \
+  dataset.num_workers=8 trainer.max_steps=$((400*S+2)) trainer.log_every_n_steps=$((100*S+1))
+run cifar10_progressive -m distillkit.cli experiment=cifar10_progressive dataset.data_dir="$D" $W \
+  teacher.checkpoint="$R/cifar10_diffusion_teacher/check/last.ckpt" method.updates_per_round=$((30*S+1)) \
+  trainer.log_every_n_steps=$((10*S+1))
+for r in 10 8; do  # 1 and 4 steps
+  run sample_round_$r -m distillkit.sample checkpoint="$R/cifar10_progressive/check/round_$r.ckpt" \
+    num_samples=$((1000*S+8)) out="$OUT/round_$r.npz"
+done
+run celebahq_dsdi -m distillkit.cli experiment=celebahq_dsdi model.pretrained="$D/ddpm-celebahq-256" \
+  dataset.data_dir="$D/images" $W $SMALL method.updates_per_level=$((20*S+1)) trainer.log_every_n_steps=$((5*S+1))
+run celebahq_progressive -m distillkit.cli experiment=celebahq_progressive teacher.pretrained="$D/ddpm-celebahq-256" \
+  dataset.data_dir="$D/images" $W $SMALL method.updates_per_round=$((20*S+1)) trainer.log_every_n_steps=$((5*S+1))
+echo "peak GPU memory (nvidia-smi): $(sort -t, -k2 -n -r "$OUT/gpu.csv" 2>/dev/null | head -1 | cut -d, -f2)"
