@@ -175,6 +175,16 @@ def test_rounds_halve_the_step_count():
         Progressive(net, None, schedule_cfg=SCHEDULE, input_shape=(2,))
 
 
+def test_round_grid_is_kept_for_the_round_and_follows_a_round_change():
+    net = EpsNet()
+    m = progressive(net, net, teacher_steps=8, final_steps=1, updates_per_round=10)
+    sched = NoiseSchedule("cosine", T)
+    for r in (1, 1, 2, 3, 2):  # a requeued run can also land in an earlier round than the last grid's
+        m.round = r
+        g = m.round_grid("cpu")
+        assert torch.equal(g, sched.grid(m.round_steps[r - 1])) and g is m.round_grid("cpu")
+
+
 def test_round_switch_saves_the_student_and_makes_it_the_teacher(tmp_path, monkeypatch):
     """At a round boundary the student's EMA is written to round_<r>.ckpt and becomes the teacher;
     a fresh method (a restart) in round 2 reloads exactly those weights."""

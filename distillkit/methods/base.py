@@ -51,8 +51,14 @@ class DistillMethod(L.LightningModule):
         """Record one update that cost ``n`` (batched) network evaluations, teacher's included;
         logged as ``nfe_per_update`` and the cumulative ``nfe``."""
         self.nfe += int(n)
-        self.log("nfe_per_update", float(n), on_step=True, on_epoch=False)
-        self.log("nfe", float(self.nfe), on_step=True, on_epoch=False)
+        self.log_scalar("nfe_per_update", n)
+        self.log_scalar("nfe", self.nfe)
+
+    def log_scalar(self, name: str, value: float) -> None:
+        """Log a number of this update. The tensor is filled on the device: ``self.log(name, float)``
+        would copy it from host memory, and that copy waits for every kernel queued on the GPU, so
+        each such call per update drains the pipeline."""
+        self.log(name, torch.full((), float(value), device=self.device), on_step=True, on_epoch=False)
 
     # ------------------------------------------------------------------ teacher
     def _teacher_to_device(self) -> None:

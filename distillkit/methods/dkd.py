@@ -66,4 +66,4 @@ class DKD(ClassifierMethod):
         w = self.warmup_factor()
         loss = self.ce_weight * ce + w * (self.alpha * tckd + self.beta * nckd)
         return {"loss": loss, "ce": ce, "tckd": tckd, "nckd": nckd,
-                "warmup": torch.tensor(w, device=s.device)}
+                "warmup": torch.full((), float(w), device=s.device)}

@@ -207,7 +207,7 @@ class SweepDistillation(StepDistillation):
         pred, target, single, nfe = self.prediction_and_target(x_t, t, t1, t2)
         loss = x_space_loss(pred, target, x_t, t, t2, self.schedule, self.step_weighting).mean()
         self.advance(single, i)
-        self.log("sweep_index", float(i), on_step=True, on_epoch=False)
+        self.log_scalar("sweep_index", i)
         return loss, nfe + extra
 
     def loss_weights(self) -> tuple[float, float]:

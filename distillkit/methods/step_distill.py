@@ -137,6 +137,7 @@ class StepDistillation(DiffusionMethod):
         self.num_steps = self.final_steps
         self.round = 0                 # the round being trained (0: not started); checkpointed
         self._teacher_round = 1        # whose weights self.teacher holds (1: the configured teacher)
+        self._grid: tuple = (None, None)  # (N, device) and its round_grid()
         self.run_dir: Optional[Path] = None  # set by the CLI; round teachers are written there
 
     # ------------------------------------------------------------------ rounds
@@ -177,8 +178,12 @@ class StepDistillation(DiffusionMethod):
         return self.round_steps[max(self.round, 1) - 1]
 
     def round_grid(self, device=None) -> torch.Tensor:
-        """g = schedule.grid(N) of the current round: N timesteps, then the clean end -1."""
-        return self.schedule.grid(self.teacher_steps_now).to(device or self.device)
+        """g = schedule.grid(N) of the current round: N timesteps, then the clean end -1. Kept on the
+        device for the round (a copy from the host per update would wait for the GPU); read-only."""
+        key = (self.teacher_steps_now, torch.device(device or self.device))
+        if self._grid[0] != key:
+            self._grid = (key, self.schedule.grid(key[0]).to(key[1]))
+        return self._grid[1]
 
     def grid_times(self, grid: torch.Tensor, i: torch.Tensor):
         """(g[i], g[i+1], g[i+2]) for per-sample indices i of shape (B,)."""
@@ -305,8 +310,8 @@ class StepDistillation(DiffusionMethod):
 
     # ------------------------------------------------------------------ logging and checkpoints
     def log_round(self) -> None:
-        self.log(self.round_name, float(self.round), on_step=True, on_epoch=False)
-        self.log("teacher_steps", float(self.teacher_steps_now), on_step=True, on_epoch=False)
+        self.log_scalar(self.round_name, self.round)
+        self.log_scalar("teacher_steps", self.teacher_steps_now)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         super().on_save_checkpoint(checkpoint)
