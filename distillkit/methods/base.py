@@ -56,8 +56,9 @@ class DistillMethod(L.LightningModule):
 
     def log_scalar(self, name: str, value: float) -> None:
         """Log a number of this update. The tensor is filled on the device: ``self.log(name, float)``
-        would copy it from host memory, and that copy waits for every kernel queued on the GPU, so
-        each such call per update drains the pipeline."""
+        would build it with ``torch.tensor(value, device=...)``, a copy from host memory that waits
+        for every kernel queued on the GPU (pytorch/pytorch#190217), draining the pipeline once per
+        call and update."""
         self.log(name, torch.full((), float(value), device=self.device), on_step=True, on_epoch=False)
 
     # ------------------------------------------------------------------ teacher
