@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU check of the paper-setting experiments: each runs a few hundred updates on
 # stand-in data of the real shapes (scripts/fake_paper_data.py), and the plain progress lines
-# ("step N ... (elapsed s)") give the seconds per update; nvidia-smi logs the memory.
+# ("step N ... (elapsed s)") give the seconds per update; nvidia-smi logs the memory;
+# scripts/gpu_check_summary.py writes both to OUT/summary.json.
 #   bash scripts/gpu_check_paper_settings.sh [OUT]        # OUT defaults to runs/gpu_check
 # S=0 runs the minimum (one or two updates each, CelebA-HQ at batch 2) to check the script
 # itself on any machine.
@@ -32,4 +33,8 @@ run celebahq_dsdi -m distillkit.cli experiment=celebahq_dsdi model.pretrained="$
   dataset.data_dir="$D/images" $W $SMALL method.updates_per_level=$((20*S+1)) trainer.log_every_n_steps=$((5*S+1))
 run celebahq_progressive -m distillkit.cli experiment=celebahq_progressive teacher.pretrained="$D/ddpm-celebahq-256" \
   dataset.data_dir="$D/images" $W $SMALL method.updates_per_round=$((20*S+1)) trainer.log_every_n_steps=$((5*S+1))
-echo "peak GPU memory (nvidia-smi): $(sort -t, -k2 -n -r "$OUT/gpu.csv" 2>/dev/null | head -1 | cut -d, -f2)"
+GPU=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1)
+MACHINE="${GPU:-no GPU}, $($PY -c 'import torch; print("torch", torch.__version__)')"
+$PY scripts/gpu_check_summary.py --gpu-csv "$OUT/gpu.csv" --machine "$MACHINE" --out "$OUT/summary.json" \
+  cifar10_diffusion_teacher="$OUT/cifar10_teacher.log" cifar10_progressive="$OUT/cifar10_progressive.log" \
+  celebahq_dsdi="$OUT/celebahq_dsdi.log" celebahq_progressive="$OUT/celebahq_progressive.log"

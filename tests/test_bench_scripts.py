@@ -101,3 +101,33 @@ def test_other_benchmarks_get_a_generic_or_registered_table():
         assert readme_tables.render("some_new_bench", bench) == "custom"
     finally:
         readme_tables.FORMATTERS.pop("some_new_bench")
+
+
+def test_gpu_check_summary_rates_skip_round_changes_and_memory_follows_the_window(tmp_path):
+    import gpu_check_summary as g
+
+    def line(sec: float, msg: str) -> str:
+        return f"[2026-11-27 10:00:{sec:06.3f}][distillkit][INFO] - {msg}".replace(".", ",", 1)
+
+    log = tmp_path / "run.log"
+    log.write_text("\n".join([
+        line(1.0, "training from step 0 (max_steps=40, max_epochs=-1)"),
+        line(2.0, "epoch 0 step 10 loss=0.5 (1.0s)"),
+        line(3.0, "epoch 0 step 20 loss=0.5 (2.0s)"),     # 0.1 s per update
+        line(3.5, "method=progressive: round 2 of 2, teacher steps 2 -> student steps 1 (update 20)"),
+        line(9.0, "epoch 0 step 30 loss=0.5 (8.0s)"),     # spans the round change: left out
+        line(9.1, "epoch 0 step 30 val/loss=1.0"),
+        line(10.0, "epoch 0 step 40 loss=0.5 (9.0s)"),    # 0.1 s per update
+        line(11.0, "results: {}"),
+    ]) + "\n")
+    csv = tmp_path / "gpu.csv"
+    csv.write_text("2026/11/27 10:00:00.500, 90000 MiB, 0 %\n"        # before the run: not counted
+                   "2026/11/27 10:00:05.000, 7000 MiB, 40 %\n"
+                   "2026/11/27 10:00:09.500, 8000 MiB, 60 %\n"
+                   "2026/11/27 10:00:30.000, 95000 MiB, 0 %\n")      # after it
+    r = g.parse_log(log)
+    assert (r["s_per_update"], r["intervals"], r["validations"], r["updates_logged"]) == (0.1, 2, 1, 40)
+    (row,) = g.summarise({"cifar10_progressive": log}, g.parse_gpu_csv(csv), call="1")
+    assert (row["peak_memory_mib"], row["mean_utilisation_pct"]) == (8000.0, 50.0)
+    table = readme_tables.FORMATTERS["gpu_check_paper_settings"]({"machine": "m", "rows": [row]})
+    assert "| `cifar10_progressive` | 1 | 0.100 | 40 | 1 | 8000 | 50.0 |" in table

@@ -1,0 +1,112 @@
+"""Summarise a GPU check (scripts/gpu_check_paper_settings.sh) into benchmarks/<name>.json.
+
+Per run log: seconds per update, the median over the intervals between consecutive progress
+lines ("epoch E step S ... (elapsed s)") that no round or level change falls in (the median keeps
+the stand-in data's short epochs, each ending with a last.ckpt, from weighing in), the number of
+validations in the log (a run that validated between most updates has no rate worth reading); and,
+from nvidia-smi's log, the peak memory and the mean utilisation while the run trained.
+
+    python scripts/gpu_check_summary.py --gpu-csv OUT/gpu.csv --machine "one NVIDIA H200" \
+        cifar10_diffusion_teacher=OUT/cifar10_teacher.log celebahq_dsdi=OUT/celebahq_dsdi.log ...
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shlex
+import statistics
+import sys
+from datetime import datetime
+from pathlib import Path
+
+LINE = re.compile(r"^\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3})\]\[distillkit\]\[INFO\] - (.*)$")
+PROGRESS = re.compile(r"^epoch \d+ step (\d+) .*\(([\d.]+)s\)$")
+VALIDATION = re.compile(r"^epoch \d+ step \d+ val/")
+CHANGE = re.compile(r"^method=\w+: (round|level) \d+ of \d+")
+
+
+def _log_time(stamp: str) -> datetime:
+    return datetime.strptime(stamp, "%Y-%m-%d %H:%M:%S,%f")
+
+
+def parse_log(path: Path) -> dict:
+    """Seconds per update and the time window of the training, from one run's cli output."""
+    points, t_first, t_last, changes, validations = [], None, None, 0, 0
+    for raw in path.read_text().splitlines():
+        m = LINE.match(raw)
+        if not m:
+            continue
+        when, msg = _log_time(m.group(1)), m.group(2)
+        if msg.startswith("training from step"):
+            t_first = when
+        if CHANGE.match(msg):
+            changes += 1
+            continue
+        validations += bool(VALIDATION.match(msg))
+        p = PROGRESS.match(msg)
+        if p:
+            points.append((int(p.group(1)), float(p.group(2)), changes))
+            t_last = when
+    rates = [(t1 - t0) / (s1 - s0) for (s0, t0, c0), (s1, t1, c1) in zip(points, points[1:])
+             if c0 == c1 and s1 > s0]
+    return {"updates_logged": points[-1][0] if points else 0, "validations": validations, "intervals": len(rates),
+            "s_per_update": round(statistics.median(rates), 4) if rates else None,
+            "window": (t_first, t_last)}
+
+
+def parse_gpu_csv(path: Path) -> list[tuple[datetime, float, float]]:
+    """(time, MiB used, % utilisation) rows of ``nvidia-smi --query-gpu=timestamp,memory.used,utilization.gpu``."""
+    rows = []
+    for raw in path.read_text().splitlines():
+        parts = [p.strip() for p in raw.split(",")]
+        if len(parts) == 3:
+            rows.append((datetime.strptime(parts[0], "%Y/%m/%d %H:%M:%S.%f"),
+                         float(parts[1].split()[0]), float(parts[2].split()[0])))
+    return rows
+
+
+def summarise(runs: dict[str, Path], gpu_rows: list, call: str) -> list[dict]:
+    rows = []
+    for name, log in runs.items():
+        r = parse_log(log)
+        t0, t1 = r.pop("window")
+        during = [row for row in gpu_rows if t0 and t1 and t0 <= row[0] <= t1]
+        rows.append({"experiment": name, "call": call, **r,
+                     "peak_memory_mib": max((row[1] for row in during), default=None),
+                     "mean_utilisation_pct": round(statistics.mean(row[2] for row in during), 1) if during else None,
+                     "log": log.name})
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("runs", nargs="+", help="NAME=LOG pairs")
+    ap.add_argument("--gpu-csv", type=Path, required=True)
+    ap.add_argument("--machine", required=True, help="the GPU and software, as the README reports it")
+    ap.add_argument("--out", type=Path, default=Path("benchmarks/gpu_check_paper_settings.json"))
+    ap.add_argument("--call", default="1", help="a label of this device call (rows of other calls are kept)")
+    args = ap.parse_args()
+    runs = {}
+    for pair in args.runs:
+        name, sep, log = pair.partition("=")
+        if not sep or not Path(log).is_file():
+            ap.error(f"{pair!r}: expected NAME=LOG with an existing log file")
+        runs[name] = Path(log)
+    old = json.loads(args.out.read_text()) if args.out.is_file() else {}
+    if old and old.get("machine") != args.machine:
+        ap.error(f"{args.out} holds a check of another machine ({old.get('machine')!r}): choose another --out")
+    rows = [r for r in old.get("rows", []) if r.get("call") != args.call]
+    rows += summarise(runs, parse_gpu_csv(args.gpu_csv), args.call)
+    commands = [c for c in old.get("command", "").split("; ") if c]
+    command = "python scripts/gpu_check_summary.py " + shlex.join(sys.argv[1:])
+    commands += [command] if command not in commands else []
+    result = {"machine": args.machine, "date": datetime.now().strftime("%Y-%m-%d"), "command": "; ".join(commands),
+              "rows": sorted(rows, key=lambda r: (r["call"], r["experiment"]))}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
