@@ -20,6 +20,9 @@ import sys
 from datetime import datetime
 from pathlib import Path
 
+import readme_tables
+
+NAME = "gpu_check_paper_settings"
 LINE = re.compile(r"^\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3})\]\[distillkit\]\[INFO\] - (.*)$")
 PROGRESS = re.compile(r"^epoch \d+ step (\d+) .*\(([\d.]+)s\)$")
 VALIDATION = re.compile(r"^epoch \d+ step \d+ val/")
@@ -84,7 +87,8 @@ def main() -> None:
     ap.add_argument("runs", nargs="+", help="NAME=LOG pairs")
     ap.add_argument("--gpu-csv", type=Path, required=True)
     ap.add_argument("--machine", required=True, help="the GPU and software, as the README reports it")
-    ap.add_argument("--out", type=Path, default=Path("benchmarks/gpu_check_paper_settings.json"))
+    ap.add_argument("--out", type=Path, default=readme_tables.BENCH_DIR / f"{NAME}.json",
+                    help="default: the README's table reads it; any other path leaves the README alone")
     ap.add_argument("--call", default="1", help="a label of this device call (rows of other calls are kept)")
     args = ap.parse_args()
     runs = {}
@@ -106,6 +110,8 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
+    if args.out.resolve() == (readme_tables.BENCH_DIR / f"{NAME}.json").resolve():  # the README's check
+        readme_tables.update_readme(NAME, path=args.out)
 
 
 if __name__ == "__main__":
