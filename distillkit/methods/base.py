@@ -15,9 +15,9 @@ import lightning as L
 import numpy as np
 import torch
 from torch import nn
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from distillkit.errors import DistillError
+from distillkit.methods.ema import EMA
 
 
 class DistillMethod(L.LightningModule):
@@ -37,10 +37,12 @@ class DistillMethod(L.LightningModule):
         if teacher is not None:
             teacher.eval().requires_grad_(False)
         self.optim_cfg = optim_cfg
-        self.ema: Optional[AveragedModel] = None
+        self.ema: Optional[EMA] = None
         if ema_cfg is not None and ema_cfg.get("enabled", False):
-            self.ema = AveragedModel(student, multi_avg_fn=get_ema_multi_avg_fn(float(ema_cfg["decay"])),
-                                     use_buffers=True)
+            decay = float(ema_cfg["decay"])
+            if not 0.0 <= decay <= 1.0:
+                raise DistillError(f"callbacks.ema.decay={decay}: must lie in [0, 1] (e.g. 0.999)")
+            self.ema = EMA(student, decay)
             self.ema.requires_grad_(False)
         # Set by the CLI: the resolved config (plain types) stored in every checkpoint.
         self.run_config: dict = {}

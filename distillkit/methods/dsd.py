@@ -53,12 +53,12 @@ from typing import Any, Optional
 
 import torch
 from torch import nn
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from distillkit.diffusion import ddim_step_between
 from distillkit.diffusion.from_config import plain
 from distillkit.errors import DistillError
 from distillkit.methods.base import gather_from_ranks, this_ranks
+from distillkit.methods.ema import EMA
 from distillkit.methods.step_distill import StepDistillation, single_and_double_step, two_ddim_steps, x_space_loss
 
 log = logging.getLogger("distillkit")
@@ -279,10 +279,9 @@ class DSD(SweepDistillation):
         self.distill_weight = float(distill_weight)
         self.distill_start = int(distill_start)
         # The target network: an EMA of the student, separate from the sampling EMA (callbacks.ema).
-        self.target_net: Optional[AveragedModel] = None
+        self.target_net: Optional[EMA] = None
         if self.target == "ema":
-            self.target_net = AveragedModel(student, multi_avg_fn=get_ema_multi_avg_fn(self.target_decay),
-                                            use_buffers=True)
+            self.target_net = EMA(student, self.target_decay)
             self.target_net.requires_grad_(False)
 
     def target_network(self) -> nn.Module:

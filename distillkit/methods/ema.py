@@ -1,0 +1,61 @@
+"""The exponential moving average of a network's weights: the sampling EMA (``callbacks.ema``)
+and DSD's target network (``method.target=ema``).
+
+    W_ema <- decay * W_ema + (1 - decay) * W        (the first update copies W)
+
+It is torch's ``AveragedModel`` with ``get_ema_multi_avg_fn`` (DESIGN: EMA from
+``torch.optim.swa_utils``), the same state dict (``module.*``, ``n_averaged``) and the same
+numbers, with one change: ``AveragedModel.update_parameters`` tests ``n_averaged == 0`` and
+``n_averaged > 0`` in Python, and ``n_averaged`` is a buffer on the network's device, so on a GPU
+every update waited twice for all the work queued before it (twice more for DSD's target
+network). Here whether the average has started is kept on the host; the buffer is read once,
+at the first update after a state-dict load (a resumed run).
+"""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+from torch import nn
+from torch.optim.swa_utils import AveragedModel
+
+
+class EMA(AveragedModel):
+    """An EMA copy of ``model`` (parameters and floating-point buffers, e.g. BatchNorm statistics,
+    averaged; integer buffers copied). ``update_parameters(model)`` after every optimizer step."""
+
+    def __init__(self, model: nn.Module, decay: float):
+        decay = float(decay)
+        if not 0.0 <= decay <= 1.0:
+            raise ValueError(f"EMA decay={decay} must lie in [0, 1]")
+        super().__init__(model, use_buffers=True)
+        self.decay = decay
+        self._started: Optional[bool] = False  # n_averaged > 0, on the host; None: read the buffer
+
+    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
+        super()._load_from_state_dict(*args, **kwargs)
+        self._started = None  # n_averaged came from a checkpoint
+
+    @torch.no_grad()
+    def update_parameters(self, model: nn.Module) -> None:
+        if self._started is None:
+            self._started = bool(self.n_averaged > 0)
+        mine = [*self.module.parameters(), *self.module.buffers()]
+        theirs = [t.detach() for t in (*model.parameters(), *model.buffers())]
+        if len(mine) != len(theirs):
+            raise ValueError(f"EMA of a network with {len(mine)} tensors updated from one with {len(theirs)}")
+        floats = [(a, b) for a, b in zip(mine, theirs) if a.is_floating_point() or a.is_complex()]
+        if floats:
+            avg, new = [a for a, _ in floats], [b for _, b in floats]
+            if self._started:
+                torch._foreach_lerp_(avg, new, 1.0 - self.decay)
+            else:
+                torch._foreach_copy_(avg, new)
+        for a, b in zip(mine, theirs):
+            if not (a.is_floating_point() or a.is_complex()):
+                a.copy_(b)  # e.g. BatchNorm's num_batches_tracked: a count, not a weight
+        self.n_averaged += 1
+        self._started = True
+
+
+__all__ = ["EMA"]
