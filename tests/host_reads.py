@@ -1,0 +1,110 @@
+"""Run the CLI and record every read of a tensor's value into Python made during a training
+batch (``python tests/host_reads.py OUT.json <CLI overrides>``; used by test_host_reads.py).
+
+On a GPU each such read (``.item()``, ``float(t)``, ``if t:``, ``.tolist()``, ``.numpy()``) and each
+tensor built from Python numbers on the device waits for all the work queued before it, so the
+GPU idles while the CPU catches up. CPU runs cannot see the wait, but they can see the calls.
+Left out: reads that stay on the CPU in a GPU run too (torch's optimizers keep their step
+counts on the CPU; the timestep range check in ``diffusion/schedules.py`` runs for CPU
+timesteps only), and Lightning's accumulator of a logged value, built once per key and epoch.
+"""
+from __future__ import annotations
+
+import collections
+import json
+import sys
+import traceback
+
+import torch
+
+LEFT_OUT = (("torch/optim/optimizer.py", "_get_value"), ("torch/optim/", "_init_group"),
+            ("distillkit/diffusion/schedules.py", "_ac"),
+            ("lightning/pytorch/trainer/connectors/logger_connector/result.py", "__init__"))
+READS = ("item", "__bool__", "__float__", "__int__", "__index__", "tolist", "numpy")
+BUILDS = ("tensor", "as_tensor")
+
+reads: collections.Counter = collections.Counter()
+in_batch = [False]
+updates = [0]
+
+
+def _site() -> str | None:
+    frames = [f for f in traceback.extract_stack()[:-2] if not f.filename.endswith("host_reads.py")]
+    inner = frames[-1]
+    path = inner.filename.replace("\\", "/")
+    for where, func in LEFT_OUT:
+        if where in path and (func is None or inner.name == func):
+            return None
+    own = [f for f in frames if "/distillkit/" in f.filename.replace("\\", "/")]
+    via = f" (from {own[-1].filename.split('/distillkit/')[-1]}:{own[-1].lineno})" if own else ""
+    return f"{path.split('site-packages/')[-1].split('/work/')[-1]}:{inner.lineno} {inner.name}{via}"
+
+
+def _record(kind: str) -> None:
+    if in_batch[0]:
+        site = _site()
+        if site is not None:
+            reads[f"{kind} at {site}"] += 1
+
+
+def _wrap_read(name: str) -> None:
+    orig = getattr(torch.Tensor, name)
+
+    def read(self, *a, **k):
+        _record(name)
+        return orig(self, *a, **k)
+
+    setattr(torch.Tensor, name, read)
+
+
+def _wrap_build(name: str) -> None:
+    orig = getattr(torch, name)
+
+    def build(data, *a, **k):
+        if not isinstance(data, torch.Tensor):
+            _record(f"torch.{name}(python data)")
+        return orig(data, *a, **k)
+
+    setattr(torch, name, build)
+
+
+def main() -> None:
+    out, args = sys.argv[1], sys.argv[2:]
+    for n in READS:
+        _wrap_read(n)
+    for n in BUILDS:
+        _wrap_build(n)
+
+    import lightning as L
+    from lightning.pytorch.callbacks import Callback
+
+    class Watch(Callback):
+        def on_train_batch_start(self, *a):
+            in_batch[0] = True
+
+        def on_train_batch_end(self, *a):
+            in_batch[0] = False
+            updates[0] += 1
+
+    fit = L.Trainer.fit
+
+    def watched_fit(self, *a, **k):
+        # first, so that its on_train_batch_end ends the window before other callbacks run
+        self.callbacks.insert(0, Watch())
+        return fit(self, *a, **k)
+
+    L.Trainer.fit = watched_fit
+    from distillkit import cli
+
+    sys.argv = ["distill", *args]
+    code = 0
+    try:
+        cli.main()
+    except SystemExit as e:
+        code = int(e.code or 0)
+    with open(out, "w") as f:
+        json.dump({"exit_code": code, "updates": updates[0], "reads": dict(reads)}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
