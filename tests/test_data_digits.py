@@ -80,3 +80,11 @@ def test_train_dataloader():
     assert torch.equal(x, x2)  # the order is a function of the seed
     x3, _ = next(iter(_setup(batch_size=32, seed=1).train_dataloader()))
     assert not torch.equal(x, x3)
+
+
+@pytest.mark.parametrize("cuda", [False, True])
+def test_loaders_pin_batches_when_a_gpu_is_there_even_without_workers(monkeypatch, cuda):
+    # an unpinned batch's copy to the GPU waits for all queued work: a stall every update
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    dm = _setup(batch_size=32, num_workers=0)
+    assert dm.train_dataloader().pin_memory is cuda and dm.val_dataloader().pin_memory is cuda

@@ -33,10 +33,11 @@ class DistillDataModule(L.LightningDataModule):
         self.test_set: Optional[Dataset] = None
 
     def _loader_kwargs(self) -> dict:
-        kw: dict = {"num_workers": self.num_workers}
+        # Pinned batches: a copy from pageable memory to the GPU first waits for all queued work
+        # (CUDA's rule for pageable transfers), so an unpinned batch would stall every update.
+        kw: dict = {"num_workers": self.num_workers, "pin_memory": torch.cuda.is_available()}
         if self.num_workers > 0:
             kw["persistent_workers"] = True
-            kw["pin_memory"] = torch.cuda.is_available()
         return kw
 
     def train_dataloader(self) -> DataLoader:
