@@ -224,6 +224,36 @@ def test_round_switch_saves_the_student_and_makes_it_the_teacher(tmp_path, monke
         again.sync_round()
 
 
+def test_a_round_finished_again_after_a_requeue_replaces_the_earlier_file(tmp_path, monkeypatch):
+    """Attempt 1 crosses the end of round 1 and dies; attempt 2 resumes from a checkpoint taken
+    before that end, so it finishes round 1 again (on a GPU, not bit for bit the same). Its round-2
+    teacher must be what round_1.ckpt holds, or attempt 3, requeued in round 2, would load another
+    teacher than attempt 2 trained against."""
+    data, sched = GaussianData.random(dim=2, seed=0), NoiseSchedule("cosine", T)
+    step = {"n": 0}
+    monkeypatch.setattr(Progressive, "global_step", property(lambda self: step["n"]))
+
+    def attempt(bias_at_round_end: float, start: int, round_: int) -> Progressive:
+        m = progressive(Oracle(data, sched, bias=0.3), Oracle(data, sched), updates_per_round=5)
+        m.run_dir, m.round, step["n"] = tmp_path, round_, start
+        m.sync_round()
+        with torch.no_grad():
+            m.student.bias.fill_(bias_at_round_end)
+        step["n"] = 5
+        m.sync_round()
+        return m
+
+    attempt(0.7, start=0, round_=0)
+    assert torch.load(tmp_path / "round_1.ckpt", weights_only=True)["state_dict"]["bias"].item() == pytest.approx(0.7)
+    second = attempt(0.71, start=3, round_=1)   # resumed at update 3 of round 1
+    assert second.round == 2 and second.teacher.bias.item() == pytest.approx(0.71)
+    assert torch.load(tmp_path / "round_1.ckpt", weights_only=True)["state_dict"]["bias"].item() == pytest.approx(0.71)
+    third = progressive(Oracle(data, sched), Oracle(data, sched), updates_per_round=5)
+    third.run_dir, third.round, step["n"] = tmp_path, 2, 7
+    third.sync_round()   # requeued in round 2: the teacher from round_1.ckpt
+    assert third.teacher.bias.item() == pytest.approx(0.71)
+
+
 @pytest.mark.parametrize("fresh", [False, True])
 def test_fresh_optimizer_clears_the_state_at_a_round_boundary(fresh, monkeypatch):
     """method.fresh_optimizer=true: round 2 starts with empty Adam moments (as each halving of the

@@ -251,7 +251,9 @@ class StepDistillation(DiffusionMethod):
     def begin_round(self, r: int, prev: int) -> None:
         """Round r starts now (prev: the round before, 0 at a fresh start)."""
         if r > 1:
-            self.save_round(r - 1)  # the student that finished round r-1 (and, with a teacher, the new teacher)
+            # the student that finished round r-1 (and, with a teacher, the new teacher); written even
+            # over an earlier attempt's file, so that the file and the teacher in memory agree
+            self.save_round(r - 1, replace=True)
         if self.has_round_teacher:
             if r > 1:
                 self._set_teacher(copy.deepcopy(self.eval_network()), r)
@@ -265,12 +267,20 @@ class StepDistillation(DiffusionMethod):
                  self.round_name, r, self.num_rounds, self.round_steps[r - 1], self.round_steps[r - 1] // 2,
                  self.global_step)
 
-    def save_round(self, r: int) -> None:
+    def save_round(self, r: int, replace: bool = False) -> None:
         """Write the student of round r (its EMA when on) to ``<run_dir>/<round_name>_<r>.ckpt``
-        (atomically, rank 0, once: a restarted run keeps the file its first attempt wrote)."""
+        (atomically, rank 0). An existing file is kept unless ``replace``: a run that crosses the
+        end of round r continues with this student as its teacher, so the file must hold it even
+        when an earlier attempt wrote one (a requeued run that resumed from a checkpoint taken
+        before the end of round r finishes the round again, on a GPU not bit for bit the same)."""
         path = self.round_path(r)
-        if path is None or path.is_file() or (self._trainer is not None and not self.trainer.is_global_zero):
+        if path is None or (self._trainer is not None and not self.trainer.is_global_zero):
             return
+        if path.is_file():
+            if not replace:
+                return
+            log.info("method=%s: %s exists from an earlier attempt of this run; this attempt finished %s %d "
+                     "again and replaces it", self.method_name, path, self.round_name, r)
         path.parent.mkdir(parents=True, exist_ok=True)
         sd = {k: v.detach().cpu().clone() for k, v in self.eval_network().state_dict().items()}
         payload = {"state_dict": sd, self.round_name: r, "teacher_steps": self.round_steps[r - 1],
