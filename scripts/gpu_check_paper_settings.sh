@@ -2,7 +2,8 @@
 # The GPU check of the paper-setting experiments: each runs a few hundred updates on
 # stand-in data of the real shapes (scripts/fake_paper_data.py), and the plain progress lines
 # ("step N ... (elapsed s)") give the seconds per update; nvidia-smi logs the memory;
-# scripts/gpu_check_summary.py writes both to OUT/summary.json.
+# scripts/gpu_check_summary.py writes both to OUT/summary.json. Last, tests/test_host_reads.py runs
+# on the GPU (OUT/host_reads.log).
 #   bash scripts/gpu_check_paper_settings.sh [OUT]        # OUT defaults to runs/gpu_check
 # S=0 runs the minimum (one or two updates each, CelebA-HQ at batch 2) to check the script
 # itself on any machine.
@@ -18,7 +19,7 @@ W="callbacks.progress=plain runs_dir=$R name=check trainer.test_after_fit=false 
 run() {  # log name, then the command's arguments
   local n=$1; shift
   $PY "$@" > "$OUT/$n.log" 2>&1; echo "== $n: exit $?"
-  grep -E "step [0-9]+ |(round|level) [0-9]+ of|results:|Error" "$OUT/$n.log" | tail -12
+  grep -E "step [0-9]+ |(round|level) [0-9]+ of|results:|Error| passed| failed" "$OUT/$n.log" | tail -12
 }
 run cifar10_teacher -m distillkit.cli experiment=cifar10_diffusion_teacher dataset.data_dir="$D" $W \
   dataset.num_workers=8 trainer.max_steps=$((400*S+2)) trainer.log_every_n_steps=$((100*S+1))
@@ -33,6 +34,8 @@ run celebahq_dsdi -m distillkit.cli experiment=celebahq_dsdi model.pretrained="$
   dataset.data_dir="$D/images" $W $SMALL method.updates_per_level=$((20*S+1)) trainer.log_every_n_steps=$((5*S+1))
 run celebahq_progressive -m distillkit.cli experiment=celebahq_progressive teacher.pretrained="$D/ddpm-celebahq-256" \
   dataset.data_dir="$D/images" $W $SMALL method.updates_per_round=$((20*S+1)) trainer.log_every_n_steps=$((5*S+1))
+# training updates free of host reads and synchronising CUDA calls (set_sync_debug_mode), on the GPU
+run host_reads -m pytest -q -p no:cacheprovider tests/test_host_reads.py
 GPU=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1)
 MACHINE="${GPU:-no GPU}, $($PY -c 'import torch; print("torch", torch.__version__)')"
 $PY scripts/gpu_check_summary.py --gpu-csv "$OUT/gpu.csv" --machine "$MACHINE" --out "$OUT/summary.json" \

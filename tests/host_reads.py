@@ -4,6 +4,8 @@ batch (``python tests/host_reads.py OUT.json <CLI overrides>``; used by test_hos
 On a GPU each such read (``.item()``, ``float(t)``, ``if t:``, ``.tolist()``, ``.numpy()``) and each
 tensor built from Python numbers on the device waits for all the work queued before it, so the
 GPU idles while the CPU catches up. CPU runs cannot see the wait, but they can see the calls.
+With CUDA, the batches also run under ``torch.cuda.set_sync_debug_mode("warn")`` and every
+synchronising CUDA call is recorded too (e.g. a copy from pageable host memory).
 Left out: reads that stay on the CPU in a GPU run too (torch's optimizers keep their step
 counts on the CPU; the timestep range check in ``diffusion/schedules.py`` runs for CPU
 timesteps only), and Lightning's accumulator of a logged value, built once per key and epoch.
@@ -14,6 +16,7 @@ import collections
 import json
 import sys
 import traceback
+import warnings
 
 import torch
 
@@ -29,7 +32,7 @@ updates = [0]
 
 
 def _site() -> str | None:
-    frames = [f for f in traceback.extract_stack()[:-2] if not f.filename.endswith("host_reads.py")]
+    frames = [f for f in traceback.extract_stack()[:-2] if f.filename not in (__file__, warnings.__file__)]
     inner = frames[-1]
     path = inner.filename.replace("\\", "/")
     for where, func in LEFT_OUT:
@@ -68,12 +71,28 @@ def _wrap_build(name: str) -> None:
     setattr(torch, name, build)
 
 
+def _record_cuda_syncs() -> None:
+    warnings.filterwarnings("always", message=".*synchroniz")
+    show = warnings.showwarning
+
+    def record(message, category, *a, **k):
+        if "synchroniz" in str(message):
+            _record("CUDA sync")
+        else:
+            show(message, category, *a, **k)
+
+    warnings.showwarning = record
+
+
 def main() -> None:
     out, args = sys.argv[1], sys.argv[2:]
     for n in READS:
         _wrap_read(n)
     for n in BUILDS:
         _wrap_build(n)
+    cuda = torch.cuda.is_available()
+    if cuda:
+        _record_cuda_syncs()
 
     import lightning as L
     from lightning.pytorch.callbacks import Callback
@@ -81,8 +100,12 @@ def main() -> None:
     class Watch(Callback):
         def on_train_batch_start(self, *a):
             in_batch[0] = True
+            if cuda:
+                torch.cuda.set_sync_debug_mode("warn")
 
         def on_train_batch_end(self, *a):
+            if cuda:
+                torch.cuda.set_sync_debug_mode("default")
             in_batch[0] = False
             updates[0] += 1
 
@@ -103,7 +126,7 @@ def main() -> None:
     except SystemExit as e:
         code = int(e.code or 0)
     with open(out, "w") as f:
-        json.dump({"exit_code": code, "updates": updates[0], "reads": dict(reads)}, f, indent=1)
+        json.dump({"exit_code": code, "updates": updates[0], "cuda": cuda, "reads": dict(reads)}, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -62,3 +63,24 @@ def test_classifier_updates_read_nothing_back(tmp_path, digits_teacher_ckpt, met
                    f"runs_dir={tmp_path / 'runs'}")
     assert r["updates"] == 6
     assert r["reads"] == {}, r["reads"]
+
+
+def test_the_harness_records_cuda_sync_warnings_at_their_call_site(monkeypatch):
+    """On a GPU the harness turns on torch.cuda.set_sync_debug_mode("warn"); its warnings count
+    as reads, at the line that called the synchronising operation."""
+    sys.path.insert(0, str(HERE))
+    try:
+        import host_reads
+    finally:
+        sys.path.remove(str(HERE))
+    shown = []
+    monkeypatch.setattr(warnings, "showwarning", lambda message, *a, **k: shown.append(str(message)))
+    monkeypatch.setattr(host_reads, "reads", host_reads.collections.Counter())
+    monkeypatch.setattr(host_reads, "in_batch", [True])
+    with warnings.catch_warnings():
+        host_reads._record_cuda_syncs()
+        warnings.warn("called a synchronizing CUDA operation", UserWarning)   # what torch's debug mode says
+        warnings.warn("something else", UserWarning)
+    (site, n), = host_reads.reads.items()
+    assert n == 1 and site.startswith("CUDA sync at ") and "test_host_reads.py" in site
+    assert shown == ["something else"]   # other warnings are shown as before
