@@ -304,7 +304,7 @@ class SweepDistillConfig(StepDistillConfig):
     """DSD / TSD (distillkit.methods.dsd): index sweep over the grid's pairs of steps."""
 
     variant: DSDVariant = DSDVariant.dsdn
-    updates_per_level: int = 1000
+    updates_per_level: int = 1008
     latents: LatentSource = LatentSource.noise
     # trajectories per update (None: the dataset's batch size)
     latent_batch_size: Optional[int] = None

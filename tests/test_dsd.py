@@ -147,6 +147,22 @@ def test_dsdn_sweep_gives_every_pair_the_same_number_of_updates():
     assert [sweep_index(k, 8) for k in range(9)] == [0, 1, 2, 3, 4, 5, 6, 0, 1]
 
 
+def test_dsdn_warns_when_the_sweep_cannot_be_even(caplog):
+    from omegaconf import OmegaConf
+
+    from distillkit.methods.dsd import SweepDistillation
+
+    conf = Path(__file__).resolve().parents[1] / "conf/method"
+    defaults = [SweepDistillation.__init__.__kwdefaults__["updates_per_level"],
+                *(OmegaConf.load(conf / f"{m}.yaml").updates_per_level for m in ("dsd", "tsd"))]
+    assert all(d % 63 == 0 for d in defaults), defaults   # even at the default N = 64
+    with caplog.at_level("WARNING", logger="distillkit"):
+        dsd(Counting(), teacher_steps=8, updates_per_level=14)
+        assert "not a multiple" not in caplog.text
+        dsd(Counting(), teacher_steps=8, updates_per_level=10)
+    assert "updates_per_level=10 is not a multiple of the 7 pairs" in caplog.text and "7 or 14" in caplog.text
+
+
 def test_dsdi_levels_halve_n_and_sweep_each_level(monkeypatch):
     step = fake_step(monkeypatch, DSD)
     m = dsd(Counting(), variant="dsdi", teacher_steps=8, final_steps=2, updates_per_level=21)

@@ -127,7 +127,7 @@ class SweepDistillation(StepDistillation):
     accepts_accumulation = False  # latents advance once per update
 
     def __init__(self, student: nn.Module, teacher: Optional[nn.Module] = None, *, variant: str = "dsdn",
-                 teacher_steps: int = 64, final_steps: Optional[int] = None, updates_per_level: int = 1000,
+                 teacher_steps: int = 64, final_steps: Optional[int] = None, updates_per_level: int = 1008,
                  latents: str = "noise", latent_batch_size: Optional[int] = None, denoise_weight: float = 0.0,
                  **kw: Any):
         self.variant = str(plain(variant))
@@ -136,6 +136,12 @@ class SweepDistillation(StepDistillation):
         final_steps = sweep_final_steps(self.variant, teacher_steps, final_steps)
         super().__init__(student, teacher=teacher, teacher_steps=teacher_steps, final_steps=final_steps,
                          updates_per_round=updates_per_level, **kw)
+        pairs = int(teacher_steps) - 1
+        if self.variant == "dsdn" and pairs > 0 and int(updates_per_level) % pairs:
+            log.warning("method.updates_per_level=%d is not a multiple of the %d pairs of steps at N = %d: some "
+                        "pairs get one update more than others; %d or %d gives every pair the same number",
+                        int(updates_per_level), pairs, int(teacher_steps),
+                        max(pairs, int(updates_per_level) // pairs * pairs), (int(updates_per_level) // pairs + 1) * pairs)
         self.latent_source = str(plain(latents))
         if self.latent_source not in LATENTS:
             raise DistillError(f"method.latents={self.latent_source!r}: allowed values are {', '.join(LATENTS)}")
