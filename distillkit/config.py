@@ -297,6 +297,9 @@ class ProgressiveConfig(StepDistillConfig):
     teacher_prediction_type: Optional[PredictionType] = None
     # each round's student starts as its teacher
     init_from_teacher: bool = True
+    # the first updates of round 1 teach the student the teacher's x-prediction in its own
+    # parameterisation (one teacher evaluation, no step skipped); for a change of prediction type
+    convert_updates: int = 0
 
 
 @dataclass

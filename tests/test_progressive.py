@@ -143,6 +143,29 @@ def test_eps_teacher_and_v_or_x0_student(student_type):
     assert m.training_step(data.sample(32).float(), 0).item() < 1e-6  # float32 round-off of eps at high noise
 
 
+def test_convert_updates_regress_onto_the_teachers_own_x_prediction(monkeypatch):
+    """method.convert_updates=K: round 1's first K updates take the target from ONE teacher
+    evaluation at (z_t, t), its x-prediction in its own type; an eps oracle teaching a v oracle
+    gives zero loss, a perturbed student not; then the usual two-step target (2 evaluations)."""
+    data, sched = GaussianData.random(dim=2, seed=0), NoiseSchedule("cosine", T)
+    step = {"n": 0}
+    monkeypatch.setattr(Progressive, "global_step", property(lambda self: step["n"]))
+    teacher = Oracle(data, sched, "eps")
+    m = progressive(Oracle(data, sched, "v"), teacher, teacher_prediction_type="eps", init_from_teacher=False,
+                    updates_per_round=5, convert_updates=2)
+    m.sync_round()
+    x = data.sample(32).float()
+    assert m.training_step(x, 0).item() < 1e-6 and teacher.calls == 1 and m.nfe == 2
+    with torch.no_grad():
+        m.student.bias.fill_(0.3)
+    assert m.training_step(x, 0).item() > 1e-3 and teacher.calls == 2 and m.nfe == 4
+    step["n"] = 2   # conversion over: two teacher steps per update
+    m.training_step(x, 0)
+    assert teacher.calls == 4 and m.nfe == 7
+    with pytest.raises(DistillError, match="method.convert_updates=5"):
+        progressive(EpsNet(), EpsNet(), updates_per_round=5, convert_updates=5)
+
+
 def test_a_change_of_prediction_type_is_warned_about(caplog):
     """A student initialised from the teacher but reading its output as another type re-learns
     the output layer in round 1 (README: an x0 student of the v digits teacher never recovers
@@ -153,6 +176,7 @@ def test_a_change_of_prediction_type_is_warned_about(caplog):
         caplog.clear()
         progressive(EpsNet(), EpsNet(), teacher_prediction_type="v")
         progressive(EpsNet(), EpsNet(), teacher_prediction_type="eps", init_from_teacher=False)
+        progressive(EpsNet(), EpsNet(), teacher_prediction_type="eps", convert_updates=10)   # converts first
         assert "re-learn" not in caplog.text
 
 

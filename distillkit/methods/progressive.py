@@ -20,7 +20,14 @@ Parameterisation (the paper's Sec. 4): the student predicts v or x0 (``method.pr
 since an eps-prediction's x_hat = (z_t - sigma eps_hat) / alpha_t blows up at few steps; the
 first teacher may predict something else (``method.teacher_prediction_type``, e.g. eps). A
 student that starts from an eps teacher's weights but reads its output as v re-learns its output
-layer in round 1: train the teacher in v (as ``experiment=digits_diffusion_teacher`` does) when you can.
+layer in round 1: train the teacher in v (as ``experiment=digits_diffusion_teacher`` does) when you
+can, or convert first: the first ``method.convert_updates`` updates of round 1 regress the student's
+x-prediction onto the teacher's own at the same (z_t, t), with the same weight w(t),
+
+    L = w(t) || x_hat_student(z_t, t) - x_hat_teacher(z_t, t) ||^2     (1 teacher evaluation, no step)
+
+so that the student learns to say in its parameterisation what the teacher says in its own before
+it learns to skip steps (2 network evaluations per update).
 """
 from __future__ import annotations
 
@@ -54,13 +61,20 @@ class Progressive(StepDistillation):
         j = torch.randint(0, self.teacher_steps_now // 2, (B,), generator=g, device=g.device).to(x0.device)
         t, t1, t2 = self.grid_times(grid, 2 * j)
         z_t = self.schedule.add_noise(x0, self.randn(x0.shape, g), t)
-        x_tilde = progressive_target(self.teacher_fn, z_t, t, t1, t2, self.schedule, self.teacher_pred_type)
-        out = self._checked(self.student(z_t, t), z_t).float()
         alpha, sigma = self.schedule.alpha(t, like=z_t), self.schedule.sigma(t, like=z_t)
+        converting = self.global_step < self.convert_updates
+        if converting:
+            with torch.no_grad():
+                x_tilde = to_x0(self.teacher_fn(z_t, t), self.teacher_pred_type, z_t, alpha, sigma)
+        else:
+            x_tilde = progressive_target(self.teacher_fn, z_t, t, t1, t2, self.schedule, self.teacher_pred_type)
+        out = self._checked(self.student(z_t, t), z_t).float()
         x_hat = to_x0(out, self.prediction_type, z_t, alpha, sigma)
         w = step_loss_weight(self.step_weighting, self.schedule, t, t2, like=z_t).flatten()
         loss = (w * mean_flat((x_hat - x_tilde) ** 2)).mean()
-        self.count_nfe(3)  # two teacher steps + one student step
+        self.count_nfe(2 if converting else 3)  # one teacher evaluation or two teacher steps, + the student's
+        if self.convert_updates:
+            self.log_scalar("converting", float(converting))
         self.log_round()
         self.log("train/loss", loss.detach(), prog_bar=True, on_step=True, batch_size=B)
         return loss
