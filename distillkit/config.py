@@ -367,6 +367,10 @@ class VPScheduleConfig(ScheduleConfig):
     beta_start: Optional[float] = None
     beta_end: Optional[float] = None
     rescale_betas_zero_snr: bool = False
+    # DDIM: clamp each step's x0-prediction to [-clip_sample_range, clip_sample_range], eps kept
+    # (diffusers' DDIMScheduler clip_sample); eps-networks need it at the top of a trailing grid
+    clip_sample: bool = False
+    clip_sample_range: float = 1.0
 
 
 @dataclass

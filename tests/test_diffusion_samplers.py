@@ -52,6 +52,46 @@ def test_ddim_loop_equals_diffusers(pred_type, spacing, n, eta):
     assert torch.allclose(ours, x, atol=1e-5)
 
 
+@pytest.mark.parametrize("pred_type", ["eps", "v", "x0"])
+@pytest.mark.parametrize("eta", [0.0, 0.6])
+def test_ddim_step_with_clip_equals_diffusers_clip_sample(pred_type, eta):
+    """clip: the x0-prediction clamped, eps as predicted (diffusers' DDIMScheduler(clip_sample=True))."""
+    sch = NoiseSchedule("linear")
+    ref = DDIMScheduler(num_train_timesteps=1000, beta_schedule="linear", clip_sample=True, clip_sample_range=0.8,
+                        set_alpha_to_one=True, prediction_type=DIFFUSERS_PRED[pred_type], timestep_spacing="trailing")
+    ref.set_timesteps(10)
+    g = torch.Generator().manual_seed(0)
+    clipped = 0
+    for t in ref.timesteps.tolist():
+        x_t, out, noise = 3 * torch.randn(3, 4, 2, 5, 5, generator=g, dtype=torch.float64)
+        expected = ref.step(out, t, x_t, eta=eta, variance_noise=noise).prev_sample
+        ours = ddim_step_from_pred(out, x_t, t, max(t - 100, -1), sch, pred_type, eta=eta, noise=noise, clip=0.8)
+        assert torch.allclose(ours, expected, atol=1e-5, rtol=1e-5), t
+        clipped += int(not torch.allclose(ours, ddim_step_from_pred(out, x_t, t, max(t - 100, -1), sch, pred_type,
+                                                                     eta=eta, noise=noise)))
+    assert clipped == len(ref.timesteps)   # the clamp acted at every step
+
+
+def test_clip_sample_reaches_the_sampler_of_a_method():
+    """schedule.clip_sample: an eps-network's samples stay in range (2-d data: no final image clamp)."""
+    from distillkit.methods.diffusion import Diffusion
+
+    class Big(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.tensor(1.0))
+
+        def forward(self, x, t):
+            return 5 * self.w * torch.ones_like(x)   # a badly wrong eps: x0 far outside [-1, 1]
+
+    cfg = {"name": "cosine", "num_train_timesteps": 1024, "num_steps": 8, "spacing": "trailing"}
+    z = torch.randn(64, 2, generator=torch.Generator().manual_seed(0))
+    free = Diffusion(Big(), schedule_cfg=cfg, prediction_type="eps", input_shape=(2,)).sample_from_noise(z)
+    kept = Diffusion(Big(), schedule_cfg={**cfg, "clip_sample": True, "clip_sample_range": 0.5},
+                     prediction_type="eps", input_shape=(2,)).sample_from_noise(z)
+    assert free.abs().max() > 100 and kept.abs().max() <= 0.5
+
+
 def test_diffusers_trailing_steps_off_grid():
     """diffusers' DDIMScheduler.step goes to t - T // N. On a trailing grid with N not dividing T that
     is not the next grid point, and the last step lands on t = 0 instead of the clean end. Our

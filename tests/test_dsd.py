@@ -128,6 +128,37 @@ def test_tsd_oracle_loss_is_zero_and_not_when_perturbed(monkeypatch):
     assert (teacher.calls, student.calls) == (14, 7)
 
 
+@pytest.mark.parametrize("method", ["progressive", "dsd", "tsd"])
+def test_clip_sample_reaches_every_no_grad_step(monkeypatch, method):
+    """schedule.clip_sample: the teacher's / target's DDIM steps and the detached single step clamp
+    x0 (an eps-network's x0 is wild at the top of the grid); the prediction, with gradient, not."""
+    import distillkit.methods.dsd as dsd_module
+    import distillkit.methods.step_distill as sd_module
+    from distillkit.methods.progressive import Progressive
+
+    seen = []
+    for mod, name in ((sd_module, "ddim_step_between"), (dsd_module, "ddim_step_between"),
+                      (sd_module, "ddim_step_from_pred")):
+        orig = getattr(mod, name)
+
+        def spy(*a, _orig=orig, **k):
+            seen.append((k.get("clip"), torch.is_grad_enabled() and a[0].requires_grad))
+            return _orig(*a, **k)
+
+        monkeypatch.setattr(mod, name, spy)
+    cfg = {**SCHEDULE, "clip_sample": True, "clip_sample_range": 0.9}
+    kw = dict(schedule_cfg=cfg, input_shape=(2,), teacher_steps=8)
+    m = {"progressive": lambda: Progressive(Counting(), Counting(1), final_steps=4, **kw),
+         "dsd": lambda: DSD(Counting(), **kw),
+         "tsd": lambda: TSD(Counting(), Counting(1), **kw)}[method]()
+    fake_step(monkeypatch, type(m))
+    m.sync_round()
+    m.training_step(_x(), 0)
+    no_grad = [clip for clip, grad in seen if not grad]
+    assert no_grad and set(no_grad) == {0.9}, seen
+    assert all(clip is None for clip, grad in seen if grad)   # the prediction keeps its gradient
+
+
 def test_tsd_refuses_no_teacher_and_dsd_refuses_one():
     with pytest.raises(DistillError, match="needs a teacher"):
         tsd(Counting(), None)

@@ -79,29 +79,37 @@ def _batch_t(t, x: torch.Tensor) -> torch.Tensor:
 
 
 def ddim_step_from_pred(pred, x_t, t, s, schedule: NoiseSchedule, pred_type: str = "eps",
-                        eta: float = 0.0, noise=None, generator=None) -> torch.Tensor:
+                        eta: float = 0.0, noise=None, generator=None, clip: Optional[float] = None) -> torch.Tensor:
     """The DDIM step from grid time t to s (s = -1: the clean end) for a network output ``pred`` of
     type ``pred_type`` already computed at (x_t, t). One network evaluation can feed several steps
-    (e.g. DSD's single and double strides). t, s: ints or per-sample (B,) tensors."""
+    (e.g. DSD's single and double strides). t, s: ints or per-sample (B,) tensors.
+
+    ``clip``: the x0-prediction is clamped to [-clip, clip] and eps kept, as diffusers'
+    ``DDIMScheduler(clip_sample=True)`` does. An eps-network needs it where alpha_t is tiny (the
+    top of a trailing grid: x0 = (x_t - sigma_t eps) / alpha_t multiplies eps's error by
+    sigma_t / alpha_t, about 2e4 at t = T-1 of the cosine schedule with T = 1024)."""
     alpha_t, sigma_t = schedule.alpha(t, like=x_t), schedule.sigma(t, like=x_t)
     alpha_s, sigma_s = schedule.alpha(s, like=x_t), schedule.sigma(s, like=x_t)
     x0, eps = x0_eps(pred, pred_type, x_t, alpha_t, sigma_t)
+    if clip is not None:
+        x0 = x0.clamp(-clip, clip)
     return ddim_step(x_t, x0, eps, alpha_s, sigma_s, eta, sigma_t, alpha_t, noise, generator)
 
 
 def ddim_step_between(model_fn: ModelFn, x_t, t, s, schedule: NoiseSchedule, pred_type: str = "eps",
-                      eta: float = 0.0, noise=None, generator=None) -> torch.Tensor:
+                      eta: float = 0.0, noise=None, generator=None, clip: Optional[float] = None) -> torch.Tensor:
     """One DDIM step from grid time t to s (s = -1: the clean end): one batched call of
     ``model_fn(x_t, t)`` then :func:`ddim_step_from_pred`. t, s: ints or per-sample (B,) tensors."""
     pred = model_fn(x_t, _batch_t(t, x_t))
-    return ddim_step_from_pred(pred, x_t, t, s, schedule, pred_type, eta, noise, generator)
+    return ddim_step_from_pred(pred, x_t, t, s, schedule, pred_type, eta, noise, generator, clip)
 
 
 def ddim_sample(model_fn: ModelFn, x_T: torch.Tensor, schedule: NoiseSchedule, num_steps: int,
                 spacing: str = "trailing", eta: float = 0.0, generator: Optional[torch.Generator] = None,
-                pred_type: str = "eps") -> torch.Tensor:
+                pred_type: str = "eps", clip: Optional[float] = None) -> torch.Tensor:
     """DDIM sampling (Song et al. 2021) over ``schedule.grid(num_steps, spacing)``: step i goes from
-    grid[i] to grid[i + 1], the last step to the clean end t = -1. Returns x_0.
+    grid[i] to grid[i + 1], the last step to the clean end t = -1. Returns x_0. ``clip``: see
+    :func:`ddim_step_from_pred`.
 
     Unlike diffusers' ``DDIMScheduler.step``, which always steps to t - T // N, each step lands on
     the next grid point; the two agree when the grid is evenly spaced by T // N ("leading", or
@@ -109,7 +117,7 @@ def ddim_sample(model_fn: ModelFn, x_T: torch.Tensor, schedule: NoiseSchedule, n
     grid = schedule.grid(num_steps, spacing).tolist()
     x = x_T
     for t, s in zip(grid[:-1], grid[1:]):
-        x = ddim_step_between(model_fn, x, t, s, schedule, pred_type, eta, generator=generator)
+        x = ddim_step_between(model_fn, x, t, s, schedule, pred_type, eta, generator=generator, clip=clip)
     return x
 
 

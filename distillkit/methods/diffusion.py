@@ -141,6 +141,13 @@ class DiffusionMethod(DistillMethod):
         self.num_steps = int(self.schedule_cfg.get("num_steps") or 50)
         self.spacing = str(self.schedule_cfg.get("spacing") or "trailing")
         self.eta = float(self.schedule_cfg.get("eta") or 0.0)
+        # DDIM's x0 clamp (schedule.clip_sample): in sampling and in the no-grad steps of step
+        # distillation's targets and trajectories; None: off
+        self.clip_sample: Optional[float] = None
+        if self.schedule_cfg.get("clip_sample"):
+            self.clip_sample = float(self.schedule_cfg.get("clip_sample_range") or 1.0)
+            if self.clip_sample <= 0:
+                raise DistillError(f"schedule.clip_sample_range={self.clip_sample}: must be > 0 (1 for images in [-1, 1])")
         self.solver = str(self.schedule_cfg.get("solver") or "heun")
 
     # ------------------------------------------------------------------ the denoising loss
@@ -231,7 +238,8 @@ class DiffusionMethod(DistillMethod):
                 x = solve(self.denoiser(net), z * sigmas[0].to(z.dtype), sigmas)
             else:
                 x = ddim_sample(lambda x_t, t: net(x_t, t), z, self.schedule, num_steps, spacing or self.spacing,
-                                eta=self.eta, generator=generator, pred_type=self.prediction_type)
+                                eta=self.eta, generator=generator, pred_type=self.prediction_type,
+                                clip=self.clip_sample)
         finally:
             net.train(was_training)
         return x.clamp(-1, 1) if self.is_image else x

@@ -74,23 +74,24 @@ def sweep_index(k: int, num_steps: int) -> int:
     return int(k) % (int(num_steps) - 1)
 
 
-def dsd_prediction_and_target(net, target_fn, x_t: torch.Tensor, t, t1, t2, schedule, pred_type: str):
+def dsd_prediction_and_target(net, target_fn, x_t: torch.Tensor, t, t1, t2, schedule, pred_type: str,
+                              clip: Optional[float] = None):
     """DSD's 2 evaluations from x_t at t: evaluation 1 of ``net`` (with gradient) gives the double
     step t -> t2 (the prediction) and the detached single step t -> t1; evaluation 2 of
     ``target_fn`` (no gradient; the network itself when the target is online) steps t1 -> t2 (the
-    target). Returns (prediction, target, single)."""
-    double, single = single_and_double_step(net(x_t, t).float(), x_t, t, t1, t2, schedule, pred_type)
+    target). Returns (prediction, target, single). ``clip``: the x0 clamp of the no-grad steps."""
+    double, single = single_and_double_step(net(x_t, t).float(), x_t, t, t1, t2, schedule, pred_type, clip)
     with torch.no_grad():
-        target = ddim_step_between(target_fn, single, t1, t2, schedule, pred_type)
+        target = ddim_step_between(target_fn, single, t1, t2, schedule, pred_type, clip=clip)
     return double, target, single
 
 
 def tsd_prediction_and_target(net, teacher_fn, x_t: torch.Tensor, t, t1, t2, schedule, pred_type: str,
-                              teacher_pred_type: str):
+                              teacher_pred_type: str, clip: Optional[float] = None):
     """TSD's 3 evaluations: the student's double step t -> t2 (with gradient) and two DDIM steps
     t -> t1 -> t2 of the frozen teacher (no gradient). Returns (prediction, target, teacher's single)."""
-    double, _ = single_and_double_step(net(x_t, t).float(), x_t, t, t1, t2, schedule, pred_type)
-    single, target = two_ddim_steps(teacher_fn, x_t, t, t1, t2, schedule, teacher_pred_type)
+    double, _ = single_and_double_step(net(x_t, t).float(), x_t, t, t1, t2, schedule, pred_type, clip)
+    single, target = two_ddim_steps(teacher_fn, x_t, t, t1, t2, schedule, teacher_pred_type, clip)
     return double, target, single
 
 
@@ -179,7 +180,7 @@ class SweepDistillation(StepDistillation):
                 with torch.no_grad():
                     for k in range(i):
                         x = ddim_step_between(fn, x, int(grid[k]), int(grid[k + 1]), self.schedule,
-                                              self.trajectory_pred_type)
+                                              self.trajectory_pred_type, clip=self.clip_sample)
                 extra = i
                 log.warning("method=%s: no stored latents at index %d; %d sampler steps spent to rebuild them",
                             self.method_name, i, i)
@@ -313,7 +314,7 @@ class DSD(SweepDistillation):
 
     def prediction_and_target(self, x_t, t, t1, t2):
         pred, tgt, single = dsd_prediction_and_target(self.student, eval_mode_fn(self.target_network()), x_t, t, t1,
-                                                      t2, self.schedule, self.prediction_type)
+                                                      t2, self.schedule, self.prediction_type, self.clip_sample)
         return pred, tgt, single, 2
 
 
@@ -335,7 +336,7 @@ class TSD(SweepDistillation):
 
     def prediction_and_target(self, x_t, t, t1, t2):
         pred, tgt, single = tsd_prediction_and_target(self.student, self.teacher_fn, x_t, t, t1, t2, self.schedule,
-                                                      self.prediction_type, self.teacher_pred_type)
+                                                      self.prediction_type, self.teacher_pred_type, self.clip_sample)
         return pred, tgt, single, 3
 
 

@@ -31,7 +31,7 @@ it learns to skip steps (2 network evaluations per update).
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
@@ -41,10 +41,11 @@ from distillkit.diffusion.step_targets import ddim_implied_x0, step_loss_weight
 from distillkit.methods.step_distill import StepDistillation, two_ddim_steps
 
 
-def progressive_target(teacher_fn, z_t: torch.Tensor, t, t1, t2, schedule, teacher_pred_type: str) -> torch.Tensor:
+def progressive_target(teacher_fn, z_t: torch.Tensor, t, t1, t2, schedule, teacher_pred_type: str,
+                       clip: Optional[float] = None) -> torch.Tensor:
     """Algorithm 2's x_tilde: two teacher DDIM steps t -> t1 -> t2, expressed as the x-prediction
-    of ONE step t -> t2 from z_t (2 teacher evaluations, no gradient)."""
-    _, z_t2 = two_ddim_steps(teacher_fn, z_t, t, t1, t2, schedule, teacher_pred_type)
+    of ONE step t -> t2 from z_t (2 teacher evaluations, no gradient; ``clip``: the steps' x0 clamp)."""
+    _, z_t2 = two_ddim_steps(teacher_fn, z_t, t, t1, t2, schedule, teacher_pred_type, clip)
     return ddim_implied_x0(z_t2, z_t, t, t2, schedule)
 
 
@@ -66,8 +67,11 @@ class Progressive(StepDistillation):
         if converting:
             with torch.no_grad():
                 x_tilde = to_x0(self.teacher_fn(z_t, t), self.teacher_pred_type, z_t, alpha, sigma)
+                if self.clip_sample is not None:
+                    x_tilde = x_tilde.clamp(-self.clip_sample, self.clip_sample)
         else:
-            x_tilde = progressive_target(self.teacher_fn, z_t, t, t1, t2, self.schedule, self.teacher_pred_type)
+            x_tilde = progressive_target(self.teacher_fn, z_t, t, t1, t2, self.schedule, self.teacher_pred_type,
+                                         self.clip_sample)
         out = self._checked(self.student(z_t, t), z_t).float()
         x_hat = to_x0(out, self.prediction_type, z_t, alpha, sigma)
         w = step_loss_weight(self.step_weighting, self.schedule, t, t2, like=z_t).flatten()

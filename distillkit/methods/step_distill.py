@@ -64,18 +64,21 @@ def x_space_loss(z_pred: torch.Tensor, z_target: torch.Tensor, z_t: torch.Tensor
 
 
 @torch.no_grad()
-def two_ddim_steps(model_fn, z_t: torch.Tensor, t, t1, t2, schedule, pred_type: str):
+def two_ddim_steps(model_fn, z_t: torch.Tensor, t, t1, t2, schedule, pred_type: str, clip: Optional[float] = None):
     """Two deterministic DDIM steps t -> t1 -> t2 of ``model_fn`` (two evaluations, no gradient):
-    the teacher's part of Salimans & Ho 2022, Algorithm 2. Returns (z_t1, z_t2)."""
-    z_t1 = ddim_step_between(model_fn, z_t, t, t1, schedule, pred_type)
-    return z_t1, ddim_step_between(model_fn, z_t1, t1, t2, schedule, pred_type)
+    the teacher's part of Salimans & Ho 2022, Algorithm 2. Returns (z_t1, z_t2). ``clip``: the
+    x0 clamp of :func:`distillkit.diffusion.ddim_step_from_pred` (schedule.clip_sample)."""
+    z_t1 = ddim_step_between(model_fn, z_t, t, t1, schedule, pred_type, clip=clip)
+    return z_t1, ddim_step_between(model_fn, z_t1, t1, t2, schedule, pred_type, clip=clip)
 
 
-def single_and_double_step(out: torch.Tensor, z_t: torch.Tensor, t, t1, t2, schedule, pred_type: str):
+def single_and_double_step(out: torch.Tensor, z_t: torch.Tensor, t, t1, t2, schedule, pred_type: str,
+                           clip: Optional[float] = None):
     """From ONE network output at (z_t, t): the double step t -> t2 (differentiable: the prediction)
-    and the single step t -> t1 (detached). Both are DDIM steps with the same (x_hat, eps_hat)."""
+    and the single step t -> t1 (detached). Both are DDIM steps with the same (x_hat, eps_hat);
+    ``clip`` clamps the single step's x0 only (a clamp would stop the prediction's gradient)."""
     double = ddim_step_from_pred(out, z_t, t, t2, schedule, pred_type)
-    single = ddim_step_from_pred(out.detach(), z_t, t, t1, schedule, pred_type)
+    single = ddim_step_from_pred(out.detach(), z_t, t, t1, schedule, pred_type, clip=clip)
     return double, single
 
 
