@@ -438,6 +438,9 @@ def main(argv: Optional[list[str]] = None) -> dict:
     ap.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
                     help="a config override for every method's run (repeatable; e.g. a learning-rate probe, "
                          "with its own --out)")
+    ap.add_argument("--teacher-override", action="append", default=[], metavar="KEY=VALUE",
+                    help="a config override of the teacher's run (repeatable; e.g. method.prediction_type=eps); the "
+                         "methods then distil that teacher (use with --out)")
     ap.add_argument("--out", default=None, help="JSON to write (default benchmarks/step_distill_digits[_quick].json)")
     args = ap.parse_args(argv)
     from bench_kd_digits import Runner, machine
@@ -472,8 +475,10 @@ def main(argv: Optional[list[str]] = None) -> dict:
 
     run = Runner((ROOT / args.runs_dir).resolve())
     print(f"{name}: runs in {run.runs_dir}; {len(rows)} rows already in {out}", flush=True)
-    res = run(["experiment=digits_diffusion_teacher", *(QUICK_TEACHER if args.quick else [])])
+    res = run(["experiment=digits_diffusion_teacher", *(QUICK_TEACHER if args.quick else []), *args.teacher_override])
     print(f"  teacher: {res['global_step']} updates, {res['wall_s']:.0f} s" + (" (cached)" if res.get("cached") else ""))
+    # another teacher's run is not .../default, where the experiments look: name its checkpoint
+    own_teacher = [] if not args.teacher_override else [Path(res["run_dir"]) / "last.ckpt"]
     scorer = None
     todo = missing([("teacher", 0, k, "last") for k in teacher_steps], rows)
     if todo:
@@ -492,7 +497,9 @@ def main(argv: Optional[list[str]] = None) -> dict:
         upr, n, first = plan_updates(exp, key, [*extra, *args.override])
         round_name = key.split("_")[-1]  # updates_per_round -> round_<r>.ckpt, updates_per_level -> level_<r>.ckpt
         for seed in seeds:
-            ov = [f"experiment={exp}", f"seed={seed}", *extra, *args.override, f"trainer.max_steps={upr * n}", *NO_EVAL]
+            weights = [f"{'model' if exp.startswith('digits_dsd') else 'teacher'}.checkpoint={c}" for c in own_teacher]
+            ov = [f"experiment={exp}", f"seed={seed}", *extra, *weights, *args.override, f"trainer.max_steps={upr * n}",
+                  *NO_EVAL]
             res = run(ov)
             print(f"  {m} seed {seed}: {res['global_step']} updates, {res['wall_s']:.0f} s"
                   + (" (cached)" if res.get("cached") else ""), flush=True)
@@ -516,7 +523,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
     print(f"\nwrote {out} ({time.time() - t0:.0f} s)\n")
     print(readme_tables.render(name, bench))
     # the README shows the default benchmark only: not a smoke test, the demo, or a probe
-    if not (args.quick or args.demo or args.override or args.out) and readme_tables.update_readme(name, path=out):
+    if not (args.quick or args.demo or args.override or args.teacher_override or args.out) \
+            and readme_tables.update_readme(name, path=out):
         print("README.md table updated")
     return bench
 
