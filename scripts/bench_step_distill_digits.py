@@ -497,7 +497,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
         upr, n, first = plan_updates(exp, key, [*extra, *args.override])
         round_name = key.split("_")[-1]  # updates_per_round -> round_<r>.ckpt, updates_per_level -> level_<r>.ckpt
         for seed in seeds:
-            weights = [f"{'model' if exp.startswith('digits_dsd') else 'teacher'}.checkpoint={c}" for c in own_teacher]
+            weights = [f"{'model' if exp.startswith('digits_dsd') else 'teacher'}.checkpoint='{c}'" for c in own_teacher]
             ov = [f"experiment={exp}", f"seed={seed}", *extra, *weights, *args.override, f"trainer.max_steps={upr * n}",
                   *NO_EVAL]
             res = run(ov)
