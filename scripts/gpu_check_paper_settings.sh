@@ -33,7 +33,8 @@ done
 run celebahq_dsdi -m distillkit.cli experiment=celebahq_dsdi model.pretrained="$D/ddpm-celebahq-256" \
   dataset.data_dir="$D/images" $W $SMALL method.updates_per_level=$((20*S+1)) trainer.log_every_n_steps=$((5*S+1))
 run celebahq_progressive -m distillkit.cli experiment=celebahq_progressive teacher.pretrained="$D/ddpm-celebahq-256" \
-  dataset.data_dir="$D/images" $W $SMALL method.updates_per_round=$((20*S+1)) trainer.log_every_n_steps=$((5*S+1))
+  dataset.data_dir="$D/images" $W $SMALL method.updates_per_round=$((20*S+1)) method.convert_updates=$((5*S)) \
+  trainer.log_every_n_steps=$((5*S+1))
 # training updates free of host reads and synchronising CUDA calls (set_sync_debug_mode), on the GPU
 run host_reads -m pytest -q -p no:cacheprovider tests/test_host_reads.py
 GPU=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1)
