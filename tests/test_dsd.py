@@ -164,6 +164,8 @@ def test_tsd_refuses_no_teacher_and_dsd_refuses_one():
         tsd(Counting(), None)
     with pytest.raises(DistillError, match="teacher=self"):
         DSD(Counting(), Counting(), schedule_cfg=SCHEDULE, input_shape=(2,))
+    with pytest.raises(DistillError, match="convert_updates is progressive's"):
+        tsd(Counting(), Counting(1), convert_updates=2)
     with pytest.raises(DistillError, match="final_steps"):
         dsd(Counting(), variant="dsdn", final_steps=2)
     for key, bad in (("variant", "dsdx"), ("target", "teacher"), ("latents", "images")):

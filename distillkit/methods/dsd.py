@@ -137,6 +137,9 @@ class SweepDistillation(StepDistillation):
         final_steps = sweep_final_steps(self.variant, teacher_steps, final_steps)
         super().__init__(student, teacher=teacher, teacher_steps=teacher_steps, final_steps=final_steps,
                          updates_per_round=updates_per_level, **kw)
+        if self.convert_updates:
+            raise DistillError(f"method={self.method_name}: method.convert_updates is progressive's (the sweep has "
+                               "no conversion phase)")
         pairs = int(teacher_steps) - 1
         if self.variant == "dsdn" and pairs > 0 and int(updates_per_level) % pairs:
             log.warning("method.updates_per_level=%d is not a multiple of the %d pairs of steps at N = %d: some "
