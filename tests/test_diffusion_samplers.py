@@ -90,6 +90,10 @@ def test_clip_sample_reaches_the_sampler_of_a_method():
     kept = Diffusion(Big(), schedule_cfg={**cfg, "clip_sample": True, "clip_sample_range": 0.5},
                      prediction_type="eps", input_shape=(2,)).sample_from_noise(z)
     assert free.abs().max() > 100 and kept.abs().max() <= 0.5
+    from distillkit.errors import DistillError
+
+    with pytest.raises(DistillError, match="schedule.clip_sample_range=0"):
+        Diffusion(Big(), schedule_cfg={**cfg, "clip_sample": True, "clip_sample_range": 0}, input_shape=(2,))
 
 
 def test_diffusers_trailing_steps_off_grid():

@@ -145,9 +145,10 @@ class DiffusionMethod(DistillMethod):
         # distillation's targets and trajectories; None: off
         self.clip_sample: Optional[float] = None
         if self.schedule_cfg.get("clip_sample"):
-            self.clip_sample = float(self.schedule_cfg.get("clip_sample_range") or 1.0)
+            r = self.schedule_cfg.get("clip_sample_range")
+            self.clip_sample = 1.0 if r is None else float(r)
             if self.clip_sample <= 0:
-                raise DistillError(f"schedule.clip_sample_range={self.clip_sample}: must be > 0 (1 for images in [-1, 1])")
+                raise DistillError(f"schedule.clip_sample_range={r}: must be > 0 (1 for images in [-1, 1])")
         self.solver = str(self.schedule_cfg.get("solver") or "heun")
 
     # ------------------------------------------------------------------ the denoising loss

@@ -140,12 +140,11 @@ class SweepDistillation(StepDistillation):
         if self.convert_updates:
             raise DistillError(f"method={self.method_name}: method.convert_updates is progressive's (the sweep has "
                                "no conversion phase)")
-        pairs = int(teacher_steps) - 1
-        if self.variant == "dsdn" and pairs > 0 and int(updates_per_level) % pairs:
+        pairs, upl = int(teacher_steps) - 1, int(updates_per_level)
+        if self.variant == "dsdn" and pairs > 0 and upl % pairs:
             log.warning("method.updates_per_level=%d is not a multiple of the %d pairs of steps at N = %d: some "
                         "pairs get one update more than others; %d or %d gives every pair the same number",
-                        int(updates_per_level), pairs, int(teacher_steps),
-                        max(pairs, int(updates_per_level) // pairs * pairs), (int(updates_per_level) // pairs + 1) * pairs)
+                        upl, pairs, int(teacher_steps), max(pairs, upl // pairs * pairs), (upl // pairs + 1) * pairs)
         self.latent_source = str(plain(latents))
         if self.latent_source not in LATENTS:
             raise DistillError(f"method.latents={self.latent_source!r}: allowed values are {', '.join(LATENTS)}")
