@@ -496,8 +496,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
         extra = DEMO[m] if args.demo else [*extra, f"method.{key}={QUICK_UPDATES}"] if args.quick else list(extra)
         upr, n, first = plan_updates(exp, key, [*extra, *args.override])
         round_name = key.split("_")[-1]  # updates_per_round -> round_<r>.ckpt, updates_per_level -> level_<r>.ckpt
+        weights = [f"{'model' if exp.startswith('digits_dsd') else 'teacher'}.checkpoint='{c}'" for c in own_teacher]
         for seed in seeds:
-            weights = [f"{'model' if exp.startswith('digits_dsd') else 'teacher'}.checkpoint='{c}'" for c in own_teacher]
             ov = [f"experiment={exp}", f"seed={seed}", *extra, *weights, *args.override, f"trainer.max_steps={upr * n}",
                   *NO_EVAL]
             res = run(ov)

@@ -44,16 +44,18 @@ class EMA(AveragedModel):
         theirs = [t.detach() for t in (*model.parameters(), *model.buffers())]
         if len(mine) != len(theirs):
             raise ValueError(f"EMA of a network with {len(mine)} tensors updated from one with {len(theirs)}")
-        floats = [(a, b) for a, b in zip(mine, theirs) if a.is_floating_point() or a.is_complex()]
-        if floats:
-            avg, new = [a for a, _ in floats], [b for _, b in floats]
+        avg, new = [], []
+        for a, b in zip(mine, theirs):
+            if a.is_floating_point() or a.is_complex():
+                avg.append(a)
+                new.append(b)
+            else:
+                a.copy_(b)  # e.g. BatchNorm's num_batches_tracked: a count, not a weight
+        if avg:
             if self._started:
                 torch._foreach_lerp_(avg, new, 1.0 - self.decay)
             else:
                 torch._foreach_copy_(avg, new)
-        for a, b in zip(mine, theirs):
-            if not (a.is_floating_point() or a.is_complex()):
-                a.copy_(b)  # e.g. BatchNorm's num_batches_tracked: a count, not a weight
         self.n_averaged += 1
         self._started = True
 
