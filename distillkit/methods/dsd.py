@@ -130,16 +130,17 @@ class SweepDistillation(StepDistillation):
     def __init__(self, student: nn.Module, teacher: Optional[nn.Module] = None, *, variant: str = "dsdn",
                  teacher_steps: int = 64, final_steps: Optional[int] = None, updates_per_level: int = 1008,
                  latents: str = "noise", latent_batch_size: Optional[int] = None, denoise_weight: float = 0.0,
-                 **kw: Any):
+                 convert_updates: int = 0, **kw: Any):
+        if convert_updates:
+            # the base takes unknown keys silently; this one a user may carry over from progressive
+            raise DistillError(f"method={self.method_name}: method.convert_updates is progressive's (the sweep has "
+                               "no conversion phase)")
         self.variant = str(plain(variant))
         if self.variant not in VARIANTS:
             raise DistillError(f"method.variant={self.variant!r}: allowed values are {', '.join(VARIANTS)}")
         final_steps = sweep_final_steps(self.variant, teacher_steps, final_steps)
         super().__init__(student, teacher=teacher, teacher_steps=teacher_steps, final_steps=final_steps,
                          updates_per_round=updates_per_level, **kw)
-        if self.convert_updates:
-            raise DistillError(f"method={self.method_name}: method.convert_updates is progressive's (the sweep has "
-                               "no conversion phase)")
         pairs, upl = int(teacher_steps) - 1, int(updates_per_level)
         if self.variant == "dsdn" and pairs > 0 and upl % pairs:
             log.warning("method.updates_per_level=%d is not a multiple of the %d pairs of steps at N = %d: some "
@@ -154,6 +155,7 @@ class SweepDistillation(StepDistillation):
             raise DistillError(f"method.denoise_weight={denoise_weight}: must be >= 0 (0: data-free)")
         self._latents: Optional[torch.Tensor] = None  # the trajectories' current x_t (latents=noise)
         self._latent_index = -1                       # their grid index
+        self.warn_on_type_change()
 
     # ------------------------------------------------------------------ sweep and latents
     def sweep_start(self) -> int:

@@ -36,6 +36,7 @@ from typing import Any, Optional
 import torch
 
 from distillkit.diffusion import to_x0
+from distillkit.errors import DistillError
 from distillkit.methods.diffusion import mean_flat
 from distillkit.diffusion.step_targets import ddim_implied_x0, step_loss_weight
 from distillkit.methods.step_distill import StepDistillation, two_ddim_steps
@@ -55,6 +56,15 @@ class Progressive(StepDistillation):
     method_name = "progressive"
     needs_teacher = True
     round_name = "round"
+
+    def __init__(self, *args: Any, convert_updates: int = 0, **kw: Any):
+        super().__init__(*args, **kw)
+        self.convert_updates = int(convert_updates)
+        if not 0 <= self.convert_updates < self.updates_per_round:
+            raise DistillError(f"method.convert_updates={convert_updates}: must lie in [0, method.updates_per_round="
+                               f"{self.updates_per_round}): they are the first updates of round 1")
+        if not self.convert_updates:
+            self.warn_on_type_change("; or convert first: method.convert_updates")
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         x0 = (batch[0] if isinstance(batch, (list, tuple)) else batch).float()

@@ -106,7 +106,7 @@ class StepDistillation(DiffusionMethod):
     def __init__(self, student: nn.Module, teacher: Optional[nn.Module] = None, *, weighting: str = "truncated_snr",
                  teacher_steps: int = 64, final_steps: Optional[int] = None, updates_per_round: int = 1000,
                  teacher_prediction_type: Optional[str] = None, init_from_teacher: bool = True,
-                 fresh_optimizer: bool = False, prediction_type: str = "v", convert_updates: int = 0, **kw: Any):
+                 fresh_optimizer: bool = False, prediction_type: str = "v", **kw: Any):
         # The denoising loss of the base (anchors, from-scratch training) stays the plain MSE on
         # the prediction; ``weighting`` here is the step-distillation loss's.
         super().__init__(student, teacher=teacher, prediction_type=prediction_type, weighting="none", **kw)
@@ -129,20 +129,6 @@ class StepDistillation(DiffusionMethod):
         self.updates_per_round = int(updates_per_round)
         if self.updates_per_round < 1:
             raise DistillError(f"method.updates_per_{self.round_name}={updates_per_round}: must be >= 1")
-        # Round 1's first updates may teach the student the teacher's own x-prediction in the
-        # student's parameterisation (subclasses that support it: Progressive).
-        self.convert_updates = int(convert_updates)
-        if not 0 <= self.convert_updates < self.updates_per_round:
-            raise DistillError(f"method.convert_updates={convert_updates}: must lie in [0, method.updates_per_"
-                               f"{self.round_name}={self.updates_per_round}): they are the first updates of round 1")
-        if (self.init_from_teacher and self.needs_teacher and self._first_teacher_pred_type != self.prediction_type
-                and not self.convert_updates):
-            log.warning("method=%s: the student starts from the teacher's weights but reads their output as %s, "
-                        "where the teacher predicts %s: round 1 has to re-learn the output layer (give it enough "
-                        "updates: method.updates_per_%s%s), or train the teacher to predict %s", self.method_name,
-                        self.prediction_type, self._first_teacher_pred_type, self.round_name,
-                        "; or convert first: method.convert_updates" if self.method_name == "progressive" else "",
-                        self.prediction_type)
         self.round_steps = self._round_steps(int(teacher_steps), final_steps)
         self.final_steps = self.round_steps[-1] // 2
         # The student's sampler default (distill-sample, export): the last round's step count.
@@ -151,6 +137,16 @@ class StepDistillation(DiffusionMethod):
         self._teacher_round = 1        # whose weights self.teacher holds (1: the configured teacher)
         self._grid: tuple = (None, None)  # (N, device) and its round_grid()
         self.run_dir: Optional[Path] = None  # set by the CLI; round teachers are written there
+
+    def warn_on_type_change(self, remedy: str = "") -> None:
+        """Say so when the student starts from the teacher's weights but reads their output as
+        another prediction type (subclasses call it once constructed; ``remedy``: a method's own way out)."""
+        if (self.init_from_teacher and self.needs_teacher and self._first_teacher_pred_type != self.prediction_type):
+            log.warning("method=%s: the student starts from the teacher's weights but reads their output as %s, "
+                        "where the teacher predicts %s: %s 1 has to re-learn the output layer (give it enough "
+                        "updates: method.updates_per_%s%s), or train the teacher to predict %s", self.method_name,
+                        self.prediction_type, self._first_teacher_pred_type, self.round_name, self.round_name, remedy,
+                        self.prediction_type)
 
     # ------------------------------------------------------------------ rounds
     def _round_steps(self, teacher_steps: int, final_steps: Optional[int]) -> list[int]:
