@@ -242,3 +242,33 @@ def test_cuda_inputs_with_cpu_schedule_and_generator():
     gpu = ddim_sample(data.model_fn(sch, "v"), x_T.cuda(), sch, 4, generator=torch.Generator().manual_seed(0), **kw)
     assert gpu.is_cuda and torch.allclose(gpu.cpu(), cpu, atol=1e-10)
     assert sch.alpha(torch.tensor([3, -1], device="cuda")).is_cuda
+
+
+def test_samplers_read_device_values_once_per_call_not_per_step(monkeypatch):
+    """On a GPU each read of a device value into Python (``.tolist()``, ``if t:``, ``int(t)``) and
+    each timestep copied from the host waits for the work queued before it. DDIM reads its grid
+    once per call, fills timesteps on the device and looks an int step up where the schedule's
+    table lives; Heun reads which steps it corrects once."""
+    reads, builds = [], []
+    for name in ("item", "__bool__", "__float__", "__int__", "__index__", "tolist"):
+        orig = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name, lambda self, *a, _o=orig, _n=name, **k: (reads.append(_n), _o(self, *a, **k))[1])
+    as_tensor = torch.as_tensor
+    monkeypatch.setattr(torch, "as_tensor", lambda data, *a, **k: (builds.append(type(data).__name__)
+                                                                      if not isinstance(data, torch.Tensor) else None,
+                                                                      as_tensor(data, *a, **k))[1])
+
+    def counts(sample) -> tuple[int, int]:
+        reads.clear(), builds.clear()
+        sample()
+        return len(reads), len(builds)
+
+    sch, net = NoiseSchedule("cosine", 1024), (lambda x, t: 0.1 * x)
+    x_T = torch.randn(4, 2)
+    ddim = [counts(lambda: ddim_sample(net, x_T, sch, n, pred_type="v")) for n in (1, 8)]
+    assert ddim[0] == ddim[1] == (1, 0), ddim   # the grid's tolist, whatever the step count
+    assert sch.alpha(5).shape == () and torch.equal(sch.alpha(5), sch.alpha(torch.tensor(5)))
+    with pytest.raises(IndexError, match="1024"):
+        sch.alpha(1024)
+    heun = [counts(lambda: heun_sample(lambda x, s: 0.5 * x, x_T * 80, KarrasSchedule().sigmas(n))) for n in (2, 8)]
+    assert heun[0] == heun[1], heun

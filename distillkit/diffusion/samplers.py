@@ -12,6 +12,8 @@ alpha, sigma), guiding eps, v or x0 outputs gives the same step.
 """
 from __future__ import annotations
 
+import numbers
+
 from typing import Callable, Optional
 
 import torch
@@ -73,7 +75,10 @@ def ddim_step(x_t, x0, eps, alpha_s, sigma_s, eta: float = 0.0, sigma_t=None, al
 
 
 def _batch_t(t, x: torch.Tensor) -> torch.Tensor:
-    """Timesteps as an int64 tensor of shape (B,) on x's device (one int is repeated)."""
+    """Timesteps as an int64 tensor of shape (B,) on x's device (one int is repeated; filled on the
+    device, not copied from the host)."""
+    if isinstance(t, numbers.Integral):
+        return torch.full((x.shape[0],), int(t), device=x.device, dtype=torch.long)
     t = torch.as_tensor(t, device=x.device, dtype=torch.long)
     return t.expand(x.shape[0]) if t.ndim == 0 else t
 
@@ -137,10 +142,11 @@ def heun_sample(denoiser: Callable, x: torch.Tensor, sigmas) -> torch.Tensor:
     Algorithm 2 with S_churn = 0): an Euler step, then the trapezoidal correction unless the step
     ends at sigma = 0. 2N - 1 denoiser calls for N steps."""
     sigmas = torch.as_tensor(sigmas, device=x.device, dtype=x.dtype)
-    for sigma, sigma_next in zip(sigmas[:-1], sigmas[1:]):
+    last = (sigmas[1:] > 0).tolist()  # read once, not a device sync per step
+    for sigma, sigma_next, correct in zip(sigmas[:-1], sigmas[1:], last):
         d = (x - denoiser(x, sigma.expand(x.shape[0]))) / sigma
         x_next = x + (sigma_next - sigma) * d
-        if sigma_next > 0:
+        if correct:
             d_next = (x_next - denoiser(x_next, sigma_next.expand(x.shape[0]))) / sigma_next
             x_next = x + (sigma_next - sigma) * (d + d_next) / 2
         x = x_next

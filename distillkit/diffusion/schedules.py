@@ -17,6 +17,8 @@ sampling sigmas of their eq. (5).
 """
 from __future__ import annotations
 
+import numbers
+
 from dataclasses import dataclass
 from typing import Optional
 
@@ -88,7 +90,13 @@ class NoiseSchedule(nn.Module):
 
     def _ac(self, t) -> torch.Tensor:
         """alphas_cumprod[t] on t's device, with t = -1 -> 1. The range check runs on CPU only,
-        so a training step on GPU never waits for it (CUDA indexing asserts on its own)."""
+        so a training step on GPU never waits for it (CUDA indexing asserts on its own). A Python
+        int (a sampler's grid point) is looked up where the table lives: no copy of it to the host
+        and back at every step."""
+        if isinstance(t, numbers.Integral):
+            if not -1 <= t < self.num_train_timesteps:
+                raise IndexError(f"timesteps must lie in [-1, {self.num_train_timesteps - 1}], got {t}")
+            return self._alphas_cumprod[int(t) + 1]
         t = torch.as_tensor(t)
         if t.is_floating_point() or t.is_complex():
             raise TypeError(f"timesteps must be integers, got {t.dtype}")
