@@ -142,8 +142,8 @@ def heun_sample(denoiser: Callable, x: torch.Tensor, sigmas) -> torch.Tensor:
     Algorithm 2 with S_churn = 0): an Euler step, then the trapezoidal correction unless the step
     ends at sigma = 0. 2N - 1 denoiser calls for N steps."""
     sigmas = torch.as_tensor(sigmas, device=x.device, dtype=x.dtype)
-    last = (sigmas[1:] > 0).tolist()  # read once, not a device sync per step
-    for sigma, sigma_next, correct in zip(sigmas[:-1], sigmas[1:], last):
+    corrected = (sigmas[1:] > 0).tolist()  # read once, not a device sync per step
+    for sigma, sigma_next, correct in zip(sigmas[:-1], sigmas[1:], corrected):
         d = (x - denoiser(x, sigma.expand(x.shape[0]))) / sigma
         x_next = x + (sigma_next - sigma) * d
         if correct:
