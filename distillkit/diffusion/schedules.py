@@ -94,16 +94,18 @@ class NoiseSchedule(nn.Module):
         int (a sampler's grid point) is looked up where the table lives: no copy of it to the host
         and back at every step."""
         if isinstance(t, numbers.Integral):
-            if not -1 <= t < self.num_train_timesteps:
-                raise IndexError(f"timesteps must lie in [-1, {self.num_train_timesteps - 1}], got {t}")
+            self._check_range(int(t), int(t))
             return self._alphas_cumprod[int(t) + 1]
         t = torch.as_tensor(t)
         if t.is_floating_point() or t.is_complex():
             raise TypeError(f"timesteps must be integers, got {t.dtype}")
-        T = self.num_train_timesteps
-        if t.device.type == "cpu" and t.numel() and (int(t.min()) < -1 or int(t.max()) >= T):
-            raise IndexError(f"timesteps must lie in [-1, {self.num_train_timesteps - 1}]")
+        if t.device.type == "cpu" and t.numel():
+            self._check_range(int(t.min()), int(t.max()))
         return self._alphas_cumprod.to(t.device)[t.long() + 1]
+
+    def _check_range(self, lo: int, hi: int) -> None:
+        if lo < -1 or hi >= self.num_train_timesteps:
+            raise IndexError(f"timesteps must lie in [-1, {self.num_train_timesteps - 1}], got {lo if lo < -1 else hi}")
 
     @staticmethod
     def _out(v: torch.Tensor, like: Optional[torch.Tensor]) -> torch.Tensor:
