@@ -40,20 +40,33 @@ def toy_teacher(tmp_path_factory) -> Path:
     return path
 
 
-@pytest.mark.parametrize("method", [
-    ["method=diffusion"],
+# Work a step-distillation run does once per round or level, in the batch that starts it: build the
+# round's grid on the device and write the finished round's student (torch.save copies it to the
+# host). On a GPU both synchronise; once per 50,000 updates that costs nothing worth saving.
+PER_ROUND = ("methods/step_distill.py:", " round_grid ", " save_round ")
+
+
+def per_round(site: str) -> bool:
+    return PER_ROUND[0] in site and any(f in site for f in PER_ROUND[1:])
+
+
+@pytest.mark.parametrize("method,per_round_updates", [
+    (["method=diffusion"], None),
     # two round changes: the round file, the new teacher and the grid come inside the batch
-    ["teacher=mlp2d", "method=progressive", "method.teacher_steps=8", "method.final_steps=1",
-     "method.updates_per_round=3"],
-    ["teacher=self", "method=dsd", "method.variant=dsdi", "method.target=ema", "method.denoise_weight=0.5",
-     "method.teacher_steps=8", "method.final_steps=2", "method.updates_per_level=4"],
-    ["teacher=mlp2d", "method=tsd", "method.teacher_steps=8", "method.updates_per_level=8"],
+    (["teacher=mlp2d", "method=progressive", "method.teacher_steps=8", "method.final_steps=1",
+      "method.updates_per_round=3"], 3),
+    (["teacher=self", "method=dsd", "method.variant=dsdi", "method.target=ema", "method.denoise_weight=0.5",
+      "method.teacher_steps=8", "method.final_steps=2", "method.updates_per_level=4"], 4),
+    (["teacher=mlp2d", "method=tsd", "method.teacher_steps=8", "method.updates_per_level=8"], 8),
 ], ids=["diffusion", "progressive", "dsdi", "tsd"])
-def test_step_distillation_updates_read_nothing_back(tmp_path, toy_teacher, method):
+def test_step_distillation_updates_read_nothing_back(tmp_path, toy_teacher, method, per_round_updates):
     teacher = [f"teacher.checkpoint={toy_teacher}"] if "teacher=mlp2d" in method else []
     r = host_reads(tmp_path / "reads.json", *TOY, *method, *teacher, f"runs_dir={tmp_path / 'runs'}")
     assert r["updates"] == 8
-    assert r["reads"] == {}, r["reads"]
+    per_update = {site: n for site, n in r["reads"].items() if not per_round(site)}
+    assert per_update == {}, per_update
+    for site, batches in r["batches"].items():  # only on a GPU: CPU runs see no syncs
+        assert per_round(site) and all(b % per_round_updates == 0 for b in batches), (site, batches)
 
 
 @pytest.mark.parametrize("method", ["kd", "dkd"])
@@ -84,3 +97,43 @@ def test_the_harness_records_cuda_sync_warnings_at_their_call_site(monkeypatch):
     (site, n), = host_reads.reads.items()
     assert n == 1 and site.startswith("CUDA sync at ") and "test_host_reads.py" in site
     assert shown == ["something else"]   # other warnings are shown as before
+
+
+def test_the_harness_records_mask_indexing_and_only_device_builds_on_a_gpu(monkeypatch):
+    """x[mask] counts (its size is read back); gather does not. With CUDA, a tensor built from
+    Python data counts only when it lands on the GPU: torch's multi-tensor Adam builds a CPU scalar
+    every update (seen on an H200), which waits for nothing."""
+    import torch
+
+    sys.path.insert(0, str(HERE))
+    try:
+        import host_reads
+    finally:
+        sys.path.remove(str(HERE))
+    for name in ("__getitem__", "__setitem__"):
+        monkeypatch.setattr(torch.Tensor, name, getattr(torch.Tensor, name))  # undone after the test
+        host_reads._wrap_mask_index(name)
+    x, mask = torch.arange(6.0).view(2, 3), torch.tensor([[True, False, False], [False, True, False]])
+    monkeypatch.setattr(torch, "tensor", torch.tensor)
+    host_reads._wrap_build("tensor")
+    monkeypatch.setattr(host_reads, "reads", host_reads.collections.Counter())
+    monkeypatch.setattr(host_reads, "in_batch", [True])
+    monkeypatch.setattr(host_reads, "cuda", [True])
+    torch.tensor(1.0)  # a CPU scalar in a CUDA run: not counted
+    x.gather(1, torch.zeros(2, 1, dtype=torch.long))
+    x[0, 1:]
+    assert sum(host_reads.reads.values()) == 0, host_reads.reads
+    x[mask]
+    x[mask] = 0.0
+    monkeypatch.setattr(host_reads, "cuda", [False])
+    torch.tensor(1.0)  # on a CPU run it may be a device build in a GPU run
+    kinds = sorted(site.split(" at ")[0] for site in host_reads.reads.elements())
+    assert kinds == ["boolean-mask index", "boolean-mask index", "torch.tensor(python data)"]
+
+
+def test_per_round_sites_are_the_round_grid_and_round_file_of_step_distillation():
+    # site strings as the harness wrote them on an H200
+    assert per_round("CUDA sync at main/distillkit/methods/step_distill.py:293 save_round (from methods/step_distill.py:293)")
+    assert per_round("CUDA sync at main/distillkit/methods/step_distill.py:193 round_grid (from methods/step_distill.py:193)")
+    assert not per_round("CUDA sync at main/distillkit/methods/dkd.py:34 dkd_terms (from methods/dkd.py:34)")
+    assert not per_round("CUDA sync at torch/autograd/graph.py:869 _engine_run_backward (from methods/step_distill.py:293)")

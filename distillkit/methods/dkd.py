@@ -30,9 +30,11 @@ def dkd_terms(student_logits: torch.Tensor, teacher_logits: torch.Tensor, target
     gt = F.one_hot(target, student_logits.shape[1]).bool()
     p_s = F.softmax(student_logits / t, dim=1)
     p_t = F.softmax(teacher_logits / t, dim=1)
-    # binary distributions [p_target, p_rest] (eq. 2)
-    b_s = torch.stack([p_s[gt], 1 - p_s[gt]], dim=1)
-    b_t = torch.stack([p_t[gt], 1 - p_t[gt]], dim=1)
+    # binary distributions [p_target, p_rest] (eq. 2); gather, not p[gt]: a boolean-mask index
+    # reads the mask's True count back from the GPU (forward and backward)
+    at = target[:, None]
+    b_s = torch.cat([p_s.gather(1, at), 1 - p_s.gather(1, at)], dim=1)
+    b_t = torch.cat([p_t.gather(1, at), 1 - p_t.gather(1, at)], dim=1)
     tckd = _kl_batchmean(b_t, torch.log(b_s.clamp_min(1e-12))) * t * t
     # non-target distributions: softmax with the target logit removed (-inf -> prob 0)
     mask = torch.where(gt, float("-inf"), 0.0)
