@@ -10,6 +10,9 @@
 set -uo pipefail
 OUT=${1:-runs/gpu_check}; S=${S:-1}; PY=${PY:-python}; D=$OUT/data; R=$OUT/runs
 SMALL=""; [ "$S" = 0 ] && SMALL="dataset.batch_size=2 dataset.eval_batch_size=2"
+if [ -n "$(ls -A "$OUT" 2>/dev/null)" ]; then  # its runs would resume, not measure
+  echo "gpu_check_paper_settings: $OUT is not empty (an earlier check?); name another OUT or remove it" >&2; exit 2
+fi
 mkdir -p "$OUT"
 nvidia-smi --query-gpu=timestamp,memory.used,utilization.gpu --format=csv,noheader -lms 500 > "$OUT/gpu.csv" 2>/dev/null &
 SMI=$!
