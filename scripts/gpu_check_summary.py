@@ -89,7 +89,7 @@ def main() -> None:
     ap.add_argument("--machine", required=True, help="the GPU and software, as the README reports it")
     ap.add_argument("--out", type=Path, default=readme_tables.BENCH_DIR / f"{NAME}.json",
                     help="default: the README's table reads it; any other path leaves the README alone")
-    ap.add_argument("--call", default="1", help="a label of this device call (rows of other calls are kept)")
+    ap.add_argument("--call", default="1", help="a label of these runs, e.g. the commit measured (rows of other labels are kept)")
     args = ap.parse_args()
     runs = {}
     for pair in args.runs:

@@ -128,11 +128,11 @@ FORMATTERS["teacher_digits_quick"] = teacher_digits_table
 
 @formatter("gpu_check_paper_settings")
 def gpu_check_table(bench: dict) -> str:
-    """experiment | device call | s per update | updates logged | validations | peak MiB | mean utilisation."""
+    """experiment | code (the commit measured) | s per update | updates logged | validations | peak MiB | mean utilisation."""
     body = [[f"`{r['experiment']}`", r["call"], _num(r["s_per_update"], 3), str(r["updates_logged"]),
              str(r["validations"]), _num(r["peak_memory_mib"], 0), _num(r["mean_utilisation_pct"], 1)]
             for r in bench["rows"]]
-    table = md_table(["experiment", "device call", "s per update (median)", "updates", "validations",
+    table = md_table(["experiment", "code", "s per update (median)", "updates", "validations",
                       "peak GPU memory MiB", "mean GPU utilisation %"], body,
                      ["---", "--:", "--:", "--:", "--:", "--:", "--:"])
     return table + "\n\n" + provenance(bench)
