@@ -131,3 +131,17 @@ def test_gpu_check_summary_rates_skip_round_changes_and_memory_follows_the_windo
     assert (row["peak_memory_mib"], row["mean_utilisation_pct"]) == (8000.0, 50.0)
     table = readme_tables.FORMATTERS["gpu_check_paper_settings"]({"machine": "m", "rows": [row]})
     assert "| `cifar10_progressive` | 1 | 0.100 | 40 | 1 | 8000 | 50.0 |" in table
+
+
+def test_unet_compile_probe_runs_and_writes_a_row_per_variant(tmp_path):
+    """The GPU probe's plumbing on the CPU (its timings mean nothing here): the eager variants, a
+    batch of 2, one timed update each."""
+    import probe_unet_compile
+
+    out = tmp_path / "probe.json"
+    assert probe_unet_compile.main(["--out", str(out), "--variants", "eager", "channels_last",
+                                    "--batch", "2", "--warmup", "1", "--updates", "1"]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["variant"], r["channels_last"], r["compile_mode"]) for r in rows] == [
+        ("eager", False, None), ("channels_last", True, None)]
+    assert all(r["s_per_update"] > 0 and r["images_per_s"] > 0 and r["batch"] == 2 for r in rows)
