@@ -28,6 +28,16 @@ def host_reads(out: Path, *args: str) -> dict:
     return result
 
 
+def harness():
+    """tests/host_reads.py as a module (its wrappers are installed only by its main())."""
+    sys.path.insert(0, str(HERE))
+    try:
+        import host_reads
+    finally:
+        sys.path.remove(str(HERE))
+    return host_reads
+
+
 @pytest.fixture(scope="module")
 def toy_teacher(tmp_path_factory) -> Path:
     import torch
@@ -81,11 +91,7 @@ def test_classifier_updates_read_nothing_back(tmp_path, digits_teacher_ckpt, met
 def test_the_harness_records_cuda_sync_warnings_at_their_call_site(monkeypatch):
     """On a GPU the harness turns on torch.cuda.set_sync_debug_mode("warn"); its warnings count
     as reads, at the line that called the synchronising operation."""
-    sys.path.insert(0, str(HERE))
-    try:
-        import host_reads
-    finally:
-        sys.path.remove(str(HERE))
+    host_reads = harness()
     shown = []
     monkeypatch.setattr(warnings, "showwarning", lambda message, *a, **k: shown.append(str(message)))
     monkeypatch.setattr(host_reads, "reads", host_reads.collections.Counter())
@@ -105,11 +111,7 @@ def test_the_harness_records_mask_indexing_and_only_device_builds_on_a_gpu(monke
     every update (seen on an H200), which waits for nothing."""
     import torch
 
-    sys.path.insert(0, str(HERE))
-    try:
-        import host_reads
-    finally:
-        sys.path.remove(str(HERE))
+    host_reads = harness()
     for name in ("__getitem__", "__setitem__"):
         monkeypatch.setattr(torch.Tensor, name, getattr(torch.Tensor, name))  # undone after the test
         host_reads._wrap_mask_index(name)

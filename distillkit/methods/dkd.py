@@ -33,8 +33,9 @@ def dkd_terms(student_logits: torch.Tensor, teacher_logits: torch.Tensor, target
     # binary distributions [p_target, p_rest] (eq. 2); gather, not p[gt]: a boolean-mask index
     # reads the mask's True count back from the GPU (forward and backward)
     at = target[:, None]
-    b_s = torch.cat([p_s.gather(1, at), 1 - p_s.gather(1, at)], dim=1)
-    b_t = torch.cat([p_t.gather(1, at), 1 - p_t.gather(1, at)], dim=1)
+    ps_target, pt_target = p_s.gather(1, at), p_t.gather(1, at)
+    b_s = torch.cat([ps_target, 1 - ps_target], dim=1)
+    b_t = torch.cat([pt_target, 1 - pt_target], dim=1)
     tckd = _kl_batchmean(b_t, torch.log(b_s.clamp_min(1e-12))) * t * t
     # non-target distributions: softmax with the target logit removed (-inf -> prob 0)
     mask = torch.where(gt, float("-inf"), 0.0)
