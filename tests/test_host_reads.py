@@ -60,26 +60,32 @@ def per_round(site: str) -> bool:
     return PER_ROUND[0] in site and any(f in site for f in PER_ROUND[1:])
 
 
-@pytest.mark.parametrize("method,per_round_updates", [
-    (["method=diffusion"], None),
+@pytest.mark.parametrize("method,per_round_updates,updates", [
+    (["method=diffusion"], None, 8),
     # two round changes: the round file, the new teacher and the grid come inside the batch
     (["teacher=mlp2d", "method=progressive", "method.teacher_steps=8", "method.final_steps=1",
-      "method.updates_per_round=3"], 3),
+      "method.updates_per_round=3"], 3, 8),
     (["teacher=self", "method=dsd", "method.variant=dsdi", "method.target=ema", "method.denoise_weight=0.5",
-      "method.teacher_steps=8", "method.final_steps=2", "method.updates_per_level=4"], 4),
-    (["teacher=mlp2d", "method=tsd", "method.teacher_steps=8", "method.updates_per_level=8"], 8),
-], ids=["diffusion", "progressive", "dsdi", "tsd"])
-def test_step_distillation_updates_read_nothing_back(tmp_path, toy_teacher, method, per_round_updates):
+      "method.teacher_steps=8", "method.final_steps=2", "method.updates_per_level=4"], 4, 8),
+    (["teacher=mlp2d", "method=tsd", "method.teacher_steps=8", "method.updates_per_level=8"], 8, 8),
+    # progressive's conversion phase (an x0 student of a v teacher) and the other DSD paths
+    (["teacher=mlp2d", "method=progressive", "method.prediction_type=x0", "method.teacher_prediction_type=v",
+      "method.convert_updates=2", "method.teacher_steps=8", "method.final_steps=2", "method.updates_per_round=4"], 4, 8),
+    (["teacher=self", "method=dsd", "method.variant=dsdn", "method.teacher_steps=8", "method.updates_per_level=7"], 7, 7),
+    (["teacher=self", "method=dsd", "method.variant=dsdi", "method.from_scratch=true", "method.target=online",
+      "method.latents=data", "method.teacher_steps=8", "method.final_steps=2", "method.updates_per_level=4"], 4, 8),
+], ids=["diffusion", "progressive", "dsdi", "tsd", "progressive_convert", "dsdn", "dsdi_scratch_data"])
+def test_step_distillation_updates_read_nothing_back(tmp_path, toy_teacher, method, per_round_updates, updates):
     teacher = [f"teacher.checkpoint={toy_teacher}"] if "teacher=mlp2d" in method else []
     r = host_reads(tmp_path / "reads.json", *TOY, *method, *teacher, f"runs_dir={tmp_path / 'runs'}")
-    assert r["updates"] == 8
+    assert r["updates"] == updates  # DSDN's one level of 7 updates ends the run before max_steps
     per_update = {site: n for site, n in r["reads"].items() if not per_round(site)}
     assert per_update == {}, per_update
     for site, batches in r["batches"].items():  # only on a GPU: CPU runs see no syncs
         assert per_round(site) and all(b % per_round_updates == 0 for b in batches), (site, batches)
 
 
-@pytest.mark.parametrize("method", ["kd", "dkd"])
+@pytest.mark.parametrize("method", ["kd", "dkd", "fitnet"])
 def test_classifier_updates_read_nothing_back(tmp_path, digits_teacher_ckpt, method):
     r = host_reads(tmp_path / "reads.json", f"experiment=digits_{method}", f"teacher.checkpoint={digits_teacher_ckpt}",
                    "callbacks.ema.enabled=true", "debug=smoke", "callbacks.progress=none",
