@@ -3,7 +3,8 @@
 # stand-in data of the real shapes (scripts/fake_paper_data.py), and the plain progress lines
 # ("step N ... (elapsed s)") give the seconds per update; nvidia-smi logs the memory;
 # scripts/gpu_check_summary.py writes both to OUT/summary.json. Last, tests/test_host_reads.py runs
-# on the GPU (OUT/host_reads.log).
+# on the GPU (OUT/host_reads.log) and scripts/probe_unet_compile.py times the CIFAR-10 UNet's update
+# (OUT/probe_unet_compile.json).
 #   bash scripts/gpu_check_paper_settings.sh [OUT]        # OUT defaults to runs/gpu_check
 # S=0 runs the minimum (one or two updates each, CelebA-HQ at batch 2) to check the script
 # itself on any machine.
@@ -22,7 +23,7 @@ W="callbacks.progress=plain runs_dir=$R name=check trainer.test_after_fit=false 
 run() {  # log name, then the command's arguments
   local n=$1; shift
   $PY "$@" > "$OUT/$n.log" 2>&1; echo "== $n: exit $?"
-  grep -E "step [0-9]+ |(round|level) [0-9]+ of|results:|Error| passed| failed" "$OUT/$n.log" | tail -12
+  grep -E "step [0-9]+ |(round|level) [0-9]+ of|results:|Error| passed| failed|\"variant\"" "$OUT/$n.log" | tail -12
 }
 run cifar10_teacher -m distillkit.cli experiment=cifar10_diffusion_teacher dataset.data_dir="$D" $W \
   dataset.num_workers=8 trainer.max_steps=$((400*S+2)) trainer.log_every_n_steps=$((100*S+1))
@@ -38,8 +39,14 @@ run celebahq_dsdi -m distillkit.cli experiment=celebahq_dsdi model.pretrained="$
 run celebahq_progressive -m distillkit.cli experiment=celebahq_progressive teacher.pretrained="$D/ddpm-celebahq-256" \
   dataset.data_dir="$D/images" $W $SMALL method.updates_per_round=$((20*S+1)) method.convert_updates=$((5*S)) \
   trainer.log_every_n_steps=$((5*S+1))
-# training updates free of host reads and synchronising CUDA calls (set_sync_debug_mode), on the GPU
-run host_reads -m pytest -q -p no:cacheprovider tests/test_host_reads.py
+# training updates free of host reads and synchronising CUDA calls (set_sync_debug_mode), on the GPU;
+# its 10 CLI runs in parallel where pytest-xdist is there (the device image has it)
+XDIST=""; $PY -c "import xdist" 2>/dev/null && XDIST="-n 8"
+run host_reads -m pytest -q -p no:cacheprovider $XDIST -rf --tb=short tests/test_host_reads.py
+# the CIFAR-10 UNet's update eager, channels-last and compiled (OUT/probe_unet_compile.json)
+run probe_unet_compile scripts/probe_unet_compile.py --out "$OUT/probe_unet_compile.json" \
+  --updates $((50*S+1)) --warmup $((5*S+1)) $([ "$S" = 0 ] && echo "--batch 2 --variants eager channels_last" \
+  || echo "--variants eager channels_last compile")  # one compiled variant: each compiles its graph first
 GPU=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1)
 MACHINE="${GPU:-no GPU}, $($PY -c 'import torch; print("torch", torch.__version__)')"
 $PY scripts/gpu_check_summary.py --gpu-csv "$OUT/gpu.csv" --machine "$MACHINE" --out "$OUT/summary.json" \
