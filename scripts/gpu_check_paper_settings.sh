@@ -6,7 +6,7 @@
 # on the GPU (OUT/host_reads.log) and scripts/probe_unet_compile.py times the CIFAR-10 UNet's update
 # (OUT/probe_unet_compile.json).
 #   bash scripts/gpu_check_paper_settings.sh [OUT]        # OUT defaults to runs/gpu_check
-# S=0 runs the minimum (one or two updates each, CelebA-HQ at batch 2) to check the script
+# S=0 runs the minimum (one or two updates each, at batch 2) to check the script
 # itself on any machine.
 set -uo pipefail
 OUT=${1:-runs/gpu_check}; S=${S:-1}; PY=${PY:-python}; D=$OUT/data; R=$OUT/runs
@@ -19,7 +19,7 @@ nvidia-smi --query-gpu=timestamp,memory.used,utilization.gpu --format=csv,nohead
 SMI=$!
 trap 'kill $SMI 2>/dev/null' EXIT
 $PY scripts/fake_paper_data.py "$D" || exit 1
-W="callbacks.progress=plain runs_dir=$R name=check trainer.test_after_fit=false trainer.check_val_every_n_epoch=1000"
+W="callbacks.progress=plain runs_dir=$R name=check trainer.test_after_fit=false trainer.check_val_every_n_epoch=1000 $SMALL"
 run() {  # log name, then the command's arguments
   local n=$1; shift
   $PY "$@" > "$OUT/$n.log" 2>&1; echo "== $n: exit $?"
@@ -35,9 +35,9 @@ for r in 10 8; do  # 1 and 4 steps
     num_samples=$((1000*S+8)) out="$OUT/round_$r.npz"
 done
 run celebahq_dsdi -m distillkit.cli experiment=celebahq_dsdi model.pretrained="$D/ddpm-celebahq-256" \
-  dataset.data_dir="$D/images" $W $SMALL method.updates_per_level=$((20*S+1)) trainer.log_every_n_steps=$((5*S+1))
+  dataset.data_dir="$D/images" $W method.updates_per_level=$((20*S+1)) trainer.log_every_n_steps=$((5*S+1))
 run celebahq_progressive -m distillkit.cli experiment=celebahq_progressive teacher.pretrained="$D/ddpm-celebahq-256" \
-  dataset.data_dir="$D/images" $W $SMALL method.updates_per_round=$((20*S+1)) method.convert_updates=$((5*S)) \
+  dataset.data_dir="$D/images" $W method.updates_per_round=$((20*S+1)) method.convert_updates=$((5*S)) \
   trainer.log_every_n_steps=$((5*S+1))
 # training updates free of host reads and synchronising CUDA calls (set_sync_debug_mode), on the GPU;
 # its 10 CLI runs in parallel where pytest-xdist is there (the device image has it)
