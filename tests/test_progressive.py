@@ -278,6 +278,26 @@ def test_a_round_finished_again_after_a_requeue_replaces_the_earlier_file(tmp_pa
     assert third.teacher.bias.item() == pytest.approx(0.71)
 
 
+def test_the_last_round_finished_again_replaces_its_file(tmp_path, monkeypatch):
+    """The last round's file is the run's product (distill-sample reads it). A run that finishes
+    the last round again, requeued from before its end or extended with more updates, writes this
+    attempt's student there (a digits probe extended this way kept the earlier student)."""
+    data, sched = GaussianData.random(dim=2, seed=0), NoiseSchedule("cosine", T)
+    step = {"n": 0}
+    monkeypatch.setattr(Progressive, "global_step", property(lambda self: step["n"]))
+    for bias in (0.7, 0.71):
+        m = progressive(Oracle(data, sched, bias=0.3), Oracle(data, sched), teacher_steps=2, final_steps=1,
+                        updates_per_round=5)
+        m.run_dir, step["n"] = tmp_path, 0
+        m.sync_round()
+        with torch.no_grad():
+            m.student.bias.fill_(bias)
+        step["n"] = 5
+        m.on_train_end()
+        saved = torch.load(tmp_path / "round_1.ckpt", weights_only=True)["state_dict"]["bias"].item()
+        assert saved == pytest.approx(bias)
+
+
 @pytest.mark.parametrize("fresh", [False, True])
 def test_fresh_optimizer_clears_the_state_at_a_round_boundary(fresh, monkeypatch):
     """method.fresh_optimizer=true: round 2 starts with empty Adam moments (as each halving of the

@@ -322,9 +322,11 @@ class StepDistillation(DiffusionMethod):
         log.info("method=%s: %s %d resumes with the teacher %s", self.method_name, self.round_name, r, path)
 
     def on_train_end(self) -> None:
-        # The last round's student is also saved as its own round file.
+        # The last round's student is also saved as its own round file, over an earlier attempt's:
+        # a run that finishes the last round again (requeued from before its end, or extended with
+        # more updates and resume=force) would otherwise keep the older student there.
         if self.global_step >= self.total_updates:
-            self.save_round(self.num_rounds)
+            self.save_round(self.num_rounds, replace=True)
 
     # ------------------------------------------------------------------ logging and checkpoints
     def log_round(self) -> None:
