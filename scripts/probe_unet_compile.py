@@ -5,7 +5,8 @@ model=unet network (DDPM's CIFAR-10 layout, 35.7M parameters) on a batch of 128 
 bf16 autocast (the CLI's default precision on a GPU), a v-prediction MSE, backward, gradient
 clipping at 1 and an Adam step. Each variant builds the network afresh with the same seed, runs
 ``--warmup`` updates (for a compiled variant the first one compiles; its time is reported as
-``first_update_s``) and then times ``--updates`` more with CUDA events. Writes JSON:
+``first_update_s``) and then times ``--updates`` more on the wall clock, the GPU
+synchronised before and after. Writes JSON:
 
     python scripts/probe_unet_compile.py --out benchmarks/probe_unet_compile.json
     python scripts/probe_unet_compile.py --variants eager compile --updates 50  # a subset

@@ -259,9 +259,8 @@ class StepDistillation(DiffusionMethod):
     def begin_round(self, r: int, prev: int) -> None:
         """Round r starts now (prev: the round before, 0 at a fresh start)."""
         if r > 1:
-            # the student that finished round r-1 (and, with a teacher, the new teacher); written even
-            # over an earlier attempt's file, so that the file and the teacher in memory agree
-            self.save_round(r - 1, replace=True)
+            # the student that finished round r-1 (and, with a teacher, the new teacher)
+            self.save_round(r - 1)
         if self.has_round_teacher:
             if r > 1:
                 self._set_teacher(copy.deepcopy(self.eval_network()), r)
@@ -275,18 +274,17 @@ class StepDistillation(DiffusionMethod):
                  self.round_name, r, self.num_rounds, self.round_steps[r - 1], self.round_steps[r - 1] // 2,
                  self.global_step)
 
-    def save_round(self, r: int, replace: bool = False) -> None:
+    def save_round(self, r: int) -> None:
         """Write the student of round r (its EMA when on) to ``<run_dir>/<round_name>_<r>.ckpt``
-        (atomically, rank 0). An existing file is kept unless ``replace``: a run that crosses the
-        end of round r continues with this student as its teacher, so the file must hold it even
-        when an earlier attempt wrote one (a requeued run that resumed from a checkpoint taken
-        before the end of round r finishes the round again, on a GPU not bit for bit the same)."""
+        (atomically, rank 0), over an earlier attempt's file: a run that crosses the end of round r
+        continues with this student as its teacher (or, after the last round, ships it), so the
+        file must hold it (a requeued run that resumed from a checkpoint taken before the end of
+        round r finishes the round again, on a GPU not bit for bit the same; a run extended with
+        more updates finishes its last round again)."""
         path = self.round_path(r)
         if path is None or (self._trainer is not None and not self.trainer.is_global_zero):
             return
         if path.is_file():
-            if not replace:
-                return
             log.info("method=%s: %s exists from an earlier attempt of this run; this attempt finished %s %d "
                      "again and replaces it", self.method_name, path, self.round_name, r)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -322,11 +320,9 @@ class StepDistillation(DiffusionMethod):
         log.info("method=%s: %s %d resumes with the teacher %s", self.method_name, self.round_name, r, path)
 
     def on_train_end(self) -> None:
-        # The last round's student is also saved as its own round file, over an earlier attempt's:
-        # a run that finishes the last round again (requeued from before its end, or extended with
-        # more updates and resume=force) would otherwise keep the older student there.
+        # The last round's student is also saved as its own round file.
         if self.global_step >= self.total_updates:
-            self.save_round(self.num_rounds, replace=True)
+            self.save_round(self.num_rounds)
 
     # ------------------------------------------------------------------ logging and checkpoints
     def log_round(self) -> None:
