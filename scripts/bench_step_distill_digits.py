@@ -63,20 +63,14 @@ METHODS = {
 }
 
 
-def annealed(updates: int) -> list[str]:
-    """The official progressive code's optimisation per halving (google-research
-    diffusion_distillation): a new optimizer state each round/level, the lr annealed linearly to
-    0 over it, no sampling EMA; at lr 1e-3 (the probes: 1e-4 annealed is worse than constant)."""
-    return ["optim.optimizer.lr=1e-3", "optim.scheduler.name=linear", f"optim.scheduler.cycle_steps={updates}",
-            "method.fresh_optimizer=true", "callbacks.ema.enabled=false"]
-
-
-# the same halving runs with that optimisation (same updates, so the same nfe)
-METHODS["progressive_annealed"] = ("digits_progressive", "updates_per_round", annealed(1000))
-METHODS["dsdi_annealed"] = ("digits_dsdi", "updates_per_level", ["method.final_steps=1", *annealed(1008)])
+# the same halving runs with the official progressive code's optimisation per round/level
+# (experiment=digits_{progressive,dsdi}_annealed: a fresh optimizer state, the lr annealed linearly
+# from 1e-3 to 0 over each, no sampling EMA); same updates, so the same nfe
+METHODS["progressive_annealed"] = ("digits_progressive_annealed", "updates_per_round", [])
+METHODS["dsdi_annealed"] = ("digits_dsdi_annealed", "updates_per_level", ["method.final_steps=1"])
 # the 1-step target's budget probe: the annealed recipe with 8x the updates (and nfe) per round
-METHODS["progressive_annealed_8k"] = ("digits_progressive", "updates_per_round",
-                                      ["method.updates_per_round=8000", *annealed(8000)])
+METHODS["progressive_annealed_8k"] = ("digits_progressive_annealed", "updates_per_round",
+                                      ["method.updates_per_round=8000"])
 PROGRESSIVE_METHODS = ("progressive", "progressive_annealed", "progressive_annealed_8k")
 # the equal-nfe comparison with DSD: the progressive runs of DSD's budget (~1,000 updates per halving)
 EQUAL_BUDGET_PROGRESSIVE = ("progressive", "progressive_annealed")
@@ -88,7 +82,7 @@ QUICK_UPDATES = 4  # updates per round/level in --quick
 # --demo (make demo): progressive and stabilised DSDI from the teacher's 8 steps to 2, 300
 # updates per round/level with the annealed optimisation (about a minute each on 2 CPU
 # cores), scored at 2 and 4 steps
-DEMO = {m: ["method.teacher_steps=8", "method.final_steps=2", f"method.{METHODS[m][1]}=300", *annealed(300)]
+DEMO = {m: (f"digits_{m}_annealed", ["method.teacher_steps=8", "method.final_steps=2", f"method.{METHODS[m][1]}=300"])
         for m in ("progressive", "dsdi")}
 DEMO_STEPS, DEMO_TEACHER_STEPS = [2, 4], [2, 4, 8]
 FROM_SCRATCH_EVAL = ["eval=digits", "eval.steps=[4,32]"]
@@ -493,7 +487,10 @@ def main(argv: Optional[list[str]] = None) -> dict:
         save()
     for m in methods:
         exp, key, extra = METHODS[m]
-        extra = DEMO[m] if args.demo else [*extra, f"method.{key}={QUICK_UPDATES}"] if args.quick else list(extra)
+        if args.demo:
+            exp, extra = DEMO[m]
+        elif args.quick:
+            extra = [*extra, f"method.{key}={QUICK_UPDATES}"]
         upr, n, first = plan_updates(exp, key, [*extra, *args.override])
         round_name = key.split("_")[-1]  # updates_per_round -> round_<r>.ckpt, updates_per_level -> level_<r>.ckpt
         weights = [f"{'model' if exp.startswith('digits_dsd') else 'teacher'}.checkpoint='{c}'" for c in own_teacher]

@@ -116,7 +116,7 @@ def test_plan_reads_rounds_and_first_teacher_steps_from_the_configs():
     assert plan["dsdn"] == plan["tsd"] == (1008, 1, 8)
     assert plan["progressive_annealed"] == plan["progressive"] and plan["dsdi_annealed"] == plan["dsdi"]
     assert b.plan_updates(*b.METHODS["dsdi"][:2], []) == (1008, 3, 64)  # the experiment's own 64 -> 8
-    demo = {m: b.plan_updates(b.METHODS[m][0], b.METHODS[m][1], b.DEMO[m]) for m in b.DEMO}
+    demo = {m: b.plan_updates(b.DEMO[m][0], b.METHODS[m][1], b.DEMO[m][1]) for m in b.DEMO}
     assert demo == {"progressive": (300, 2, 8), "dsdi": (300, 2, 8)}
     ck = b.checkpoints(Path("/r"), "level", 1008, 1, 8)
     assert [(c["checkpoint"], c["native_steps"]) for c in ck] == [("last", 4)]

@@ -55,3 +55,25 @@ def test_cifar100_kd_recipe_runs_on_fake_cifar(cli, runs_dir, tmp_path):
     assert r.returncode == 0, r.output
     res = json.loads(next((runs_dir / "cifar100_kd").iterdir()).joinpath("results.json").read_text())
     assert res["global_step"] == 2 and "test/acc" in res
+
+
+# The recipe the benchmark measured as progressive_annealed / dsdi_annealed, written as overrides.
+ANNEALED = ["optim.optimizer.lr=1e-3", "optim.scheduler.name=linear", "method.fresh_optimizer=true",
+            "callbacks.ema.enabled=false"]
+
+
+@pytest.mark.parametrize("base,key,updates", [("digits_progressive", "updates_per_round", 1000),
+                                              ("digits_dsdi", "updates_per_level", 1008)])
+def test_annealed_experiments_are_the_measured_recipe(base, key, updates):
+    """experiment=<base>_annealed composes to exactly <base> plus the annealed overrides the
+    benchmark's rows were trained with, and its anneal follows a changed round length."""
+    def resolved(overrides):
+        cfg = OmegaConf.to_container(_compose(overrides), resolve=False)
+        cfg.pop("experiment_name"), cfg.pop("name")  # the run's directory: ${hydra:...} resolves in a run only
+        return OmegaConf.to_container(OmegaConf.create(cfg), resolve=True)
+
+    overlay = resolved([f"experiment={base}_annealed"])
+    assert overlay == resolved([f"experiment={base}", *ANNEALED, f"optim.scheduler.cycle_steps={updates}"])
+    assert overlay != resolved([f"experiment={base}"])
+    longer = resolved([f"experiment={base}_annealed", f"method.{key}=8000"])
+    assert longer["optim"]["scheduler"]["cycle_steps"] == 8000
