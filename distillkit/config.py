@@ -292,7 +292,9 @@ class ProgressiveConfig(StepDistillConfig):
     """Salimans & Ho 2022, Algorithm 2 (distillkit.methods.progressive)."""
 
     final_steps: Optional[int] = 1
-    updates_per_round: int = 1000
+    # updates per round: one count for every round, or a list with one per round
+    # (distillkit.cycles; the last rounds, 2 -> 1 step, gain most from more)
+    updates_per_round: Any = 1000
     # what the first teacher predicts (None: prediction_type); later teachers are students
     teacher_prediction_type: Optional[PredictionType] = None
     # each round's student starts as its teacher
@@ -307,7 +309,8 @@ class SweepDistillConfig(StepDistillConfig):
     """DSD / TSD (distillkit.methods.dsd): index sweep over the grid's pairs of steps."""
 
     variant: DSDVariant = DSDVariant.dsdn
-    updates_per_level: int = 1008
+    # updates per level: one count for every level, or a list with one per level
+    updates_per_level: Any = 1008
     latents: LatentSource = LatentSource.noise
     # trajectories per update (None: the dataset's batch size)
     latent_batch_size: Optional[int] = None
@@ -399,9 +402,10 @@ class SchedulerConfig:
     min_lr_ratio: float = 0.0
     # cosine: linear warmup over the first warmup_steps updates
     warmup_steps: int = 0
-    # linear: restart the decay every cycle_steps updates (0: one decay over the run); step
-    # distillation's per-round anneal is cycle_steps=${method.updates_per_round}
-    cycle_steps: int = 0
+    # linear: restart the decay every cycle_steps updates (0: one decay over the run), or after
+    # each of a list of lengths in turn; step distillation's per-round anneal is
+    # cycle_steps=${method.updates_per_round}, whether that is one count or a list
+    cycle_steps: Any = 0
 
 
 @dataclass
@@ -498,8 +502,9 @@ class EvalConfig:
     See distillkit.callbacks.evaluation.SampleEvaluation and distillkit.metrics.fid."""
 
     enabled: bool = False
-    # Evaluate every this many optimizer steps (0: only at the end of training).
-    every_n_steps: int = 1000
+    # Evaluate every this many optimizer steps (0: only at the end of training), or at the end
+    # of each of a list of lengths (${method.updates_per_round}: after every round)
+    every_n_steps: Any = 1000
     # Sampling step counts; each is logged as fid/{k}step and is/{k}step.
     steps: List[int] = field(default_factory=lambda: [1, 2, 4])
     # Generated images per evaluation (all ranks together). FID depends on it: digits

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import itertools
 import json
 import math
 import os
@@ -71,9 +72,14 @@ METHODS["dsdi_annealed"] = ("digits_dsdi_annealed", "updates_per_level", ["metho
 # the 1-step target's budget probe: the annealed recipe with 8x the updates (and nfe) per round
 METHODS["progressive_annealed_8k"] = ("digits_progressive_annealed", "updates_per_round",
                                       ["method.updates_per_round=8000"])
-PROGRESSIVE_METHODS = ("progressive", "progressive_annealed", "progressive_annealed_8k")
-# the equal-nfe comparison with DSD: the progressive runs of DSD's budget (~1,000 updates per halving)
-EQUAL_BUDGET_PROGRESSIVE = ("progressive", "progressive_annealed")
+# the benchmark's budget (6,000 updates) moved into the last rounds, whose 2 -> 1 step target is the
+# hardest: rounds 64 -> 4 of 250 updates, 4 -> 2 of 1,500, 2 -> 1 of 3,500
+METHODS["progressive_annealed_last_heavy"] = ("digits_progressive_annealed", "updates_per_round",
+                                              ["method.updates_per_round=[250,250,250,250,1500,3500]"])
+PROGRESSIVE_METHODS = ("progressive", "progressive_annealed", "progressive_annealed_last_heavy",
+                       "progressive_annealed_8k")
+# the equal-nfe comparison with DSD: the progressive runs of DSD's budget (6,000 updates)
+EQUAL_BUDGET_PROGRESSIVE = ("progressive", "progressive_annealed", "progressive_annealed_last_heavy")
 DSD_METHODS = ("dsdn", "dsdi", "dsd_literal", "dsdi_annealed")
 # The benchmark scores the checkpoints itself: the in-training evaluation is switched off.
 NO_EVAL = ["eval.enabled=false"]
@@ -119,6 +125,7 @@ def plan_updates(exp: str, key: str, extra: list[str]) -> tuple[int, int, int]:
     """(updates per round/level, number of rounds/levels, first teacher's steps) of experiment
     ``exp`` with ``extra``."""
     from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
 
     from distillkit.cli import CONF_DIR
     from distillkit.config import register_configs
@@ -128,22 +135,28 @@ def plan_updates(exp: str, key: str, extra: list[str]) -> tuple[int, int, int]:
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3", job_name="distill"):
         cfg = compose("config", overrides=[f"experiment={exp}", *extra])
     m = cfg.method
-    upr, first = int(m[key]), int(m.teacher_steps)
+    upr = OmegaConf.to_object(m[key]) if OmegaConf.is_list(m[key]) else int(m[key])
+    first = int(m.teacher_steps)
     # the methods' own defaults when final_steps is unset (progressive: one round)
     final = sweep_final_steps(m.variant, first, m.final_steps) if "variant" in m else int(m.final_steps or first // 2)
     return upr, int(round(math.log2(first / final))), first
 
 
-def checkpoints(run_dir: Path, round_name: str, upr: int, n: int, teacher_steps: int = 64) -> list[dict]:
+def round_ends(upr: int | list[int], n: int) -> list[int]:
+    """The updates spent by the end of each of the n rounds (``upr``: one count or one per round)."""
+    return list(itertools.accumulate(upr if isinstance(upr, list) else [upr] * n))
+
+
+def checkpoints(run_dir: Path, round_name: str, upr: int | list[int], n: int, teacher_steps: int = 64) -> list[dict]:
     """The run's scoreable checkpoints: each existing ``<round_name>_<r>.ckpt`` and last.ckpt,
     with the updates spent up to it and the steps its student was trained for."""
-    out = []
+    out, ends = [], round_ends(upr, n)
     for r in range(1, n + 1):
         p = run_dir / f"{round_name}_{r}.ckpt"
         if p.is_file() and r < n:  # the last round's file holds the same network as last.ckpt
-            out.append({"checkpoint": f"{round_name}_{r}", "path": p, "updates": r * upr,
+            out.append({"checkpoint": f"{round_name}_{r}", "path": p, "updates": ends[r - 1],
                         "native_steps": teacher_steps >> r})
-    out.append({"checkpoint": "last", "path": run_dir / "last.ckpt", "updates": n * upr,
+    out.append({"checkpoint": "last", "path": run_dir / "last.ckpt", "updates": ends[-1],
                 "native_steps": teacher_steps >> n})
     return out
 
@@ -312,7 +325,8 @@ def dsd_vs_progressive(summary: list[dict]) -> list[str]:
 
 # --------------------------------------------------------------------------- the plot (PIL, no matplotlib)
 COLORS = {"progressive": (31, 119, 180), "progressive_annealed": (23, 190, 207),
-          "progressive_annealed_8k": (0, 0, 128), "dsdn": (255, 127, 14),
+          "progressive_annealed_8k": (0, 0, 128),
+          "progressive_annealed_last_heavy": (227, 119, 194), "dsdn": (255, 127, 14),
           "dsdi": (44, 160, 44), "dsdi_annealed": (188, 189, 34),
           "dsd_literal": (214, 39, 40), "tsd": (148, 103, 189), "anchor_only": (140, 86, 75),
           "teacher": (90, 90, 90)}
@@ -347,7 +361,7 @@ def plot_fid_vs_nfe(rows: list[dict], path: Path, steps: int = 4) -> Optional[Pa
     if lx1 - lx0 < 1e-6:
         lx0, lx1 = lx0 - 0.5, lx1 + 0.5
     ly0, ly1 = math.log10(min(ys) / 1.15), math.log10(max(ys) * 1.15)
-    W, H, L, R, T, B = 640, 420, 60, 150, 30, 45
+    W, H, L, R, T, B = 700, 420, 60, 210, 30, 45
     img = Image.new("RGB", (W, H), "white")
     d = ImageDraw.Draw(img)
     px = lambda x: L + (math.log10(x) - lx0) / (lx1 - lx0) * (W - L - R)  # noqa: E731
@@ -495,7 +509,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
         round_name = key.split("_")[-1]  # updates_per_round -> round_<r>.ckpt, updates_per_level -> level_<r>.ckpt
         weights = [f"{'model' if exp.startswith('digits_dsd') else 'teacher'}.checkpoint='{c}'" for c in own_teacher]
         for seed in seeds:
-            ov = [f"experiment={exp}", f"seed={seed}", *extra, *weights, *args.override, f"trainer.max_steps={upr * n}",
+            ov = [f"experiment={exp}", f"seed={seed}", *extra, *weights, *args.override, f"trainer.max_steps={round_ends(upr, n)[-1]}",
                   *NO_EVAL]
             res = run(ov)
             print(f"  {m} seed {seed}: {res['global_step']} updates, {res['wall_s']:.0f} s"

@@ -115,6 +115,8 @@ def test_plan_reads_rounds_and_first_teacher_steps_from_the_configs():
     assert plan["dsdi"] == plan["dsd_literal"] == (1008, 6, 64)
     assert plan["dsdn"] == plan["tsd"] == (1008, 1, 8)
     assert plan["progressive_annealed"] == plan["progressive"] and plan["dsdi_annealed"] == plan["dsdi"]
+    assert plan["progressive_annealed_last_heavy"] == ([250, 250, 250, 250, 1500, 3500], 6, 64)
+    assert b.round_ends(1000, 3) == [1000, 2000, 3000]
     assert b.plan_updates(*b.METHODS["dsdi"][:2], []) == (1008, 3, 64)  # the experiment's own 64 -> 8
     demo = {m: b.plan_updates(b.DEMO[m][0], b.METHODS[m][1], b.DEMO[m][1]) for m in b.DEMO}
     assert demo == {"progressive": (300, 2, 8), "dsdi": (300, 2, 8)}
@@ -136,3 +138,11 @@ def test_anchor_control_share_of_the_gain():
     line = b.targets(b.table_rows(rows))[-1]
     # teacher 10, DSDI 4, anchor alone 8: the distillation loss gives 4 of the 6 points
     assert line.startswith("the anchor alone") and "accounts for 67% of DSDI's gain" in line
+
+
+def test_checkpoints_of_rounds_of_unequal_length(tmp_path):
+    for r in (4, 5, 6):
+        (tmp_path / f"round_{r}.ckpt").touch()
+    ck = b.checkpoints(tmp_path, "round", [250, 250, 250, 250, 1500, 3500], 6)
+    assert [(c["checkpoint"], c["updates"], c["native_steps"]) for c in ck] == [
+        ("round_4", 1000, 4), ("round_5", 2500, 2), ("last", 6000, 1)]

@@ -213,6 +213,18 @@ def test_dsdi_levels_halve_n_and_sweep_each_level(monkeypatch):
     assert dsd(Counting(), variant="dsdi", teacher_steps=64).round_steps == [64, 32, 16]  # default: 64 -> 8 steps
 
 
+def test_dsdi_levels_of_unequal_length_each_sweep_from_their_start(monkeypatch):
+    step = fake_step(monkeypatch, DSD)
+    m = dsd(Counting(), variant="dsdi", teacher_steps=8, final_steps=2, updates_per_level=[14, 5])
+    assert m.total_updates == 19
+    seen = []
+    for k in range(19):
+        step["n"] = k
+        m.sync_round()
+        seen.append((m.round, m.current_index()))
+    assert seen == [(1, i % 7) for i in range(14)] + [(2, i % 3) for i in range(5)]
+
+
 def test_trajectories_start_from_noise_and_advance_by_the_single_step(monkeypatch):
     """latents=noise: update k trains pair k mod 7 at t = g[k mod 7]; its input is the previous
     update's single step (no extra evaluation) and fresh noise when the sweep restarts."""

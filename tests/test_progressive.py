@@ -5,6 +5,7 @@ student as its teacher (and ends exactly like an uninterrupted run)."""
 from __future__ import annotations
 
 import csv
+import re
 import json
 from pathlib import Path
 
@@ -199,6 +200,23 @@ def test_rounds_halve_the_step_count():
         Progressive(net, None, schedule_cfg=SCHEDULE, input_shape=(2,))
 
 
+def test_rounds_of_unequal_length():
+    """method.updates_per_round as a list: one count per round, the rounds end at its running sums."""
+    net = EpsNet()
+    m = progressive(net, net, teacher_steps=8, final_steps=1, updates_per_round=[2, 3, 5])
+    assert m.round_updates == [2, 3, 5] and m.total_updates == 10
+    assert [m.round_of(k) for k in range(12)] == [1, 1, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3]
+    assert [m.round_start(r) for r in (1, 2, 3)] == [0, 2, 5]
+    assert [m.updates_into_round(k) for k in (0, 1, 2, 4, 5, 9)] == [0, 1, 0, 2, 0, 4]
+    assert progressive(net, net, teacher_steps=8, final_steps=1, updates_per_round=[4]).round_updates == [4, 4, 4]
+    for bad, why in (([2, 3], "2 counts for 3 rounds"), ([2, 0, 5], "updates_per_round"), (0, "updates_per_round"),
+                     (2.5, "updates_per_round=2.5")):
+        with pytest.raises(DistillError, match=why):
+            progressive(net, net, teacher_steps=8, final_steps=1, updates_per_round=bad)
+    with pytest.raises(DistillError, match=r"convert_updates=2: must lie in \[0, 2\)"):
+        progressive(EpsNet(), EpsNet(), teacher_steps=8, final_steps=1, updates_per_round=[2, 9, 9], convert_updates=2)
+
+
 def test_round_grid_is_kept_for_the_round_and_follows_a_round_change():
     net = EpsNet()
     m = progressive(net, net, teacher_steps=8, final_steps=1, updates_per_round=10)
@@ -339,9 +357,21 @@ def test_linear_lr_restarts_every_cycle():
         opt.step()
         s.step()
     assert lrs == pytest.approx([1.0, 0.75, 0.5, 0.25, 1.0, 0.75, 0.5, 0.25, 1.0])
-    optim["scheduler"]["cycle_steps"] = -1
-    with pytest.raises(DistillError, match="optim.scheduler.cycle_steps=-1"):
-        progressive(Oracle(data, sched), Oracle(data, sched), optim_cfg=optim).configure_optimizers()
+    # rounds of unequal length (cycle_steps=${method.updates_per_round} with a list): one anneal each,
+    # restarting where each round starts; past the list the last length repeats
+    optim["scheduler"]["cycle_steps"] = [2, 4]
+    cfg = progressive(Oracle(data, sched), Oracle(data, sched), optim_cfg=optim).configure_optimizers()
+    opt, s = cfg["optimizer"], cfg["lr_scheduler"]["scheduler"]
+    lrs = []
+    for _ in range(8):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        s.step()
+    assert lrs == pytest.approx([1.0, 0.5, 1.0, 0.75, 0.5, 0.25, 1.0, 0.75])
+    for bad in (-1, [4, 0], "four"):
+        optim["scheduler"]["cycle_steps"] = bad
+        with pytest.raises(DistillError, match=re.escape(f"optim.scheduler.cycle_steps={bad}:")):
+            progressive(Oracle(data, sched), Oracle(data, sched), optim_cfg=optim).configure_optimizers()
 
 
 def _metrics(run_dir: Path) -> list[dict]:

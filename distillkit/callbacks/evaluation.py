@@ -26,6 +26,7 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
 
+from distillkit.cycles import cycle_lengths, ends_cycle
 from distillkit.errors import DistillError
 from distillkit.metrics.fid import DIGITS_NUM_SAMPLES, SampleScorer
 from distillkit.metrics.images import image_grid, save_png, split_images
@@ -38,12 +39,13 @@ def has_sampler(module: Any) -> bool:
 
 
 class SampleEvaluation(Callback):
-    def __init__(self, every_n_steps: int = 1000, steps: Iterable[int] = (1, 2, 4),
+    def __init__(self, every_n_steps: int | list[int] = 1000, steps: Iterable[int] = (1, 2, 4),
                  num_samples: int = DIGITS_NUM_SAMPLES, feature_net: str = "digits",
                  inception_weights: Optional[str] = None, cache_dir: Optional[str] = None,
                  batch_size: int = 256, seed: int = 0, dataset_name: Optional[str] = None,
                  sample_dir: Optional[str] = None, grid_size: int = 64, real_images: Optional[torch.Tensor] = None):
-        self.every_n_steps = max(0, int(every_n_steps))
+        # an int, or a list of lengths: at the end of each round of unequal rounds (distillkit.cycles)
+        self.every_n_steps = cycle_lengths(every_n_steps, "eval.every_n_steps")
         self.steps = [int(k) for k in steps]
         if not self.steps or min(self.steps) < 1:
             raise DistillError(f"eval.steps={self.steps}: give one or more sampling step counts >= 1, e.g. [1, 2, 4]")
@@ -98,7 +100,7 @@ class SampleEvaluation(Callback):
     def on_train_batch_end(self, trainer: "L.Trainer", pl_module: "L.LightningModule", outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         step = trainer.global_step
-        if self.every_n_steps and step > 0 and step % self.every_n_steps == 0 and step != self._last_step:
+        if ends_cycle(step, self.every_n_steps) and step != self._last_step:
             self.evaluate(trainer, pl_module)
 
     def on_train_end(self, trainer: "L.Trainer", pl_module: "L.LightningModule") -> None:

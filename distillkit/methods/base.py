@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from distillkit.cycles import cycle_lengths, cycle_position
 from distillkit.errors import DistillError
 from distillkit.methods.ema import EMA
 
@@ -146,14 +147,14 @@ class DistillMethod(L.LightningModule):
             # Linear decay to lr * min_lr_ratio, restarted every cycle_steps updates when set (the
             # per-halving anneal of Salimans & Ho's progressive distillation: the official
             # config's learning_rate_anneal_steps = steps_per_iter).
-            cycle = int(sched.get("cycle_steps", 0) or 0)
-            if cycle < 0:
-                raise DistillError(f"optim.scheduler.cycle_steps={cycle}: must be >= 0 (0: one decay over the run)")
-            period = cycle or self.total_steps()
+            # A list of cycle lengths restarts it at the end of each (rounds of unequal length).
+            cycles = cycle_lengths(sched.get("cycle_steps", 0) or 0, "optim.scheduler.cycle_steps")
+            total = 0 if cycles else self.total_steps()
             floor = float(sched.get("min_lr_ratio", 0.0))
 
             def factor(step: int) -> float:
-                return 1.0 - (1.0 - floor) * min(1.0, (step % period if cycle else step) / max(1, period))
+                pos, period = cycle_position(step, cycles) if cycles else (step, total)
+                return 1.0 - (1.0 - floor) * min(1.0, pos / max(1, period))
 
             s = torch.optim.lr_scheduler.LambdaLR(opt, factor)
             return {"optimizer": opt, "lr_scheduler": {"scheduler": s, "interval": "step"}}

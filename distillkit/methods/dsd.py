@@ -128,7 +128,7 @@ class SweepDistillation(StepDistillation):
     accepts_accumulation = False  # latents advance once per update
 
     def __init__(self, student: nn.Module, teacher: Optional[nn.Module] = None, *, variant: str = "dsdn",
-                 teacher_steps: int = 64, final_steps: Optional[int] = None, updates_per_level: int = 1008,
+                 teacher_steps: int = 64, final_steps: Optional[int] = None, updates_per_level: int | list[int] = 1008,
                  latents: str = "noise", latent_batch_size: Optional[int] = None, denoise_weight: float = 0.0,
                  convert_updates: int = 0, **kw: Any):
         if convert_updates:
@@ -141,7 +141,7 @@ class SweepDistillation(StepDistillation):
         final_steps = sweep_final_steps(self.variant, teacher_steps, final_steps)
         super().__init__(student, teacher=teacher, teacher_steps=teacher_steps, final_steps=final_steps,
                          updates_per_round=updates_per_level, **kw)
-        pairs, upl = int(teacher_steps) - 1, int(updates_per_level)
+        pairs, upl = int(teacher_steps) - 1, self.round_updates[0]
         if self.variant == "dsdn" and pairs > 0 and upl % pairs:
             log.warning("method.updates_per_level=%d is not a multiple of the %d pairs of steps at N = %d: some "
                         "pairs get one update more than others; %d or %d gives every pair the same number",
@@ -160,7 +160,7 @@ class SweepDistillation(StepDistillation):
     # ------------------------------------------------------------------ sweep and latents
     def sweep_start(self) -> int:
         """The update at which the current sweep began: the start of the level."""
-        return (self.round_of(self.global_step) - 1) * self.updates_per_round
+        return self.round_start(self.round_of(self.global_step))
 
     def current_index(self) -> int:
         return sweep_index(self.global_step - self.sweep_start(), self.teacher_steps_now)

@@ -60,9 +60,9 @@ class Progressive(StepDistillation):
     def __init__(self, *args: Any, convert_updates: int = 0, **kw: Any):
         super().__init__(*args, **kw)
         self.convert_updates = int(convert_updates)
-        if not 0 <= self.convert_updates < self.updates_per_round:
-            raise DistillError(f"method.convert_updates={convert_updates}: must lie in [0, method.updates_per_round="
-                               f"{self.updates_per_round}): they are the first updates of round 1")
+        if not 0 <= self.convert_updates < self.round_updates[0]:
+            raise DistillError(f"method.convert_updates={convert_updates}: must lie in [0, {self.round_updates[0]}), "
+                               "the updates of round 1 (method.updates_per_round): they are its first updates")
         if not self.convert_updates:
             self.warn_on_type_change("; or convert first: method.convert_updates")
 

@@ -8,10 +8,12 @@ grid is g[::2], checked at start), so a student of the round with N samples on i
 with :meth:`DiffusionMethod.sample`.
 
 Rounds (progressive) or levels (DSDI). Round r = 1, 2, ... has the teacher step count
-N_r = teacher_steps / 2^(r-1) and lasts ``updates_per_round`` optimizer updates; the last round's
-student samples with ``final_steps``. The schedule is in updates (``global_step``): the method
-caps ``trainer.max_steps`` at the end of the last round and lifts ``trainer.max_epochs`` (a smaller
-``trainer.max_steps`` still stops earlier, and a larger one resumes a stopped run).
+N_r = teacher_steps / 2^(r-1) and lasts ``updates_per_round`` optimizer updates (one count for
+every round, or a list with one per round: the last rounds, whose targets are hardest, can get
+more); the last round's student samples with ``final_steps``. The schedule is in updates
+(``global_step``): the method caps ``trainer.max_steps`` at the end of the last round and lifts
+``trainer.max_epochs`` (a smaller ``trainer.max_steps`` still stops earlier, and a larger one
+resumes a stopped run).
 
 Round teachers. Methods with a distinct frozen teacher (progressive, TSD) start round 1 from the
 configured teacher (``teacher.checkpoint``) and, with ``init_from_teacher``, copy it into the
@@ -31,7 +33,9 @@ Loss. Every method here regresses in x-space, w(t) ||x_hat - x_tilde||^2, with t
 """
 from __future__ import annotations
 
+import bisect
 import copy
+import itertools
 import logging
 import math
 import os
@@ -41,6 +45,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
+from distillkit.cycles import cycle_lengths
 from distillkit.diffusion import ddim_step_between, ddim_step_from_pred
 from distillkit.diffusion.from_config import plain
 from distillkit.diffusion.parameterization import canonical_pred_type
@@ -104,7 +109,7 @@ class StepDistillation(DiffusionMethod):
     accepts_accumulation = True     # trainer.accumulate_grad_batches > 1 allowed
 
     def __init__(self, student: nn.Module, teacher: Optional[nn.Module] = None, *, weighting: str = "truncated_snr",
-                 teacher_steps: int = 64, final_steps: Optional[int] = None, updates_per_round: int = 1000,
+                 teacher_steps: int = 64, final_steps: Optional[int] = None, updates_per_round: int | list[int] = 1000,
                  teacher_prediction_type: Optional[str] = None, init_from_teacher: bool = True,
                  fresh_optimizer: bool = False, prediction_type: str = "v", **kw: Any):
         # The denoising loss of the base (anchors, from-scratch training) stays the plain MSE on
@@ -126,10 +131,8 @@ class StepDistillation(DiffusionMethod):
             raise DistillError(f"method.teacher_prediction_type: {e}") from None
         self.init_from_teacher = bool(init_from_teacher)
         self.fresh_optimizer = bool(fresh_optimizer)
-        self.updates_per_round = int(updates_per_round)
-        if self.updates_per_round < 1:
-            raise DistillError(f"method.updates_per_{self.round_name}={updates_per_round}: must be >= 1")
         self.round_steps = self._round_steps(int(teacher_steps), final_steps)
+        self.round_updates = self._round_updates(updates_per_round)
         self.final_steps = self.round_steps[-1] // 2
         # The student's sampler default (distill-sample, export): the last round's step count.
         self.num_steps = self.final_steps
@@ -165,20 +168,37 @@ class StepDistillation(DiffusionMethod):
                                f"divisible by method.teacher_steps={teacher_steps} (e.g. 1024)")
         return steps
 
+    def _round_updates(self, value: Any) -> list[int]:
+        """Updates of each round: one count for all, or a list with one per round."""
+        key = f"method.updates_per_{self.round_name}"
+        n = cycle_lengths(value, key, allow_zero=False)
+        if len(n) == 1:
+            return n * self.num_rounds
+        if len(n) != self.num_rounds:
+            raise DistillError(f"{key}={n}: {len(n)} counts for {self.num_rounds} {self.round_name}s "
+                               f"(teacher steps {self.round_steps}); give one count per {self.round_name}, or one "
+                               "number for all")
+        return n
+
     @property
     def num_rounds(self) -> int:
         return len(self.round_steps)
 
     @property
     def total_updates(self) -> int:
-        return self.num_rounds * self.updates_per_round
+        return sum(self.round_updates)
+
+    def round_start(self, r: int) -> int:
+        """The update at which round r (1-based) begins."""
+        return sum(self.round_updates[:r - 1])
 
     def round_of(self, step: int) -> int:
         """The 1-based round that update number ``step`` (= global_step before it) belongs to."""
-        return min(int(step) // self.updates_per_round, self.num_rounds - 1) + 1
+        ends = list(itertools.accumulate(self.round_updates))
+        return min(bisect.bisect_right(ends, int(step)), self.num_rounds - 1) + 1
 
     def updates_into_round(self, step: int) -> int:
-        return int(step) - (self.round_of(step) - 1) * self.updates_per_round
+        return int(step) - self.round_start(self.round_of(step))
 
     @property
     def teacher_steps_now(self) -> int:
@@ -222,8 +242,9 @@ class StepDistillation(DiffusionMethod):
         if self.accepts_accumulation is False and self.trainer.accumulate_grad_batches != 1:
             raise DistillError(f"method={self.method_name} advances its latents once per update: leave "
                                "trainer.accumulate_grad_batches=1")
-        log.info("method=%s: %d %s(s) of %d updates, teacher steps %s, student samples with %d steps",
-                 self.method_name, self.num_rounds, self.round_name, self.updates_per_round,
+        log.info("method=%s: %d %s(s) of %s updates, teacher steps %s, student samples with %d steps",
+                 self.method_name, self.num_rounds, self.round_name,
+                 self.round_updates[0] if len(set(self.round_updates)) == 1 else self.round_updates,
                  self.round_steps, self.final_steps)
 
     # ------------------------------------------------------------------ round teachers
