@@ -133,6 +133,7 @@ class StepDistillation(DiffusionMethod):
         self.fresh_optimizer = bool(fresh_optimizer)
         self.round_steps = self._round_steps(int(teacher_steps), final_steps)
         self.round_updates = self._round_updates(updates_per_round)
+        self._round_ends = list(itertools.accumulate(self.round_updates))  # the update at which each round ends
         self.final_steps = self.round_steps[-1] // 2
         # The student's sampler default (distill-sample, export): the last round's step count.
         self.num_steps = self.final_steps
@@ -186,16 +187,15 @@ class StepDistillation(DiffusionMethod):
 
     @property
     def total_updates(self) -> int:
-        return sum(self.round_updates)
+        return self._round_ends[-1]
 
     def round_start(self, r: int) -> int:
         """The update at which round r (1-based) begins."""
-        return sum(self.round_updates[:r - 1])
+        return self._round_ends[r - 2] if r > 1 else 0
 
     def round_of(self, step: int) -> int:
         """The 1-based round that update number ``step`` (= global_step before it) belongs to."""
-        ends = list(itertools.accumulate(self.round_updates))
-        return min(bisect.bisect_right(ends, int(step)), self.num_rounds - 1) + 1
+        return min(bisect.bisect_right(self._round_ends, int(step)), self.num_rounds - 1) + 1
 
     def updates_into_round(self, step: int) -> int:
         return int(step) - self.round_start(self.round_of(step))
