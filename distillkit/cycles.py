@@ -13,13 +13,17 @@ import bisect
 import itertools
 from typing import Any
 
+from omegaconf import ListConfig
+
 from distillkit.errors import DistillError
 
 
 def cycle_lengths(value: Any, key: str, *, allow_zero: bool = True) -> list[int]:
     """The cycle lengths of setting ``key``: ``[]`` for 0 (no cycles, where ``allow_zero``),
     ``[n]`` for an int n >= 1, the list itself for a list of ints >= 1."""
-    items = list(value) if isinstance(value, (list, tuple)) or type(value).__name__ == "ListConfig" else None
+    if isinstance(value, ListConfig):  # from the composed config
+        value = list(value)
+    items = list(value) if isinstance(value, (list, tuple)) else None
     try:
         if items is None:
             n = _whole(value)
@@ -31,7 +35,7 @@ def cycle_lengths(value: Any, key: str, *, allow_zero: bool = True) -> list[int]
         lengths = []
     if not lengths or min(lengths) < 1:
         zero = " or 0 (none)" if allow_zero else ""
-        raise DistillError(f"{key}={_show(value)}: give a number of updates >= 1{zero}, or a list of them, one per "
+        raise DistillError(f"{key}={value}: give a number of updates >= 1{zero}, or a list of them, one per "
                            f"round, e.g. {key}=[250,250,1500,4000]")
     return lengths
 
@@ -40,10 +44,6 @@ def _whole(v: Any) -> int:
     if isinstance(v, bool) or not isinstance(v, (int, float, str)) or float(v) != int(float(v)):
         raise ValueError(v)
     return int(float(v))
-
-
-def _show(v: Any) -> str:
-    return str(list(v)) if type(v).__name__ == "ListConfig" else str(v)
 
 
 def cycle_position(step: int, lengths: list[int]) -> tuple[int, int]:

@@ -121,7 +121,7 @@ def load_rows(out: Path) -> list[dict]:
 
 
 # --------------------------------------------------------------------------- runs
-def plan_updates(exp: str, key: str, extra: list[str]) -> tuple[int, int, int]:
+def plan_updates(exp: str, key: str, extra: list[str]) -> tuple[int | list[int], int, int]:
     """(updates per round/level, number of rounds/levels, first teacher's steps) of experiment
     ``exp`` with ``extra``."""
     from hydra import compose, initialize_config_dir
@@ -509,8 +509,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
         round_name = key.split("_")[-1]  # updates_per_round -> round_<r>.ckpt, updates_per_level -> level_<r>.ckpt
         weights = [f"{'model' if exp.startswith('digits_dsd') else 'teacher'}.checkpoint='{c}'" for c in own_teacher]
         for seed in seeds:
-            ov = [f"experiment={exp}", f"seed={seed}", *extra, *weights, *args.override, f"trainer.max_steps={round_ends(upr, n)[-1]}",
-                  *NO_EVAL]
+            ov = [f"experiment={exp}", f"seed={seed}", *extra, *weights, *args.override,
+                  f"trainer.max_steps={round_ends(upr, n)[-1]}", *NO_EVAL]
             res = run(ov)
             print(f"  {m} seed {seed}: {res['global_step']} updates, {res['wall_s']:.0f} s"
                   + (" (cached)" if res.get("cached") else ""), flush=True)
