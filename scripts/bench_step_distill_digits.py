@@ -108,6 +108,18 @@ def merge_rows(disk: list[dict], mine: list[dict]) -> list[dict]:
     return disk + [r for r in mine if row_key(r, MERGE_KEY) not in have]
 
 
+def merge_into(disk: dict, rows: list[dict], command: str, date: str) -> dict:
+    """The ``rows``, ``command`` and ``date`` a process writes over ``disk`` (the JSON as it is now):
+    its rows merged in and, if it adds any, its command line added to the record of the processes
+    that made the rows (``readme_tables.merge_provenance``); otherwise the record as it was."""
+    import readme_tables
+
+    merged = merge_rows(disk.get("rows", []), rows)
+    if len(merged) > len(disk.get("rows", [])):
+        return {**readme_tables.merge_provenance(disk, command, date), "rows": merged}
+    return {**{k: disk[k] for k in ("command", "date") if k in disk}, "rows": merged}
+
+
 def missing(want: Iterable[tuple], rows: Iterable[dict]) -> list[tuple]:
     """The keys of ``want`` that no row has yet (the resumable skip)."""
     have = {row_key(r) for r in rows}
@@ -451,6 +463,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
                          "methods then distil that teacher (use with --out)")
     ap.add_argument("--out", default=None, help="JSON to write (default benchmarks/step_distill_digits[_quick].json)")
     args = ap.parse_args(argv)
+    import readme_tables
     from bench_kd_digits import Runner, machine
 
     name = "step_distill_digits" + ("_quick" if args.quick else "_demo" if args.demo else "")
@@ -464,7 +477,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
     seeds = [args.seed] if args.seed is not None else range(1 if args.quick or args.demo else args.seeds)
     t0 = time.time()
     rows = load_rows(out)
-    bench = {"name": name, "machine": machine(), "date": dt.date.today().isoformat(), "command": command,
+    today = dt.date.today().isoformat()
+    bench = {"name": name, "machine": machine(), "date": today, "command": command,
              "demo": bool(args.demo)}
 
     def save() -> None:
@@ -475,8 +489,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
         out.parent.mkdir(parents=True, exist_ok=True)
         with open(out.with_name(out.name + ".lock"), "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
-            rows = merge_rows(load_rows(out), rows)
-            bench["rows"] = rows
+            bench.update(merge_into(json.loads(out.read_text()) if out.is_file() else {}, rows, command, today))
+            rows = bench["rows"]
             tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
             tmp.write_text(json.dumps(bench, indent=1) + "\n")
             os.replace(tmp, out)
@@ -529,7 +543,6 @@ def main(argv: Optional[list[str]] = None) -> dict:
     bench["summary"] = table_rows(rows)
     bench["verdict"] = targets(bench["summary"])
     save()
-    import readme_tables
 
     print(f"\nwrote {out} ({time.time() - t0:.0f} s)\n")
     print(readme_tables.render(name, bench))

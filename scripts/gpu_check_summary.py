@@ -102,10 +102,9 @@ def main() -> None:
         ap.error(f"{args.out} holds a check of another machine ({old.get('machine')!r}): choose another --out")
     rows = [r for r in old.get("rows", []) if r.get("call") != args.call]
     rows += summarise(runs, parse_gpu_csv(args.gpu_csv), args.call)
-    commands = [c for c in old.get("command", "").split("; ") if c]
     command = "python scripts/gpu_check_summary.py " + shlex.join(sys.argv[1:])
-    commands += [command] if command not in commands else []
-    result = {"machine": args.machine, "date": datetime.now().strftime("%Y-%m-%d"), "command": "; ".join(commands),
+    result = {"machine": args.machine,
+              **readme_tables.merge_provenance(old, command, datetime.now().strftime("%Y-%m-%d")),
               "rows": sorted(rows, key=lambda r: (r["call"], r["experiment"]))}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")

@@ -68,6 +68,16 @@ def pct_mean_std(mean: Optional[float], std: Optional[float], n: int) -> str:
     return f"{s} (n={n})"
 
 
+def merge_provenance(old: dict, command: str, date: str) -> dict:
+    """The ``command`` and ``date`` of a benchmark JSON that several processes or sittings add rows
+    to: ``old``'s commands ("; "-joined) with ``command`` appended unless already there, and the
+    dates from ``old``'s first to ``date``. Each writer keeps the record of the earlier ones."""
+    commands = [c for c in old.get("command", "").split("; ") if c]
+    commands += [command] if command not in commands else []
+    first = old.get("date", date).split(" to ")[0]
+    return {"command": "; ".join(commands), "date": date if first == date else f"{first} to {date}"}
+
+
 def provenance(bench: dict) -> str:
     """The line under every table: where and how the numbers were made."""
     return (f"Machine: {bench.get('machine', '?')}; date {bench.get('date', '?')}; "

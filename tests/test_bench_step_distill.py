@@ -146,3 +146,19 @@ def test_checkpoints_of_rounds_of_unequal_length(tmp_path):
     ck = b.checkpoints(tmp_path, "round", [250, 250, 250, 250, 1500, 3500], 6)
     assert [(c["checkpoint"], c["updates"], c["native_steps"]) for c in ck] == [
         ("round_4", 1000, 4), ("round_5", 2500, 2), ("last", 6000, 1)]
+
+
+def test_every_process_that_adds_rows_keeps_its_command_in_the_record():
+    """Processes with different --methods (or sittings) share the JSON: each one's command line
+    joins the record instead of replacing the earlier ones'; one that adds nothing leaves it."""
+    first = b.merge_into({}, [_r("teacher", 4, 10.0)], "python bench --seeds 3", "2026-11-26")
+    assert (first["command"], first["date"]) == ("python bench --seeds 3", "2026-11-26")
+    second = b.merge_into(first, [_r("dsdi", 4, 4.0)], "python bench --methods dsdi", "2026-11-27")
+    assert second["command"] == "python bench --seeds 3; python bench --methods dsdi"
+    assert second["date"] == "2026-11-26 to 2026-11-27"
+    assert len(second["rows"]) == 2
+    again = b.merge_into(second, [_r("dsdi", 4, 4.0)], "python bench --methods dsdi --seed 0", "2026-11-28")
+    assert {k: again[k] for k in ("command", "date")} == {k: second[k] for k in ("command", "date")}
+    # the same command run again on a later day: listed once, the dates extended
+    later = b.merge_into(second, [_r("tsd", 4, 5.0)], "python bench --methods dsdi", "2026-11-28")
+    assert later["command"] == second["command"] and later["date"] == "2026-11-26 to 2026-11-28"
