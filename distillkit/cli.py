@@ -303,7 +303,8 @@ def run(cfg: DictConfig) -> dict:
     # Per-rank streams for what happens during training (noise, dropout, augmentation).
     L.seed_everything(cfg.seed + rank, workers=True, verbose=False)
 
-    callbacks: list = [LastCheckpoint(run_dir, cfg.callbacks.checkpoint_every_n_steps)]
+    last_ckpt = LastCheckpoint(run_dir, cfg.callbacks.checkpoint_every_n_steps, started_at=t0)
+    callbacks: list = [last_ckpt]
     progress = config["callbacks"]["progress"]  # plain strings: enums resolved by to_container
     rich = use_rich(progress)
     if rich:
@@ -335,7 +336,8 @@ def run(cfg: DictConfig) -> dict:
         tested = trainer.test(method, datamodule=dm, verbose=False)
         results.update({k: float(v) for k, v in (tested[0] if tested else {}).items()})
     results.update({"global_step": int(trainer.global_step), "epoch": int(trainer.current_epoch),
-                    "wall_s": round(time.time() - t0, 3), "run_dir": str(run_dir),
+                    "wall_s": round(last_ckpt.wall_s, 3), "session_wall_s": round(time.time() - t0, 3),
+                    "run_dir": str(run_dir),
                     "resumed_from": str(ckpt) if ckpt else None})
     if trainer.is_global_zero:
         from safetensors.torch import save_file

@@ -91,6 +91,12 @@ def test_changed_config_refuses_to_resume(cli, runs_dir):
 def test_same_command_resumes_and_finished_run_is_not_redone(cli, runs_dir):
     args = ["experiment=digits_student", f"runs_dir={runs_dir}", *SMOKE]
     assert cli(*args).returncode == 0
+    import torch
+
+    (first,) = (runs_dir / "digits_student").iterdir()
+    ckpt = torch.load(first / "last.ckpt", map_location="cpu", weights_only=False)
+    (first_wall,) = [s["wall_s"] for s in ckpt["callbacks"].values() if "wall_s" in s]
+    assert first_wall > 0
     r = cli(*args, "trainer.max_steps=9", "trainer.max_epochs=5")  # may change: same run dir, continues
     assert r.returncode == 0, r.output
     assert "resuming from" in r.output
@@ -100,7 +106,10 @@ def test_same_command_resumes_and_finished_run_is_not_redone(cli, runs_dir):
     assert len(runs) == 1  # the same run dir, named after the overrides
     run = runs[0]
     assert run.name == "debug=smoke"  # callbacks.progress and trainer.max_steps do not name runs
-    assert json.loads((run / "results.json").read_text())["global_step"] == 9
+    results = json.loads((run / "results.json").read_text())
+    assert results["global_step"] == 9
+    # the wall time counts the first session too, up to its last checkpoint
+    assert results["wall_s"] == pytest.approx(first_wall + results["session_wall_s"], abs=2e-3)
     import csv
 
     steps = {int(r["step"]) for r in csv.DictReader((run / "metrics.csv").open()) if r.get("step")}

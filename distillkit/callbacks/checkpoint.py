@@ -9,12 +9,18 @@ with exactly the batches, RNG draws and learning rates an uninterrupted run woul
 
 Atomic: the checkpoint is written to a temporary file in the same folder and renamed over
 ``last.ckpt``, so a crash mid-write leaves the previous checkpoint intact.
+
+The checkpoint also carries the wall time spent so far, so a run resumed over several
+sessions (requeues, a benchmark finished in a later sitting) reports the time of all of them
+in ``results.json``'s ``wall_s``, not only the last session's (``session_wall_s``). Time
+after a session's last checkpoint is lost with the work it did, which is redone.
 """
 from __future__ import annotations
 
 import logging
 import os
 import signal
+import time
 from pathlib import Path
 from typing import Any
 
@@ -25,14 +31,24 @@ log = logging.getLogger("distillkit")
 
 
 class LastCheckpoint(Callback):
-    def __init__(self, run_dir: str | Path, every_n_steps: int = 100):
+    def __init__(self, run_dir: str | Path, every_n_steps: int = 100, started_at: float | None = None):
         self.path = Path(run_dir) / "last.ckpt"
         self.every_n_steps = max(0, int(every_n_steps))
         self._last_saved_step = -1
         self._stop_signal = 0
+        self.started_at = time.time() if started_at is None else started_at
+        self.earlier_sessions_s = 0.0  # restored from the checkpoint on resume
+
+    @property
+    def wall_s(self) -> float:
+        """Wall time of this session plus that of the sessions before it, up to their last checkpoints."""
+        return self.earlier_sessions_s + time.time() - self.started_at
 
     def state_dict(self) -> dict:
-        return {}
+        return {"wall_s": self.wall_s}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.earlier_sessions_s = float(state_dict.get("wall_s", 0.0))
 
     def save(self, trainer: "L.Trainer", once_per_step: bool = False) -> None:
         if once_per_step and trainer.global_step == self._last_saved_step:
