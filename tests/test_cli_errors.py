@@ -94,7 +94,7 @@ def test_same_command_resumes_and_finished_run_is_not_redone(cli, runs_dir):
     import torch
 
     (first,) = (runs_dir / "digits_student").iterdir()
-    ckpt = torch.load(first / "last.ckpt", map_location="cpu", weights_only=False)
+    ckpt = torch.load(first / "last.ckpt", map_location="cpu", weights_only=True)
     (first_wall,) = [s["wall_s"] for s in ckpt["callbacks"].values() if "wall_s" in s]
     assert first_wall > 0
     r = cli(*args, "trainer.max_steps=9", "trainer.max_epochs=5")  # may change: same run dir, continues
