@@ -335,9 +335,10 @@ def run(cfg: DictConfig) -> dict:
     if t.test_after_fit and not trainer.interrupted:
         tested = trainer.test(method, datamodule=dm, verbose=False)
         results.update({k: float(v) for k, v in (tested[0] if tested else {}).items()})
+    session_s = time.time() - t0
     results.update({"global_step": int(trainer.global_step), "epoch": int(trainer.current_epoch),
-                    "wall_s": round(last_ckpt.wall_s, 3), "session_wall_s": round(time.time() - t0, 3),
-                    "run_dir": str(run_dir),
+                    "wall_s": round(last_ckpt.earlier_sessions_s + session_s, 3),
+                    "session_wall_s": round(session_s, 3), "run_dir": str(run_dir),
                     "resumed_from": str(ckpt) if ckpt else None})
     if trainer.is_global_zero:
         from safetensors.torch import save_file
