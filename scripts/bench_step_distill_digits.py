@@ -81,10 +81,18 @@ METHODS["progressive_annealed_last_heavy"] = ("digits_progressive_annealed", "up
 # 1) met it on 3 seeds; one command per seed, hours on one core (resumes from last.ckpt when restarted)
 METHODS["progressive_annealed_long"] = ("digits_progressive_annealed", "updates_per_round",
                                         ["method.updates_per_round=[8000,8000,8000,8000,16000,64000]"])
+# the equal-nfe comparison made exact: both progressive recipes with DSDI's 1,008 updates per round
+# (DSD's levels have 1,008 so that its index sweep visits every index equally), so each round's
+# checkpoint has spent the nfe of the DSD level it is compared with
+METHODS["progressive_1008"] = ("digits_progressive", "updates_per_round", ["method.updates_per_round=1008"])
+METHODS["progressive_annealed_1008"] = ("digits_progressive_annealed", "updates_per_round",
+                                        ["method.updates_per_round=1008"])
 PROGRESSIVE_METHODS = ("progressive", "progressive_annealed", "progressive_annealed_last_heavy",
-                       "progressive_annealed_8k", "progressive_annealed_long")
-# the equal-nfe comparison with DSD: the progressive runs of DSD's budget (6,000 updates)
-EQUAL_BUDGET_PROGRESSIVE = ("progressive", "progressive_annealed", "progressive_annealed_last_heavy")
+                       "progressive_annealed_8k", "progressive_annealed_long", "progressive_1008",
+                       "progressive_annealed_1008")
+# the equal-nfe comparison with DSD: the progressive runs of DSD's budget (6,000 or 6,048 updates)
+EQUAL_BUDGET_PROGRESSIVE = ("progressive", "progressive_annealed", "progressive_annealed_last_heavy",
+                            "progressive_1008", "progressive_annealed_1008")
 DSD_METHODS = ("dsdn", "dsdi", "dsd_literal", "dsdi_annealed")
 # The benchmark scores the checkpoints itself: the in-training evaluation is switched off.
 NO_EVAL = ["eval.enabled=false"]
@@ -318,22 +326,28 @@ def best_of(by: dict, methods: Iterable[str], steps: int) -> Optional[dict]:
 
 
 def dsd_vs_progressive(summary: list[dict]) -> list[str]:
-    """At each step count both measured: does the best DSD variant reach a lower FID than the
-    best progressive distillation with no more network evaluations (the equal-nfe comparison)?"""
+    """At each step count both measured: does the best DSD variant reach a lower FID than every
+    progressive run of the benchmark's budget, one of them with no fewer network evaluations (the
+    equal-nfe comparison)? A progressive run with fewer evaluations and a lower FID settles it
+    against DSD; one with fewer and a higher FID cannot settle it for DSD."""
     by = {(s["method"], s["steps"]): s for s in summary}
     lines = []
     for k in STEPS:
-        p, d = best_of(by, EQUAL_BUDGET_PROGRESSIVE, k), best_of(by, DSD_METHODS, k)
-        if p is None or d is None or p.get("nfe") is None or d.get("nfe") is None:
+        d = best_of(by, DSD_METHODS, k)
+        progs = [by[(m, k)] for m in EQUAL_BUDGET_PROGRESSIVE if by.get((m, k), {}).get("nfe") is not None]
+        if d is None or d.get("nfe") is None or not progs:
             continue
-        better, cheaper = d["fid_mean"] < p["fid_mean"], d["nfe"] <= p["nfe"]
-        if better and cheaper:
-            v = "DSD beats progressive at equal (or fewer) network evaluations"
-        elif not better and not cheaper:
-            v = "DSD does NOT beat progressive: higher FID with more network evaluations"
-        elif better:
+        p = min(progs, key=lambda s: s["fid_mean"])
+        as_many = [s for s in progs if s["nfe"] >= d["nfe"]]
+        if d["fid_mean"] < p["fid_mean"] and (d["nfe"] <= p["nfe"] or as_many):
+            p = p if d["nfe"] <= p["nfe"] else min(as_many, key=lambda s: s["fid_mean"])
+            equal = "equal" if d["nfe"] == p["nfe"] else "equal (or fewer)"
+            v = f"DSD beats progressive at {equal} network evaluations{spread(d, p)}"
+        elif d["fid_mean"] < p["fid_mean"]:
             v = (f"DSD has the lower FID but spent {100 * (d['nfe'] / p['nfe'] - 1):.1f}% more network evaluations: "
                  "no win at equal nfe")
+        elif d["nfe"] >= p["nfe"]:
+            v = "DSD does NOT beat progressive: higher FID with as many or more network evaluations"
         else:
             v = "DSD does NOT beat progressive (higher FID), though it spent fewer network evaluations"
         lines.append(f"{k} step(s): {d['method']} FID {d['fid_mean']:.3f} at {d['nfe']:.3g} nfe vs {p['method']} "
@@ -343,10 +357,20 @@ def dsd_vs_progressive(summary: list[dict]) -> list[str]:
     return lines
 
 
+def spread(d: dict, p: dict) -> str:
+    """How the FID gap between two summary rows compares with their seeds' standard deviations."""
+    stds = [s["fid_std"] for s in (d, p) if s.get("fid_std") is not None]
+    if len(stds) < 2:
+        return f" (gap {p['fid_mean'] - d['fid_mean']:.3f}; one seed)"
+    return (f" (gap {p['fid_mean'] - d['fid_mean']:.3f}, {(p['fid_mean'] - d['fid_mean']) / max(stds):.1f}x "
+            f"the larger std over seeds, {d['fid_std']:.3f} / {p['fid_std']:.3f})")
+
+
 # --------------------------------------------------------------------------- the plot (PIL, no matplotlib)
 COLORS = {"progressive": (31, 119, 180), "progressive_annealed": (23, 190, 207),
           "progressive_annealed_8k": (0, 0, 128), "progressive_annealed_long": (0, 0, 0),
-          "progressive_annealed_last_heavy": (227, 119, 194), "dsdn": (255, 127, 14),
+          "progressive_annealed_last_heavy": (227, 119, 194), "progressive_1008": (100, 160, 230),
+          "progressive_annealed_1008": (120, 225, 235), "dsdn": (255, 127, 14),
           "dsdi": (44, 160, 44), "dsdi_annealed": (188, 189, 34),
           "dsd_literal": (214, 39, 40), "tsd": (148, 103, 189), "anchor_only": (140, 86, 75),
           "teacher": (90, 90, 90)}
@@ -417,9 +441,10 @@ def plot_fid_vs_nfe(rows: list[dict], path: Path, steps: int = 4) -> Optional[Pa
 
 
 # --------------------------------------------------------------------------- from scratch
-def from_scratch_curves(run, quick: bool) -> list[dict]:
-    """FID at 4 steps against training updates: plain denoising training (the teacher's recipe)
-    and the same with DSD's self-distillation loss added from half-way (method.from_scratch)."""
+def from_scratch_curves(run, quick: bool, seeds: Iterable[int] = (0,)) -> list[dict]:
+    """FID at 4 and 32 steps against training updates: plain denoising training (the teacher's
+    recipe) and the same with DSD's self-distillation loss added from half-way
+    (method.from_scratch), both from the same initialisation for each seed."""
     import csv
 
     steps = 40 if quick else 3200
@@ -436,14 +461,14 @@ def from_scratch_curves(run, quick: bool) -> list[dict]:
                              "optim.scheduler.warmup_steps=100", "callbacks.ema.decay=0.995", *ev],
     }
     out = []
-    for name, ov in runs.items():
-        res = run(ov)
+    for seed, (name, ov) in itertools.product(seeds, runs.items()):
+        res = run([*ov, *([f"seed={seed}"] if seed else [])])  # seed 0 is the config's: its run dir as before
         p = Path(res["run_dir"]) / "metrics.csv"
         with p.open(newline="") as f:
             for rec in csv.DictReader(f):
                 for k in (4, 32):
                     if rec.get(f"fid/{k}step"):
-                        out.append({"method": name, "curve": "from_scratch", "seed": 0, "steps": k,
+                        out.append({"method": name, "curve": "from_scratch", "seed": seed, "steps": k,
                                     "updates": int(float(rec["step"])), "fid": float(rec[f"fid/{k}step"]),
                                     "is": float(rec[f"is/{k}step"]) if rec.get(f"is/{k}step") else None,
                                     "wall_s": res["wall_s"]})
@@ -462,7 +487,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
                     help=f"smoke test: teacher of 50 updates, {QUICK_UPDATES} updates per round/level, 1 seed, no README")
     ap.add_argument("--demo", action="store_true",
                     help="make demo: progressive and DSDI 8 -> 2 steps, 300 updates each, 1 seed, no README")
-    ap.add_argument("--from-scratch", action="store_true", help="also the from-scratch comparison (one seed)")
+    ap.add_argument("--from-scratch", action="store_true",
+                    help="also the from-scratch comparison, for the same seeds (skips seeds already in --out)")
     ap.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
                     help="a config override for every method's run (repeatable; e.g. a learning-rate probe, "
                          "with its own --out)")
@@ -542,8 +568,9 @@ def main(argv: Optional[list[str]] = None) -> dict:
             scorer = scorer or Scorer()
             rows += score_run(m, seed, res, ckpts, rows, scorer, steps)
             save()
-    if args.from_scratch and not any(r.get("curve") == "from_scratch" for r in rows):
-        rows += from_scratch_curves(run, args.quick)
+    todo = [s for s in seeds if not any(r.get("curve") == "from_scratch" and r["seed"] == s for r in rows)]
+    if args.from_scratch and todo:
+        rows += from_scratch_curves(run, args.quick, todo)
     save()
     png = out.with_name(out.stem + "_fid_vs_nfe.png")
     if plot_fid_vs_nfe(rows, png):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 from pathlib import Path
 from typing import Callable, Optional
@@ -179,9 +180,19 @@ def from_scratch_table(rows: list[dict]) -> str:
         return ""
     methods = sorted({r["method"] for r in curve})
     cols = [(m, k) for k in sorted({r["steps"] for r in curve}) for m in methods]
-    fid = {(r["method"], r["steps"], r["updates"]): r["fid"] for r in curve}
-    body = [[str(u)] + [_num(fid.get((m, k, u)), 3) for m, k in cols] for u in sorted({r["updates"] for r in curve})]
-    return ("\n\nFrom scratch (one seed): digits-FID against training updates\n\n"
+    fids: dict[tuple, list[float]] = {}
+    for r in curve:
+        fids.setdefault((r["method"], r["steps"], r["updates"]), []).append(float(r["fid"]))
+
+    def cell(v: Optional[list[float]]) -> str:
+        if not v:
+            return _num(None, 3)
+        return f"{statistics.fmean(v):.3f}" + (f" ± {statistics.stdev(v):.3f}" if len(v) > 1 else "")
+
+    n = len({r["seed"] for r in curve})
+    seeds = "one seed" if n == 1 else f"{n} seeds, mean ± std"
+    body = [[str(u)] + [cell(fids.get((m, k, u))) for m, k in cols] for u in sorted({r["updates"] for r in curve})]
+    return (f"\n\nFrom scratch ({seeds}): digits-FID against training updates\n\n"
             + md_table(["updates"] + [f"{m}, {k} steps" for m, k in cols], body, ["--:"] * (len(cols) + 1)))
 
 

@@ -90,6 +90,24 @@ def test_dsd_win_only_when_lower_fid_at_no_more_nfe():
     assert "no win at equal nfe" in b.dsd_vs_progressive(b.table_rows(rows))[0]
 
 
+def test_dsd_win_at_equal_nfe_needs_a_progressive_run_of_as_many_nfe():
+    """DSDI's levels have 1,008 updates, progressive's rounds 1,000: the 1,008-update progressive
+    run makes the comparison exact, and a cheaper progressive run that beats DSD still counts."""
+    dsd = [_r("dsdi_annealed", 4, 2.8, seed=s, checkpoint="level_4", native=True, nfe=12096) for s in (0, 1)]
+    dsd[1]["fid"] = 3.0
+    cheap = [_r("progressive", 4, 3.0, seed=s, checkpoint="round_4", native=True, nfe=12000) for s in (0, 1)]
+    exact = [_r("progressive_1008", 4, f, seed=s, checkpoint="round_4", native=True, nfe=12096)
+             for s, f in ((0, 3.1), (1, 3.3))]
+    line = b.dsd_vs_progressive(b.table_rows(dsd + cheap))[0]
+    assert "spent 0.8% more network evaluations: no win at equal nfe" in line
+    line = b.dsd_vs_progressive(b.table_rows(dsd + cheap + exact))[0]
+    assert "vs progressive_1008 FID 3.200 at 1.21e+04 nfe: DSD beats progressive at equal network evaluations" in line
+    assert "(gap 0.300, 2.1x the larger std over seeds, 0.141 / 0.141)" in line
+    cheap[1]["fid"] = 2.0  # progressive's 1,000-update run now has the lower FID (2.5), with fewer nfe
+    line = b.dsd_vs_progressive(b.table_rows(dsd + cheap + exact))[0]
+    assert "vs progressive FID 2.500" in line and "higher FID with as many or more network evaluations" in line
+
+
 def test_formatter_registered_and_renders(tmp_path):
     bench = {"name": "step_distill_digits", "machine": "m", "date": "d", "command": "c", "rows": ROWS}
     md = readme_tables.render("step_distill_digits", bench)
@@ -133,6 +151,9 @@ def test_from_scratch_curves_render_as_a_table():
     assert "| updates | diffusion, 4 steps | dsd_from_scratch, 4 steps |" in md
     assert "| 400 | 30.000 | — |" in md and "| 800 | 20.000 | 15.000 |" in md
     assert readme_tables.from_scratch_table(ROWS) == ""
+    seed1 = [dict(r, seed=1, fid=r["fid"] + 2.0) for r in curve]
+    md = readme_tables.from_scratch_table(ROWS + curve + seed1)
+    assert "From scratch (2 seeds, mean ± std)" in md and "| 800 | 21.000 ± 1.414 | 16.000 ± 1.414 |" in md
 
 
 def test_anchor_control_share_of_the_gain():
@@ -164,3 +185,22 @@ def test_every_process_that_adds_rows_keeps_its_command_in_the_record():
     # the same command run again on a later day: listed once, the dates extended
     later = b.merge_into(second, [_r("tsd", 4, 5.0)], "python bench --methods dsdi", "2026-11-28")
     assert later["command"] == second["command"] and later["date"] == "2026-11-26 to 2026-11-28"
+
+
+def test_from_scratch_curves_run_each_seed_with_the_same_overrides(tmp_path):
+    """Seed 0 keeps the config's seed (so its run is the one already scored); other seeds add
+    seed=<s> to both runs, and their rows carry that seed."""
+    calls = []
+
+    def run(ov):
+        calls.append(ov)
+        d = tmp_path / str(len(calls))
+        d.mkdir()
+        (d / "metrics.csv").write_text("step,fid/4step,is/4step,fid/32step\n400,30.0,5.0,20.0\n401,,,\n")
+        return {"run_dir": str(d), "wall_s": 1.0}
+
+    rows = b.from_scratch_curves(run, quick=False, seeds=[0, 2])
+    assert len(calls) == 4 and not any(o.startswith("seed=") for o in calls[0] + calls[1])
+    assert calls[2][-1] == calls[3][-1] == "seed=2" and calls[2][:-1] == calls[0]
+    assert sorted({(r["seed"], r["method"], r["steps"]) for r in rows}) == [
+        (s, m, k) for s in (0, 2) for m in ("diffusion", "dsd_from_scratch") for k in (4, 32)]
