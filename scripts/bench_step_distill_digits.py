@@ -105,6 +105,7 @@ DEMO = {m: (f"digits_{m}_annealed", ["method.teacher_steps=8", "method.final_ste
         for m in ("progressive", "dsdi")}
 DEMO_STEPS, DEMO_TEACHER_STEPS = [2, 4], [2, 4, 8]
 FROM_SCRATCH_EVAL = ["eval=digits", "eval.steps=[4,32]"]
+FROM_SCRATCH_CURVES = ("diffusion", "dsd_from_scratch", "dsd_no_distill")
 KEY = ("method", "seed", "steps", "checkpoint")
 # a curve has one row per evaluation: its rows differ by updates
 MERGE_KEY = (*KEY, "curve", "updates")
@@ -342,7 +343,14 @@ def dsd_vs_progressive(summary: list[dict]) -> list[str]:
         if d["fid_mean"] < p["fid_mean"] and (d["nfe"] <= p["nfe"] or as_many):
             p = p if d["nfe"] <= p["nfe"] else min(as_many, key=lambda s: s["fid_mean"])
             equal = "equal" if d["nfe"] == p["nfe"] else "equal (or fewer)"
-            v = f"DSD beats progressive at {equal} network evaluations{spread(d, p)}"
+            pval, gap = welch_p(d, p), f"gap {p['fid_mean'] - d['fid_mean']:.3f}"
+            if pval is None:
+                v = f"DSD beats progressive at {equal} network evaluations ({gap}; one seed, no test)"
+            elif pval < 0.05:
+                v = f"DSD beats progressive at {equal} network evaluations ({gap}; Welch's t-test p = {pval:.2g})"
+            else:
+                v = (f"DSD has the lower mean FID at {equal} network evaluations, but within the seeds' spread "
+                     f"({gap}; Welch's t-test p = {pval:.2g}): no clear win")
         elif d["fid_mean"] < p["fid_mean"]:
             v = (f"DSD has the lower FID but spent {100 * (d['nfe'] / p['nfe'] - 1):.1f}% more network evaluations: "
                  "no win at equal nfe")
@@ -357,13 +365,15 @@ def dsd_vs_progressive(summary: list[dict]) -> list[str]:
     return lines
 
 
-def spread(d: dict, p: dict) -> str:
-    """How the FID gap between two summary rows compares with their seeds' standard deviations."""
-    stds = [s["fid_std"] for s in (d, p) if s.get("fid_std") is not None]
-    if len(stds) < 2:
-        return f" (gap {p['fid_mean'] - d['fid_mean']:.3f}; one seed)"
-    return (f" (gap {p['fid_mean'] - d['fid_mean']:.3f}, {(p['fid_mean'] - d['fid_mean']) / max(stds):.1f}x "
-            f"the larger std over seeds, {d['fid_std']:.3f} / {p['fid_std']:.3f})")
+def welch_p(a: dict, b: dict) -> Optional[float]:
+    """Two-sided p-value of Welch's t-test that two summary rows' mean FIDs differ (None: a row
+    has one seed)."""
+    if a.get("fid_std") is None or b.get("fid_std") is None:
+        return None
+    from scipy.stats import ttest_ind_from_stats
+
+    return float(ttest_ind_from_stats(a["fid_mean"], a["fid_std"], a["n"], b["fid_mean"], b["fid_std"], b["n"],
+                                      equal_var=False).pvalue)
 
 
 # --------------------------------------------------------------------------- the plot (PIL, no matplotlib)
@@ -441,10 +451,12 @@ def plot_fid_vs_nfe(rows: list[dict], path: Path, steps: int = 4) -> Optional[Pa
 
 
 # --------------------------------------------------------------------------- from scratch
-def from_scratch_curves(run, quick: bool, seeds: Iterable[int] = (0,)) -> list[dict]:
+def from_scratch_curves(run, quick: bool, seeds: Iterable[int] = (0,), have: Iterable[tuple] = ()) -> list[dict]:
     """FID at 4 and 32 steps against training updates: plain denoising training (the teacher's
-    recipe) and the same with DSD's self-distillation loss added from half-way
-    (method.from_scratch), both from the same initialisation for each seed."""
+    recipe), the same with DSD's self-distillation loss added from half-way (method.from_scratch),
+    and that DSD run with the self-distillation loss off (its control: the same method, so the same
+    noise draws up to half-way), all from the same initialisation for each seed. Skips the
+    (seed, curve) pairs in ``have``."""
     import csv
 
     steps = 40 if quick else 3200
@@ -460,8 +472,11 @@ def from_scratch_curves(run, quick: bool, seeds: Iterable[int] = (0,)) -> list[d
                              "optim.optimizer.weight_decay=1e-4", "optim.scheduler.name=cosine",
                              "optim.scheduler.warmup_steps=100", "callbacks.ema.decay=0.995", *ev],
     }
+    runs["dsd_no_distill"] = [*runs["dsd_from_scratch"], "method.distill_weight=0"]
     out = []
     for seed, (name, ov) in itertools.product(seeds, runs.items()):
+        if (seed, name) in set(have):
+            continue
         res = run([*ov, *([f"seed={seed}"] if seed else [])])  # seed 0 is the config's: its run dir as before
         p = Path(res["run_dir"]) / "metrics.csv"
         with p.open(newline="") as f:
@@ -568,9 +583,9 @@ def main(argv: Optional[list[str]] = None) -> dict:
             scorer = scorer or Scorer()
             rows += score_run(m, seed, res, ckpts, rows, scorer, steps)
             save()
-    todo = [s for s in seeds if not any(r.get("curve") == "from_scratch" and r["seed"] == s for r in rows)]
-    if args.from_scratch and todo:
-        rows += from_scratch_curves(run, args.quick, todo)
+    have = {(r["seed"], r["method"]) for r in rows if r.get("curve") == "from_scratch"}
+    if args.from_scratch and any((s, m) not in have for s in seeds for m in FROM_SCRATCH_CURVES):
+        rows += from_scratch_curves(run, args.quick, seeds, have)
     save()
     png = out.with_name(out.stem + "_fid_vs_nfe.png")
     if plot_fid_vs_nfe(rows, png):
