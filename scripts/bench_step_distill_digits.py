@@ -349,8 +349,8 @@ def dsd_vs_progressive(summary: list[dict]) -> list[str]:
             elif pval < 0.05:
                 v = f"DSD beats progressive at {equal} network evaluations ({gap}; Welch's t-test p = {pval:.2g})"
             else:
-                v = (f"DSD has the lower mean FID at {equal} network evaluations, but within the seeds' spread "
-                     f"({gap}; Welch's t-test p = {pval:.2g}): no clear win")
+                v = (f"DSD has the lower mean FID at {equal} network evaluations, but not significantly "
+                     f"({gap}; Welch's t-test p = {pval:.2g}, not below 0.05): no clear win")
         elif d["fid_mean"] < p["fid_mean"]:
             v = (f"DSD has the lower FID but spent {100 * (d['nfe'] / p['nfe'] - 1):.1f}% more network evaluations: "
                  "no win at equal nfe")
