@@ -341,7 +341,8 @@ def dsd_vs_progressive(summary: list[dict]) -> list[str]:
         p = min(progs, key=lambda s: s["fid_mean"])
         as_many = [s for s in progs if s["nfe"] >= d["nfe"]]
         if d["fid_mean"] < p["fid_mean"] and (d["nfe"] <= p["nfe"] or as_many):
-            p = p if d["nfe"] <= p["nfe"] else min(as_many, key=lambda s: s["fid_mean"])
+            if d["nfe"] > p["nfe"]:  # the best of those that spent as much
+                p = min(as_many, key=lambda s: s["fid_mean"])
             equal = "equal" if d["nfe"] == p["nfe"] else "equal (or fewer)"
             pval, gap = welch_p(d, p), f"gap {p['fid_mean'] - d['fid_mean']:.3f}"
             if pval is None:
@@ -473,9 +474,9 @@ def from_scratch_curves(run, quick: bool, seeds: Iterable[int] = (0,), have: Ite
                              "optim.scheduler.warmup_steps=100", "callbacks.ema.decay=0.995", *ev],
     }
     runs["dsd_no_distill"] = [*runs["dsd_from_scratch"], "method.distill_weight=0"]
-    out = []
+    out, have = [], set(have)
     for seed, (name, ov) in itertools.product(seeds, runs.items()):
-        if (seed, name) in set(have):
+        if (seed, name) in have:
             continue
         res = run([*ov, *([f"seed={seed}"] if seed else [])])  # seed 0 is the config's: its run dir as before
         p = Path(res["run_dir"]) / "metrics.csv"
@@ -503,7 +504,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
     ap.add_argument("--demo", action="store_true",
                     help="make demo: progressive and DSDI 8 -> 2 steps, 300 updates each, 1 seed, no README")
     ap.add_argument("--from-scratch", action="store_true",
-                    help="also the from-scratch comparison, for the same seeds (skips seeds already in --out)")
+                    help="also the from-scratch comparison, for the same seeds (skips curves already in --out)")
     ap.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
                     help="a config override for every method's run (repeatable; e.g. a learning-rate probe, "
                          "with its own --out)")
