@@ -59,14 +59,16 @@ def _num(x: object, digits: int = 1) -> str:
     return f"{x:.{digits}f}" if isinstance(x, float) else str(x)
 
 
+def mean_std(mean: float, std: Optional[float], digits: int = 3) -> str:
+    """``2.753 ± 0.195``; the mean alone when there is no std (a single run)."""
+    return f"{mean:.{digits}f}" + (f" ± {std:.{digits}f}" if std is not None else "")
+
+
 def pct_mean_std(mean: Optional[float], std: Optional[float], n: int) -> str:
     """``90.42 ± 0.50 (n=3)`` for an accuracy in [0, 1]; no ± for a single run."""
     if mean is None:
         return "—"
-    s = f"{100 * mean:.2f}"
-    if std is not None and n > 1:
-        s += f" ± {100 * std:.2f}"
-    return f"{s} (n={n})"
+    return f"{mean_std(100 * mean, 100 * std if std is not None and n > 1 else None, 2)} (n={n})"
 
 
 def merge_provenance(old: dict, command: str, date: str) -> dict:
@@ -158,7 +160,7 @@ def step_distill_digits_table(bench: dict) -> str:
     summary = table_rows(bench["rows"])
     body = []
     for s in summary:
-        fid = f"{s['fid_mean']:.3f}" + (f" ± {s['fid_std']:.3f}" if s["fid_std"] is not None else "") + f" (n={s['n']})"
+        fid = f"{mean_std(s['fid_mean'], s['fid_std'])} (n={s['n']})"
         label = s["method"] + (f" ({s['checkpoint']})" if s["checkpoint"] not in ("last", None) else "")
         body.append([label, str(s["steps"]), fid, _num(s["is_mean"], 2), _num(s["updates"], 0),
                      _num(s["nfe"], 0), _num(s["wall_s"], 0)])
@@ -187,7 +189,7 @@ def from_scratch_table(rows: list[dict]) -> str:
     def cell(v: Optional[list[float]]) -> str:
         if not v:
             return _num(None, 3)
-        return f"{statistics.fmean(v):.3f}" + (f" ± {statistics.stdev(v):.3f}" if len(v) > 1 else "")
+        return mean_std(statistics.fmean(v), statistics.stdev(v) if len(v) > 1 else None)
 
     n = len({r["seed"] for r in curve})
     seeds = "one seed" if n == 1 else f"{n} seeds, mean ± std"
