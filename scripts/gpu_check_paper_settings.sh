@@ -2,14 +2,15 @@
 # The GPU check of the paper-setting experiments: each runs a few hundred updates on
 # stand-in data of the real shapes (scripts/fake_paper_data.py), and the plain progress lines
 # ("step N ... (elapsed s)") give the seconds per update; nvidia-smi logs the memory;
-# scripts/gpu_check_summary.py writes both to OUT/summary.json. Last, tests/test_host_reads.py runs
-# on the GPU (OUT/host_reads.log) and scripts/probe_unet_compile.py times the CIFAR-10 UNet's update
-# (OUT/probe_unet_compile.json).
+# scripts/gpu_check_summary.py writes both to OUT/summary.json. First, since they are shorter and a
+# lease may end before the rest, tests/test_host_reads.py runs on the GPU (OUT/host_reads.log) and
+# scripts/probe_unet_compile.py times the CIFAR-10 UNet's update (OUT/probe_unet_compile.json).
 #   bash scripts/gpu_check_paper_settings.sh [OUT]        # OUT defaults to runs/gpu_check
 # S=0 runs the minimum (one or two updates each, at batch 2) to check the script
-# itself on any machine.
+# itself on any machine. STAGE_S=N stops each step after N seconds (exit 124), so one stuck step
+# leaves the lease's time to the rest; 0, the default, never stops them.
 set -uo pipefail
-OUT=${1:-runs/gpu_check}; S=${S:-1}; PY=${PY:-python}; D=$OUT/data; R=$OUT/runs
+OUT=${1:-runs/gpu_check}; S=${S:-1}; PY=${PY:-python}; STAGE_S=${STAGE_S:-0}; D=$OUT/data; R=$OUT/runs
 SMALL=""; [ "$S" = 0 ] && SMALL="dataset.batch_size=2 dataset.eval_batch_size=2"
 if [ -n "$(ls -A "$OUT" 2>/dev/null)" ]; then  # its runs would resume, not measure
   echo "gpu_check_paper_settings: $OUT is not empty (an earlier check?); name another OUT or remove it" >&2; exit 2
@@ -18,13 +19,21 @@ mkdir -p "$OUT"
 nvidia-smi --query-gpu=timestamp,memory.used,utilization.gpu --format=csv,noheader -lms 500 > "$OUT/gpu.csv" 2>/dev/null &
 SMI=$!
 trap 'kill $SMI 2>/dev/null' EXIT
-$PY scripts/fake_paper_data.py "$D" || exit 1
 W="callbacks.progress=plain runs_dir=$R name=check trainer.test_after_fit=false trainer.check_val_every_n_epoch=1000 $SMALL"
 run() {  # log name, then the command's arguments
   local n=$1; shift
-  $PY "$@" > "$OUT/$n.log" 2>&1; echo "== $n: exit $?"
+  timeout "$STAGE_S" $PY "$@" > "$OUT/$n.log" 2>&1; echo "== $n: exit $?"
   grep -E "step [0-9]+ |(round|level) [0-9]+ of|results:|Error| passed| failed|\"variant\"" "$OUT/$n.log" | tail -12
 }
+# training updates free of host reads and synchronising CUDA calls (set_sync_debug_mode), on the GPU;
+# its 10 CLI runs in parallel where pytest-xdist is there (the device image has it)
+XDIST=""; $PY -c "import xdist" 2>/dev/null && XDIST="-n 8"
+run host_reads -m pytest -q -p no:cacheprovider $XDIST -rf --tb=short tests/test_host_reads.py
+# the CIFAR-10 UNet's update eager, channels-last and compiled (OUT/probe_unet_compile.json)
+run probe_unet_compile scripts/probe_unet_compile.py --out "$OUT/probe_unet_compile.json" \
+  --updates $((50*S+1)) --warmup $((5*S+1)) $([ "$S" = 0 ] && echo "--batch 2 --variants eager channels_last" \
+  || echo "--variants eager channels_last compile")  # one compiled variant: each compiles its graph first
+$PY scripts/fake_paper_data.py "$D" || exit 1
 run cifar10_teacher -m distillkit.cli experiment=cifar10_diffusion_teacher dataset.data_dir="$D" $W \
   dataset.num_workers=8 trainer.max_steps=$((400*S+2)) trainer.log_every_n_steps=$((100*S+1))
 run cifar10_progressive -m distillkit.cli experiment=cifar10_progressive dataset.data_dir="$D" $W \
@@ -39,14 +48,6 @@ run celebahq_dsdi -m distillkit.cli experiment=celebahq_dsdi model.pretrained="$
 run celebahq_progressive -m distillkit.cli experiment=celebahq_progressive teacher.pretrained="$D/ddpm-celebahq-256" \
   dataset.data_dir="$D/images" $W method.updates_per_round=$((20*S+1)) method.convert_updates=$((5*S)) \
   trainer.log_every_n_steps=$((5*S+1))
-# training updates free of host reads and synchronising CUDA calls (set_sync_debug_mode), on the GPU;
-# its 10 CLI runs in parallel where pytest-xdist is there (the device image has it)
-XDIST=""; $PY -c "import xdist" 2>/dev/null && XDIST="-n 8"
-run host_reads -m pytest -q -p no:cacheprovider $XDIST -rf --tb=short tests/test_host_reads.py
-# the CIFAR-10 UNet's update eager, channels-last and compiled (OUT/probe_unet_compile.json)
-run probe_unet_compile scripts/probe_unet_compile.py --out "$OUT/probe_unet_compile.json" \
-  --updates $((50*S+1)) --warmup $((5*S+1)) $([ "$S" = 0 ] && echo "--batch 2 --variants eager channels_last" \
-  || echo "--variants eager channels_last compile")  # one compiled variant: each compiles its graph first
 GPU=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1)
 MACHINE="${GPU:-no GPU}, $($PY -c 'import torch; print("torch", torch.__version__)')"
 $PY scripts/gpu_check_summary.py --gpu-csv "$OUT/gpu.csv" --machine "$MACHINE" --out "$OUT/summary.json" \
