@@ -82,11 +82,22 @@ def summarise(runs: dict[str, Path], gpu_rows: list, call: str) -> list[dict]:
     return rows
 
 
+def machines(rows: list[dict]) -> str:
+    """The file's machine line: the one machine, or each machine after the calls it ran."""
+    calls: dict[str, list[str]] = {}
+    for r in rows:
+        if r["call"] not in calls.setdefault(r["machine"], []):
+            calls[r["machine"]].append(r["call"])
+    if len(calls) == 1:
+        return next(iter(calls))
+    return "; ".join(f"{', '.join(c)}: {m}" for m, c in calls.items())
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("runs", nargs="+", help="NAME=LOG pairs")
     ap.add_argument("--gpu-csv", type=Path, required=True)
-    ap.add_argument("--machine", required=True, help="the GPU and software, as the README reports it")
+    ap.add_argument("--machine", required=True, help="the GPU and software of this call, as the README reports it")
     ap.add_argument("--out", type=Path, default=readme_tables.BENCH_DIR / f"{NAME}.json",
                     help="default: the README's table reads it; any other path leaves the README alone")
     ap.add_argument("--call", default="1", help="a label of these runs, e.g. the commit measured (rows of other labels are kept)")
@@ -98,14 +109,15 @@ def main() -> None:
             ap.error(f"{pair!r}: expected NAME=LOG with an existing log file")
         runs[name] = Path(log)
     old = json.loads(args.out.read_text()) if args.out.is_file() else {}
-    if old and old.get("machine") != args.machine:
-        ap.error(f"{args.out} holds a check of another machine ({old.get('machine')!r}): choose another --out")
-    rows = [r for r in old.get("rows", []) if r.get("call") != args.call]
-    rows += summarise(runs, parse_gpu_csv(args.gpu_csv), args.call)
+    # two machines of one kind differ (README), so each row keeps the machine its call ran on
+    rows = [{**r, "machine": r.get("machine", old.get("machine"))} for r in old.get("rows", [])
+            if r.get("call") != args.call]
+    new = summarise(runs, parse_gpu_csv(args.gpu_csv), args.call)
+    rows += [{**r, "machine": args.machine} for r in sorted(new, key=lambda r: r["experiment"])]  # calls in order
     command = "python scripts/gpu_check_summary.py " + shlex.join(sys.argv[1:])
-    result = {"machine": args.machine,
+    result = {"machine": machines(rows),
               **readme_tables.merge_provenance(old, command, datetime.now().strftime("%Y-%m-%d")),
-              "rows": sorted(rows, key=lambda r: (r["call"], r["experiment"]))}
+              "rows": rows}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))

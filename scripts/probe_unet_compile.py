@@ -102,7 +102,8 @@ def main(argv=None) -> int:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.backends.cudnn.benchmark = True
     machine = (torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu")
-    result = dict(machine=f"{machine}, torch {torch.__version__}", command=" ".join(sys.argv), rows=[])
+    result = dict(machine=f"{machine}, torch {torch.__version__}", date=time.strftime("%Y-%m-%d"),
+                  command=" ".join(sys.argv), rows=[])
     for name in args.variants:
         row = run_variant(name, args.batch, args.warmup, args.updates, device)
         result["rows"].append(row)

@@ -151,6 +151,16 @@ def gpu_check_table(bench: dict) -> str:
     return table + "\n\n" + provenance(bench)
 
 
+@formatter("probe_unet_compile")
+def probe_unet_compile_table(bench: dict) -> str:
+    """variant | batch | s per update | images per s | first update s | peak MiB."""
+    body = [[f"`{r['variant']}`", str(r["batch"]), _num(r["s_per_update"], 4), _num(r["images_per_s"], 0),
+             _num(r["first_update_s"], 1), _num(r.get("peak_memory_mib"), 0)] for r in bench["rows"]]
+    table = md_table(["variant", "batch", "s per update", "images per s", "first update s (compiles)",
+                      "peak GPU memory MiB"], body, ["---", "--:", "--:", "--:", "--:", "--:"])
+    return table + "\n\n" + provenance(bench)
+
+
 @formatter("step_distill_digits")
 def step_distill_digits_table(bench: dict) -> str:
     """method | steps | FID (mean ± std) | IS | updates | nfe | wall s; then the targets, met or

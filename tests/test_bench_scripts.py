@@ -131,6 +131,10 @@ def test_gpu_check_summary_rates_skip_round_changes_and_memory_follows_the_windo
     assert (row["peak_memory_mib"], row["mean_utilisation_pct"]) == (8000.0, 50.0)
     table = readme_tables.FORMATTERS["gpu_check_paper_settings"]({"machine": "m", "rows": [row]})
     assert "| `cifar10_progressive` | 1 | 0.100 | 40 | 1 | 8000 | 50.0 |" in table
+    # two machines of one kind differ, so the file names each call's machine
+    rows = [{"call": "a", "machine": "H200 #1"}, {"call": "b", "machine": "H200 #1"}, {"call": "c", "machine": "H200 #2"}]
+    assert g.machines(rows) == "a, b: H200 #1; c: H200 #2"
+    assert g.machines(rows[:2]) == "H200 #1"
 
 
 def test_unet_compile_probe_runs_and_writes_a_row_per_variant(tmp_path):
@@ -145,3 +149,5 @@ def test_unet_compile_probe_runs_and_writes_a_row_per_variant(tmp_path):
     assert [(r["variant"], r["channels_last"], r["compile_mode"]) for r in rows] == [
         ("eager", False, None), ("channels_last", True, None)]
     assert all(r["s_per_update"] > 0 and r["images_per_s"] > 0 and r["batch"] == 2 for r in rows)
+    table = readme_tables.render("probe_unet_compile", json.loads(out.read_text()))
+    assert table.count("| `eager` | 2 |") == 1 and "Machine: " in table
