@@ -230,6 +230,14 @@ def build(node: DictConfig, key: str, **kwargs: Any) -> Any:
         raise
 
 
+def compile_mode(value: Any) -> Optional[str]:
+    """``trainer.compile``: torch.compile's mode, or None; ``true`` means "default" (the schema
+    types the key as a string, so a command line's true arrives as "True")."""
+    if value is None or str(value).lower() == "false":
+        return None
+    return "default" if str(value).lower() == "true" else str(value)
+
+
 def resume_safe_keys() -> list[str]:
     from hydra.core.hydra_config import HydraConfig
 
@@ -285,6 +293,8 @@ def run(cfg: DictConfig) -> dict:
         _recursive_=False, _convert_="all",
     )
     check_data_range(method, dm)
+    if compile_mode(cfg.trainer.compile) is not None:
+        method.compile_student(compile_mode(cfg.trainer.compile))
     method.run_config = config
     method.run_dir = run_dir  # where methods write files of their own (progressive's round teachers)
     evaluation = None

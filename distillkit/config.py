@@ -469,6 +469,9 @@ class TrainerConfig:
     cpu_threads: Optional[int] = None
     # Evaluate the test split with the final weights after fitting.
     test_after_fit: bool = True
+    # torch.compile's mode for the student's training forward (null: eager). On an H200 "default"
+    # made the CIFAR-10 UNet's update 18% faster after a 78 s first update (README).
+    compile: Optional[str] = None
 
 
 @dataclass

@@ -83,6 +83,29 @@ class DistillMethod(L.LightningModule):
         assert self.teacher is not None
         return self.teacher(x)
 
+    # ------------------------------------------------------------------ torch.compile
+    COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+    def compile_student(self, mode: str) -> None:
+        """Train through ``torch.compile(student, mode=mode)`` (``trainer.compile``).
+
+        The compiled wrapper shares the student's parameters but is kept out of the module tree,
+        so checkpoints hold the same keys and a run compiled or not resumes the other's files.
+        Only the training forward goes through it: the EMA, the copies a method makes of the
+        student (a round's teacher, DSD's target) and evaluation and sampling stay eager, where
+        ``nn.Module.compile`` in place would carry into every copy and recompile for eval mode,
+        no-grad and each sampling batch size, with no measured gain."""
+        if mode not in self.COMPILE_MODES:
+            raise DistillError(f"trainer.compile={mode!r}: choose one of {', '.join(self.COMPILE_MODES)} "
+                               "(torch.compile's mode), or null to train eagerly")
+        object.__setattr__(self, "_compiled_student", torch.compile(self.student, mode=mode))
+
+    @property
+    def train_student(self) -> nn.Module:
+        """The student as the training update calls it: compiled when ``trainer.compile`` is set."""
+        compiled = self.__dict__.get("_compiled_student")
+        return compiled if compiled is not None else self.student
+
     # ------------------------------------------------------------------ EMA
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
         # The EMA is updated right after the optimizer step, before any callback's

@@ -264,7 +264,7 @@ class Diffusion(DiffusionMethod):
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         x0 = batch[0] if isinstance(batch, (list, tuple)) else batch
-        loss = self.denoising_loss(self.student, x0).mean()
+        loss = self.denoising_loss(self.train_student, x0).mean()
         self.count_nfe(1)
         self.log("train/loss", loss.detach(), prog_bar=True, on_step=True, batch_size=len(x0))
         return loss

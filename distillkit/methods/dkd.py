@@ -62,7 +62,7 @@ class DKD(ClassifierMethod):
         return min(epoch / self.warmup_epochs, 1.0)
 
     def losses(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
-        s = self.student(x)
+        s = self.train_student(x)
         t = self.teacher_forward(x)
         ce = F.cross_entropy(s, y)
         tckd, nckd = dkd_terms(s, t, y, self.temperature)

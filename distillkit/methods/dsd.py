@@ -234,7 +234,7 @@ class SweepDistillation(StepDistillation):
             loss, nfe = loss + w_sd * l_sd, nfe + n
             self.log("train/distill_loss", l_sd.detach(), on_step=True, on_epoch=False)
         if w_dn > 0:
-            l_dn = self.denoising_loss(self.student, x0, generator=g).mean()
+            l_dn = self.denoising_loss(self.train_student, x0, generator=g).mean()
             loss, nfe = loss + w_dn * l_dn, nfe + 1
             self.log("train/denoise_loss", l_dn.detach(), on_step=True, on_epoch=False)
         self.count_nfe(nfe)
@@ -317,7 +317,7 @@ class DSD(SweepDistillation):
         return self.distill_weight, self.denoise_weight
 
     def prediction_and_target(self, x_t, t, t1, t2):
-        pred, tgt, single = dsd_prediction_and_target(self.student, eval_mode_fn(self.target_network()), x_t, t, t1,
+        pred, tgt, single = dsd_prediction_and_target(self.train_student, eval_mode_fn(self.target_network()), x_t, t, t1,
                                                       t2, self.schedule, self.prediction_type, self.clip_sample)
         return pred, tgt, single, 2
 
@@ -339,7 +339,7 @@ class TSD(SweepDistillation):
         return self.teacher_pred_type
 
     def prediction_and_target(self, x_t, t, t1, t2):
-        pred, tgt, single = tsd_prediction_and_target(self.student, self.teacher_fn, x_t, t, t1, t2, self.schedule,
+        pred, tgt, single = tsd_prediction_and_target(self.train_student, self.teacher_fn, x_t, t, t1, t2, self.schedule,
                                                       self.prediction_type, self.teacher_pred_type, self.clip_sample)
         return pred, tgt, single, 3
 

@@ -86,7 +86,7 @@ class FitNet(ClassifierMethod):
         self.connector = make_connector(s_shape, t_shape)
 
     def losses(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
-        s = self.student(x)
+        s = self.train_student(x)
         hint_s = self._s_hook.output
         self.teacher_forward(x)
         hint_t = self._t_hook.output

@@ -33,7 +33,7 @@ class KD(ClassifierMethod):
         self.temperature, self.ce_weight, self.kd_weight = temperature, ce_weight, kd_weight
 
     def losses(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
-        s = self.student(x)
+        s = self.train_student(x)
         t = self.teacher_forward(x)
         ce = F.cross_entropy(s, y)
         kd = kd_loss(s, t, self.temperature)

@@ -82,7 +82,7 @@ class Progressive(StepDistillation):
         else:
             x_tilde = progressive_target(self.teacher_fn, z_t, t, t1, t2, self.schedule, self.teacher_pred_type,
                                          self.clip_sample)
-        out = self._checked(self.student(z_t, t), z_t).float()
+        out = self._checked(self.train_student(z_t, t), z_t).float()
         x_hat = to_x0(out, self.prediction_type, z_t, alpha, sigma)
         w = step_loss_weight(self.step_weighting, self.schedule, t, t2, like=z_t).flatten()
         loss = (w * mean_flat((x_hat - x_tilde) ** 2)).mean()

@@ -16,5 +16,5 @@ class Supervised(ClassifierMethod):
         self.label_smoothing = label_smoothing
 
     def losses(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
-        ce = F.cross_entropy(self.student(x), y, label_smoothing=self.label_smoothing)
+        ce = F.cross_entropy(self.train_student(x), y, label_smoothing=self.label_smoothing)
         return {"loss": ce, "ce": ce}

@@ -1,0 +1,91 @@
+"""``trainer.compile``: the student's training forward runs through ``torch.compile`` and nothing
+else changes: the same updates (to float tolerance), the same checkpoint keys, resumable either
+way, and the copies a method makes of the student stay independent networks."""
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from distillkit.errors import DistillError
+
+TOY = ["dataset=toy2d", "model=mlp2d", "schedule=cosine", "schedule.num_train_timesteps=1024", "debug=smoke",
+       "callbacks.progress=none", "dataset.batch_size=32", "trainer.test_after_fit=false", "trainer.max_epochs=-1"]
+
+
+@pytest.fixture(scope="module")
+def toy_teacher(tmp_path_factory) -> Path:
+    from distillkit.models.mlp import MLPDenoiser
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("toy_teacher") / "mlp2d.pt"
+    torch.save(MLPDenoiser().state_dict(), path)
+    return path
+
+
+def _weights(run: Path) -> dict[str, torch.Tensor]:
+    return torch.load(run / "last.ckpt", map_location="cpu", weights_only=False)["state_dict"]
+
+
+def _assert_same_training(a: Path, b: Path) -> None:
+    wa, wb = _weights(a), _weights(b)
+    assert sorted(wa) == sorted(wb)  # the compiled wrapper adds no keys
+    worst = max((wa[k].float() - wb[k].float()).abs().max().item() for k in wa)
+    assert worst < 1e-3, worst  # inductor's kernels round differently, nothing more
+
+
+@pytest.mark.parametrize("method", [
+    ["method=diffusion"],
+    # two round changes: each round's teacher is a copy of the student, called eagerly
+    ["teacher=mlp2d", "method=progressive", "method.teacher_steps=8", "method.final_steps=2",
+     "method.updates_per_round=4"],
+    # the DSD target network is an EMA copy of the student; its evaluation 2 stays eager
+    ["teacher=self", "method=dsd", "method.variant=dsdi", "method.target=ema", "method.denoise_weight=0.5",
+     "method.teacher_steps=8", "method.final_steps=2", "method.updates_per_level=4"],
+], ids=["diffusion", "progressive", "dsdi"])
+def test_compiled_training_matches_eager(cli, runs_dir, toy_teacher, method):
+    teacher = [f"teacher.checkpoint={toy_teacher}"] if "teacher=mlp2d" in method else []
+    runs = {}
+    for name, mode in (("eager", "null"), ("compiled", "default")):
+        r = cli(*TOY, *method, *teacher, "trainer.max_steps=8", f"trainer.compile={mode}",
+                f"runs_dir={runs_dir}", f"name={name}")
+        assert r.returncode == 0, r.output
+        runs[name] = next(runs_dir.glob(f"*/{name}"))
+    _assert_same_training(runs["eager"], runs["compiled"])
+
+
+def test_an_eager_run_resumes_compiled(cli, runs_dir):
+    args = [*TOY, "method=diffusion", f"runs_dir={runs_dir}", "name=run"]
+    assert cli(*args, "trainer.max_steps=4").returncode == 0
+    # trainer.compile is not part of the run's identity: the same run goes on, compiled
+    r = cli(*args, "trainer.max_steps=8", "trainer.compile=true")
+    assert r.returncode == 0, r.output
+    assert "resuming from" in r.output
+    run = next(runs_dir.glob("*/run"))
+    assert json.loads((run / "results.json").read_text())["global_step"] == 8
+
+
+def test_compile_student_keeps_the_wrapper_out_of_the_module_tree():
+    from distillkit.methods.supervised import Supervised
+    from distillkit.models.mlp import MLPDenoiser
+
+    student = MLPDenoiser()
+    method = Supervised(student)
+    keys = sorted(method.state_dict())
+    method.compile_student("default")
+    assert method.train_student is not student and method.train_student._orig_mod is student
+    assert sorted(method.state_dict()) == keys
+    assert {id(p) for p in method.parameters()} == {id(p) for p in student.parameters()}
+    # a copy made after compiling (a round's teacher, an EMA) is an eager network of its own
+    twin = copy.deepcopy(method.student)
+    assert type(twin) is MLPDenoiser
+    with torch.no_grad():
+        for p in twin.parameters():
+            p.zero_()
+    x, t = torch.randn(4, 2), torch.randint(0, 1000, (4,))
+    assert not torch.equal(twin(x, t), student(x, t))
+    with pytest.raises(DistillError, match="trainer.compile='fast'"):
+        method.compile_student("fast")
