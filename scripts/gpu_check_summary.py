@@ -4,7 +4,8 @@ Per run log: seconds per update, the median over the intervals between consecuti
 lines ("epoch E step S ... (elapsed s)") that no round or level change falls in (the median keeps
 the stand-in data's short epochs, each ending with a last.ckpt, from weighing in), the number of
 validations in the log (a run that validated between most updates has no rate worth reading); and,
-from nvidia-smi's log, the peak memory and the mean utilisation while the run trained.
+from nvidia-smi's log, the peak memory while the run trained and the mean utilisation from its first
+progress line on.
 
     python scripts/gpu_check_summary.py --gpu-csv OUT/gpu.csv --machine "one NVIDIA H200" \
         cifar10_diffusion_teacher=OUT/cifar10_teacher.log celebahq_dsdi=OUT/celebahq_dsdi.log ...
@@ -35,7 +36,7 @@ def _log_time(stamp: str) -> datetime:
 
 def parse_log(path: Path) -> dict:
     """Seconds per update and the time window of the training, from one run's cli output."""
-    points, t_first, t_last, changes, validations = [], None, None, 0, 0
+    points, points_at, t_first, t_last, changes, validations = [], [], None, None, 0, 0
     for raw in path.read_text().splitlines():
         m = LINE.match(raw)
         if not m:
@@ -50,12 +51,13 @@ def parse_log(path: Path) -> dict:
         p = PROGRESS.match(msg)
         if p:
             points.append((int(p.group(1)), float(p.group(2)), changes))
+            points_at.append(when)
             t_last = when
     rates = [(t1 - t0) / (s1 - s0) for (s0, t0, c0), (s1, t1, c1) in zip(points, points[1:])
              if c0 == c1 and s1 > s0]
     return {"updates_logged": points[-1][0] if points else 0, "validations": validations, "intervals": len(rates),
             "s_per_update": round(statistics.median(rates), 4) if rates else None,
-            "window": (t_first, t_last)}
+            "window": (t_first, t_last), "steady_from": points_at[0] if points_at else None}
 
 
 def parse_gpu_csv(path: Path) -> list[tuple[datetime, float, float]]:
@@ -73,11 +75,14 @@ def summarise(runs: dict[str, Path], gpu_rows: list, call: str) -> list[dict]:
     rows = []
     for name, log in runs.items():
         r = parse_log(log)
-        t0, t1 = r.pop("window")
+        (t0, t1), ts = r.pop("window"), r.pop("steady_from")
         during = [row for row in gpu_rows if t0 and t1 and t0 <= row[0] <= t1]
+        # utilisation from the first progress line on: the first updates (torch.compile's
+        # compilation, cuDNN's autotuning) keep the GPU idle for up to a minute and a half
+        steady = [row for row in during if row[0] >= ts]
         rows.append({"experiment": name, "call": call, **r,
                      "peak_memory_mib": max((row[1] for row in during), default=None),
-                     "mean_utilisation_pct": round(statistics.mean(row[2] for row in during), 1) if during else None,
+                     "mean_utilisation_pct": round(statistics.mean(row[2] for row in steady), 1) if steady else None,
                      "log": log.name})
     return rows
 

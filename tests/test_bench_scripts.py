@@ -122,15 +122,17 @@ def test_gpu_check_summary_rates_skip_round_changes_and_memory_follows_the_windo
     ]) + "\n")
     csv = tmp_path / "gpu.csv"
     csv.write_text("2026/11/27 10:00:00.500, 90000 MiB, 0 %\n"        # before the run: not counted
+                   "2026/11/27 10:00:01.500, 9000 MiB, 0 %\n"         # before the first progress line
                    "2026/11/27 10:00:05.000, 7000 MiB, 40 %\n"
                    "2026/11/27 10:00:09.500, 8000 MiB, 60 %\n"
                    "2026/11/27 10:00:30.000, 95000 MiB, 0 %\n")      # after it
     r = g.parse_log(log)
     assert (r["s_per_update"], r["intervals"], r["validations"], r["updates_logged"]) == (0.1, 2, 1, 40)
     (row,) = g.summarise({"cifar10_progressive": log}, g.parse_gpu_csv(csv), call="1")
-    assert (row["peak_memory_mib"], row["mean_utilisation_pct"]) == (8000.0, 50.0)
+    # memory from the start of training, utilisation from the first progress line (past compiling)
+    assert (row["peak_memory_mib"], row["mean_utilisation_pct"]) == (9000.0, 50.0)
     table = readme_tables.FORMATTERS["gpu_check_paper_settings"]({"machine": "m", "rows": [row]})
-    assert "| `cifar10_progressive` | 1 | 0.100 | 40 | 1 | 8000 | 50.0 |" in table
+    assert "| `cifar10_progressive` | 1 | 0.100 | 40 | 1 | 9000 | 50.0 |" in table
     # two machines of one kind differ, so the file names each call's machine
     rows = [{"call": "a", "machine": "H200 #1"}, {"call": "b", "machine": "H200 #1"}, {"call": "c", "machine": "H200 #2"}]
     assert g.machines(rows) == "a, b: H200 #1; c: H200 #2"
