@@ -63,3 +63,14 @@ def digits_teacher_ckpt(tmp_path_factory) -> Path:
     ckpt = runs / "digits_teacher" / "default" / "last.ckpt"
     assert ckpt.is_file()
     return ckpt
+
+
+@pytest.fixture(scope="session")
+def toy_teacher(tmp_path_factory) -> Path:
+    """A randomly initialised mlp2d denoiser's weights: a teacher for toy2d step-distillation runs."""
+    from distillkit.models.mlp import MLPDenoiser
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("toy_teacher") / "mlp2d.pt"
+    torch.save(MLPDenoiser().state_dict(), path)
+    return path

@@ -16,16 +16,6 @@ TOY = ["dataset=toy2d", "model=mlp2d", "schedule=cosine", "schedule.num_train_ti
        "callbacks.progress=none", "dataset.batch_size=32", "trainer.test_after_fit=false", "trainer.max_epochs=-1"]
 
 
-@pytest.fixture(scope="module")
-def toy_teacher(tmp_path_factory) -> Path:
-    from distillkit.models.mlp import MLPDenoiser
-
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("toy_teacher") / "mlp2d.pt"
-    torch.save(MLPDenoiser().state_dict(), path)
-    return path
-
-
 def _weights(run: Path) -> dict[str, torch.Tensor]:
     return torch.load(run / "last.ckpt", map_location="cpu", weights_only=False)["state_dict"]
 

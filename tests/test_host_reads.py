@@ -38,18 +38,6 @@ def harness():
     return host_reads
 
 
-@pytest.fixture(scope="module")
-def toy_teacher(tmp_path_factory) -> Path:
-    import torch
-
-    from distillkit.models.mlp import MLPDenoiser
-
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("toy_teacher") / "mlp2d.pt"
-    torch.save(MLPDenoiser().state_dict(), path)
-    return path
-
-
 # Work a step-distillation run does once per round or level, in the batch that starts it: build the
 # round's grid on the device and write the finished round's student (torch.save copies it to the
 # host). On a GPU both synchronise; once per 50,000 updates that costs nothing worth saving.
