@@ -8,9 +8,12 @@
 #   bash scripts/gpu_check_paper_settings.sh [OUT]        # OUT defaults to runs/gpu_check
 # S=0 runs the minimum (one or two updates each, at batch 2) to check the script
 # itself on any machine. STAGE_S=N stops each step after N seconds (exit 124), so one stuck step
-# leaves the lease's time to the rest; 0, the default, never stops them.
+# leaves the lease's time to the rest; 0, the default, never stops them. PROBES=0 skips the
+# host-reads test and the compile probe; EXTRA="KEY=VALUE ..." adds overrides to every training run,
+# e.g. the compiled check: PROBES=0 EXTRA=trainer.compile=default bash ... OUT_COMPILED, whose
+# summary.json compares row by row with an eager check's.
 set -uo pipefail
-OUT=${1:-runs/gpu_check}; S=${S:-1}; PY=${PY:-python}; STAGE_S=${STAGE_S:-0}; D=$OUT/data; R=$OUT/runs
+OUT=${1:-runs/gpu_check}; S=${S:-1}; PY=${PY:-python}; STAGE_S=${STAGE_S:-0}; PROBES=${PROBES:-1}; D=$OUT/data; R=$OUT/runs
 SMALL=""; [ "$S" = 0 ] && SMALL="dataset.batch_size=2 dataset.eval_batch_size=2"
 if [ -n "$(ls -A "$OUT" 2>/dev/null)" ]; then  # its runs would resume, not measure
   echo "gpu_check_paper_settings: $OUT is not empty (an earlier check?); name another OUT or remove it" >&2; exit 2
@@ -19,7 +22,7 @@ mkdir -p "$OUT"
 nvidia-smi --query-gpu=timestamp,memory.used,utilization.gpu --format=csv,noheader -lms 500 > "$OUT/gpu.csv" 2>/dev/null &
 SMI=$!
 trap 'kill $SMI 2>/dev/null' EXIT
-W="callbacks.progress=plain runs_dir=$R name=check trainer.test_after_fit=false trainer.check_val_every_n_epoch=1000 $SMALL"
+W="callbacks.progress=plain runs_dir=$R name=check trainer.test_after_fit=false trainer.check_val_every_n_epoch=1000 $SMALL ${EXTRA:-}"
 run() {  # log name, then the command's arguments
   local n=$1; shift
   timeout "$STAGE_S" $PY "$@" > "$OUT/$n.log" 2>&1; echo "== $n: exit $?"
@@ -28,9 +31,9 @@ run() {  # log name, then the command's arguments
 # training updates free of host reads and synchronising CUDA calls (set_sync_debug_mode), on the GPU;
 # its 10 CLI runs in parallel where pytest-xdist is there (the device image has it)
 XDIST=""; $PY -c "import xdist" 2>/dev/null && XDIST="-n 8"
-run host_reads -m pytest -q -p no:cacheprovider $XDIST -rf --tb=short tests/test_host_reads.py
+[ "$PROBES" = 1 ] && run host_reads -m pytest -q -p no:cacheprovider $XDIST -rf --tb=short tests/test_host_reads.py
 # the CIFAR-10 UNet's update eager, channels-last and compiled (OUT/probe_unet_compile.json)
-run probe_unet_compile scripts/probe_unet_compile.py --out "$OUT/probe_unet_compile.json" \
+[ "$PROBES" = 1 ] && run probe_unet_compile scripts/probe_unet_compile.py --out "$OUT/probe_unet_compile.json" \
   --updates $((50*S+1)) --warmup $((5*S+1)) $([ "$S" = 0 ] && echo "--batch 2 --variants eager channels_last" \
   || echo "--variants eager channels_last compile")  # one compiled variant: each compiles its graph first
 $PY scripts/fake_paper_data.py "$D" || exit 1
