@@ -238,6 +238,16 @@ def compile_mode(value: Any) -> Optional[str]:
     return "default" if str(value).lower() == "true" else str(value)
 
 
+def is_compile_failure(e: BaseException) -> bool:
+    """Whether ``e`` is torch.compile failing to build a graph (no C++ compiler, a backend error),
+    as opposed to an error in the model itself."""
+    import torch
+
+    kinds = tuple(k for k in (getattr(torch._dynamo.exc, "BackendCompilerFailed", None),
+                              getattr(getattr(torch._inductor, "exc", None), "InductorError", None)) if k)
+    return isinstance(e, kinds)
+
+
 def resume_safe_keys() -> list[str]:
     from hydra.core.hydra_config import HydraConfig
 
@@ -337,7 +347,15 @@ def run(cfg: DictConfig) -> dict:
         limit_train_batches=t.limit_train_batches, limit_val_batches=t.limit_val_batches,
         limit_test_batches=t.limit_test_batches,
     )
-    trainer.fit(method, datamodule=dm, ckpt_path=str(ckpt) if ckpt else None)
+    try:
+        trainer.fit(method, datamodule=dm, ckpt_path=str(ckpt) if ckpt else None)
+    except Exception as e:
+        if compile_mode(t.compile) is None or not is_compile_failure(e):
+            raise
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise DistillError(f"trainer.compile={compile_mode(t.compile)}: torch.compile could not build the student's "
+                           f"forward ({type(e).__name__}: {first[:300]}); train eagerly with trainer.compile=null "
+                           "(the run resumes from its last checkpoint either way)") from None
     results: dict[str, Any] = {k: float(v) for k, v in trainer.callback_metrics.items()
                                  if k.startswith(("val/", "fid/", "is/"))}
     if evaluation is not None:

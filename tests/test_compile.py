@@ -81,3 +81,20 @@ def test_compile_student_keeps_the_wrapper_out_of_the_module_tree():
     assert not torch.equal(twin(x, t), student(x, t))
     with pytest.raises(DistillError, match="trainer.compile='fast'"):
         method.compile_student("fast")
+
+
+def test_a_compiler_failure_is_one_clear_error_and_keeps_the_run(cli, runs_dir, tmp_path):
+    """No working C++ compiler (inductor's CPU backend needs one): one message naming the key and
+    the way out, no traceback, and the run's checkpoint as it was."""
+    args = [*TOY, "method=diffusion", f"runs_dir={runs_dir}", "name=run"]
+    assert cli(*args, "trainer.max_steps=4").returncode == 0
+    ckpt = next(runs_dir.glob("*/run")) / "last.ckpt"
+    before = ckpt.read_bytes()
+    # an empty inductor cache, so the graphs the other tests compiled are not simply reloaded
+    env = {"CXX": "/nonexistent/g++", "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor"),
+           "TORCHINDUCTOR_FX_GRAPH_CACHE": "0"}
+    r = cli(*args, "trainer.max_steps=8", "trainer.compile=default", env=env)
+    assert r.returncode == 2, r.output
+    assert "Traceback" not in r.output
+    assert "trainer.compile=default" in r.output and "trainer.compile=null" in r.output
+    assert ckpt.read_bytes() == before
