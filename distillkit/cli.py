@@ -303,8 +303,9 @@ def run(cfg: DictConfig) -> dict:
         _recursive_=False, _convert_="all",
     )
     check_data_range(method, dm)
-    if compile_mode(cfg.trainer.compile) is not None:
-        method.compile_student(compile_mode(cfg.trainer.compile))
+    compiled = compile_mode(cfg.trainer.compile)
+    if compiled is not None:
+        method.compile_student(compiled)
     method.run_config = config
     method.run_dir = run_dir  # where methods write files of their own (progressive's round teachers)
     evaluation = None
@@ -350,10 +351,10 @@ def run(cfg: DictConfig) -> dict:
     try:
         trainer.fit(method, datamodule=dm, ckpt_path=str(ckpt) if ckpt else None)
     except Exception as e:
-        if compile_mode(t.compile) is None or not is_compile_failure(e):
+        if compiled is None or not is_compile_failure(e):
             raise
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise DistillError(f"trainer.compile={compile_mode(t.compile)}: torch.compile could not build the student's "
+        raise DistillError(f"trainer.compile={compiled}: torch.compile could not build the student's "
                            f"forward ({type(e).__name__}: {first[:300]}); train eagerly with trainer.compile=null "
                            "(the run resumes from its last checkpoint either way)") from None
     results: dict[str, Any] = {k: float(v) for k, v in trainer.callback_metrics.items()

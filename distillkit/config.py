@@ -470,7 +470,7 @@ class TrainerConfig:
     # Evaluate the test split with the final weights after fitting.
     test_after_fit: bool = True
     # torch.compile's mode for the student's training forward (null: eager). On an H200 "default"
-    # made the CIFAR-10 UNet's update 18% faster after a 78 s first update (README).
+    # took the CIFAR-10 teacher's update from 0.104 to 0.056 s, after 77 s of compiling (README).
     compile: Optional[str] = None
 
 
