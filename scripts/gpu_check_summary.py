@@ -36,7 +36,7 @@ def _log_time(stamp: str) -> datetime:
 
 def parse_log(path: Path) -> dict:
     """Seconds per update and the time window of the training, from one run's cli output."""
-    points, points_at, t_first, t_last, changes, validations = [], [], None, None, 0, 0
+    points, t_first, t_steady, t_last, changes, validations = [], None, None, None, 0, 0
     for raw in path.read_text().splitlines():
         m = LINE.match(raw)
         if not m:
@@ -51,13 +51,12 @@ def parse_log(path: Path) -> dict:
         p = PROGRESS.match(msg)
         if p:
             points.append((int(p.group(1)), float(p.group(2)), changes))
-            points_at.append(when)
-            t_last = when
+            t_steady, t_last = t_steady or when, when
     rates = [(t1 - t0) / (s1 - s0) for (s0, t0, c0), (s1, t1, c1) in zip(points, points[1:])
              if c0 == c1 and s1 > s0]
     return {"updates_logged": points[-1][0] if points else 0, "validations": validations, "intervals": len(rates),
             "s_per_update": round(statistics.median(rates), 4) if rates else None,
-            "window": (t_first, t_last), "steady_from": points_at[0] if points_at else None}
+            "window": (t_first, t_last), "steady_from": t_steady}
 
 
 def parse_gpu_csv(path: Path) -> list[tuple[datetime, float, float]]:
