@@ -305,7 +305,7 @@ def run(cfg: DictConfig) -> dict:
     check_data_range(method, dm)
     compiled = compile_mode(cfg.trainer.compile)
     if compiled is not None:
-        method.compile_student(compiled)
+        method.set_compile(compiled)
     method.run_config = config
     method.run_dir = run_dir  # where methods write files of their own (progressive's round teachers)
     evaluation = None
@@ -354,7 +354,7 @@ def run(cfg: DictConfig) -> dict:
         if compiled is None or not is_compile_failure(e):
             raise
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise DistillError(f"trainer.compile={compiled}: torch.compile could not build the student's "
+        raise DistillError(f"trainer.compile={compiled}: torch.compile could not build the networks' "
                            f"forward ({type(e).__name__}: {first[:300]}); train eagerly with trainer.compile=null "
                            "(the run resumes from its last checkpoint either way)") from None
     results: dict[str, Any] = {k: float(v) for k, v in trainer.callback_metrics.items()

@@ -1,5 +1,5 @@
-"""``trainer.compile``: the student's training forward runs through ``torch.compile`` and nothing
-else changes: the same updates (to float tolerance), the same checkpoint keys, resumable either
+"""``trainer.compile``: the student's and the teacher's forwards in training run through
+``torch.compile`` and nothing else changes: the same updates (to float tolerance), the same checkpoint keys, resumable either
 way, and the copies a method makes of the student stay independent networks."""
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ def _assert_same_training(a: Path, b: Path) -> None:
     ["method=diffusion"],
     # two gloo ranks: rank 0's weights match only if the compiled backward's gradients are all-reduced
     ["method=diffusion", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.strategy=ddp"],
-    # two round changes: each round's teacher is a copy of the student, called eagerly
+    # two round changes: each round's teacher is a new network, compiled afresh
     ["teacher=mlp2d", "method=progressive", "method.teacher_steps=8", "method.final_steps=2",
      "method.updates_per_round=4"],
     # the DSD target network is an EMA copy of the student; its evaluation 2 stays eager
@@ -49,6 +49,18 @@ def test_compiled_training_matches_eager(cli, runs_dir, toy_teacher, method):
     _assert_same_training(runs["eager"], runs["compiled"])
 
 
+def test_compiled_fitnet_matches_eager(cli, runs_dir, digits_teacher_ckpt):
+    """A classifier method with a teacher: both forwards compiled, FitNet's hint hooks on both."""
+    runs = {}
+    for name, mode in (("eager", "null"), ("compiled", "default")):
+        r = cli("experiment=digits_fitnet", f"teacher.checkpoint={digits_teacher_ckpt}", "debug=smoke",
+                "callbacks.progress=none", "trainer.test_after_fit=false", f"trainer.compile={mode}",
+                f"runs_dir={runs_dir}", f"name={name}")
+        assert r.returncode == 0, r.output
+        runs[name] = next(runs_dir.glob(f"*/{name}"))
+    _assert_same_training(runs["eager"], runs["compiled"])
+
+
 def test_an_eager_run_resumes_compiled(cli, runs_dir):
     args = [*TOY, "method=diffusion", f"runs_dir={runs_dir}", "name=run"]
     assert cli(*args, "trainer.max_steps=4").returncode == 0
@@ -60,15 +72,16 @@ def test_an_eager_run_resumes_compiled(cli, runs_dir):
     assert json.loads((run / "results.json").read_text())["global_step"] == 8
 
 
-def test_compile_student_keeps_the_wrapper_out_of_the_module_tree():
+def test_compiled_wrappers_stay_out_of_the_module_tree():
     from distillkit.methods.supervised import Supervised
     from distillkit.models.mlp import MLPDenoiser
 
     student = MLPDenoiser()
     method = Supervised(student)
     keys = sorted(method.state_dict())
-    method.compile_student("default")
+    method.set_compile("default")
     assert method.train_student is not student and method.train_student._orig_mod is student
+    assert method.train_student is method.train_student  # one wrapper, compiled once
     assert sorted(method.state_dict()) == keys
     assert {id(p) for p in method.parameters()} == {id(p) for p in student.parameters()}
     # a copy made after compiling (a round's teacher, an EMA) is an eager network of its own
@@ -80,7 +93,7 @@ def test_compile_student_keeps_the_wrapper_out_of_the_module_tree():
     x, t = torch.randn(4, 2), torch.randint(0, 1000, (4,))
     assert not torch.equal(twin(x, t), student(x, t))
     with pytest.raises(DistillError, match="trainer.compile='fast'"):
-        method.compile_student("fast")
+        method.set_compile("fast")
 
 
 def test_a_compiler_failure_is_one_clear_error_and_keeps_the_run(cli, runs_dir, tmp_path):
@@ -98,3 +111,25 @@ def test_a_compiler_failure_is_one_clear_error_and_keeps_the_run(cli, runs_dir, 
     assert "Traceback" not in r.output
     assert "trainer.compile=default" in r.output and "trainer.compile=null" in r.output
     assert ckpt.read_bytes() == before
+
+
+def test_the_teacher_is_compiled_and_recompiled_when_it_changes():
+    """A frozen teacher's forward goes through its own wrapper; a new teacher (the next round's)
+    gets a new one, and the old network is not kept alive by the old wrapper."""
+    import weakref
+
+    from distillkit.methods.kd import KD
+
+    torch.manual_seed(0)
+    method = KD(torch.nn.Linear(4, 3), teacher=torch.nn.Linear(4, 3))
+    method.set_compile("default")
+    x = torch.randn(2, 4)
+    first = method.teacher
+    torch.testing.assert_close(method.teacher_forward(x), first(x))
+    assert method.__dict__["_compiled_teacher"]._orig_mod is first
+    gone = weakref.ref(first)
+    object.__setattr__(method, "teacher", torch.nn.Linear(4, 3).requires_grad_(False))  # as a round change does
+    del first
+    torch.testing.assert_close(method.teacher_forward(x), method.teacher(x))
+    assert method.__dict__["_compiled_teacher"]._orig_mod is method.teacher
+    assert gone() is None

@@ -81,30 +81,41 @@ class DistillMethod(L.LightningModule):
     @torch.no_grad()
     def teacher_forward(self, x: torch.Tensor) -> torch.Tensor:
         assert self.teacher is not None
-        return self.teacher(x)
+        return self.compiled("teacher", self.teacher)(x)
 
     # ------------------------------------------------------------------ torch.compile
     COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
-    def compile_student(self, mode: str) -> None:
-        """Train through ``torch.compile(student, mode=mode)`` (``trainer.compile``).
+    def set_compile(self, mode: str) -> None:
+        """Train through ``torch.compile(net, mode=mode)`` (``trainer.compile``): the student's
+        forward and the frozen teacher's, the networks every update evaluates.
 
-        The compiled wrapper shares the student's parameters but is kept out of the module tree,
-        so checkpoints hold the same keys and a run compiled or not resumes the other's files.
-        Only the training forward goes through it: the EMA, the copies a method makes of the
-        student (a round's teacher, DSD's target) and evaluation and sampling stay eager, where
-        ``nn.Module.compile`` in place would carry into every copy and recompile for eval mode,
-        no-grad and each sampling batch size, with no measured gain."""
+        Each compiled wrapper shares its network's parameters but is kept out of the module tree,
+        so checkpoints hold the same keys and a run compiled or not resumes the other's files. The
+        EMA, DSD's target network and evaluation and sampling stay eager: ``nn.Module.compile`` in
+        place would carry into every copy and recompile for eval mode, no-grad and each sampling
+        batch size, with no measured gain."""
         if mode not in self.COMPILE_MODES:
             raise DistillError(f"trainer.compile={mode!r}: choose one of {', '.join(self.COMPILE_MODES)} "
                                "(torch.compile's mode), or null to train eagerly")
-        object.__setattr__(self, "_compiled_student", torch.compile(self.student, mode=mode))
+        object.__setattr__(self, "_compile_mode", mode)
+
+    def compiled(self, role: str, net: nn.Module) -> nn.Module:
+        """``net`` as the update calls it: through torch.compile when ``trainer.compile`` is set.
+        One wrapper per role, made afresh when the role's network changes (a new round's teacher)."""
+        mode = self.__dict__.get("_compile_mode")
+        if mode is None:
+            return net
+        held = self.__dict__.get(f"_compiled_{role}")
+        if held is None or held._orig_mod is not net:
+            held = torch.compile(net, mode=mode)
+            object.__setattr__(self, f"_compiled_{role}", held)
+        return held
 
     @property
     def train_student(self) -> nn.Module:
         """The student as the training update calls it: compiled when ``trainer.compile`` is set."""
-        compiled = self.__dict__.get("_compiled_student")
-        return compiled if compiled is not None else self.student
+        return self.compiled("student", self.student)
 
     # ------------------------------------------------------------------ EMA
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:

@@ -259,7 +259,7 @@ class StepDistillation(DiffusionMethod):
 
     def teacher_fn(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         assert self.teacher is not None
-        return self.teacher(x, t).float()
+        return self.compiled("teacher", self.teacher)(x, t).float()
 
     def round_path(self, r: int) -> Optional[Path]:
         return None if self.run_dir is None else Path(self.run_dir) / f"{self.round_name}_{r}.ckpt"
