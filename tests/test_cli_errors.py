@@ -27,7 +27,8 @@ def _clean_error(r, *needles):
     (["dataset=cifar100"], ["dataset.data_dir"]),                                   # missing required value
     (["method=kd"], ["method=kd needs a teacher", "teacher.checkpoint"]),        # method needs a teacher
     (["callbacks.ema.enabled=true", "callbacks.ema.decay=1.5"], ["callbacks.ema.decay=1.5", "[0, 1]"]),  # out of range
-    (["trainer.compile=fast"], ["trainer.compile='fast'", "reduce-overhead"]),     # lists torch.compile's modes
+    (["trainer.compile=fast"], ["trainer.compile='fast'", "max-autotune-no-cudagraphs"]),  # lists the modes
+    (["trainer.compile=reduce-overhead"], ["trainer.compile=reduce-overhead", "CUDA-graph", "default"]),
 ])
 def test_config_errors_are_one_clear_message(cli, runs_dir, args, needles):
     r = cli(*args, f"runs_dir={runs_dir}", *SMOKE)

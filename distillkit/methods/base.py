@@ -84,7 +84,10 @@ class DistillMethod(L.LightningModule):
         return self.compiled("teacher", self.teacher)(x)
 
     # ------------------------------------------------------------------ torch.compile
-    COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+    COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")
+    # torch.compile's CUDA-graph modes: a graph's next replay overwrites its last outputs, and an
+    # update calls the teacher twice and keeps both results (progressive's two DDIM steps)
+    CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
 
     def set_compile(self, mode: str) -> None:
         """Train through ``torch.compile(net, mode=mode)`` (``trainer.compile``): the student's
@@ -95,6 +98,10 @@ class DistillMethod(L.LightningModule):
         EMA, DSD's target network and evaluation and sampling stay eager: ``nn.Module.compile`` in
         place would carry into every copy and recompile for eval mode, no-grad and each sampling
         batch size, with no measured gain."""
+        if mode in self.CUDA_GRAPH_MODES:
+            raise DistillError(f"trainer.compile={mode}: CUDA-graph modes are not supported (a graph's next "
+                               "replay overwrites its outputs, and an update calls a network more than once); "
+                               f"use one of {', '.join(self.COMPILE_MODES)}")
         if mode not in self.COMPILE_MODES:
             raise DistillError(f"trainer.compile={mode!r}: choose one of {', '.join(self.COMPILE_MODES)} "
                                "(torch.compile's mode), or null to train eagerly")
