@@ -20,8 +20,15 @@ def _weights(run: Path) -> dict[str, torch.Tensor]:
     return torch.load(run / "last.ckpt", map_location="cpu", weights_only=False)["state_dict"]
 
 
-def _assert_same_training(a: Path, b: Path) -> None:
-    wa, wb = _weights(a), _weights(b)
+def assert_compiled_trains_like_eager(cli, runs_dir: Path, *args: str) -> None:
+    """Train the same run eagerly and compiled; the same checkpoint keys, weights equal to float
+    tolerance."""
+    runs = {}
+    for name, mode in (("eager", "null"), ("compiled", "default")):
+        r = cli(*args, f"trainer.compile={mode}", f"runs_dir={runs_dir}", f"name={name}")
+        assert r.returncode == 0, r.output
+        runs[name] = _weights(next(runs_dir.glob(f"*/{name}")))
+    wa, wb = runs["eager"], runs["compiled"]
     assert sorted(wa) == sorted(wb)  # the compiled wrapper adds no keys
     worst = max((wa[k].float() - wb[k].float()).abs().max().item() for k in wa)
     assert worst < 1e-3, worst  # inductor's kernels round differently, nothing more
@@ -40,25 +47,13 @@ def _assert_same_training(a: Path, b: Path) -> None:
 ], ids=["diffusion", "diffusion_ddp", "progressive", "dsdi"])
 def test_compiled_training_matches_eager(cli, runs_dir, toy_teacher, method):
     teacher = [f"teacher.checkpoint={toy_teacher}"] if "teacher=mlp2d" in method else []
-    runs = {}
-    for name, mode in (("eager", "null"), ("compiled", "default")):
-        r = cli(*TOY, *method, *teacher, "trainer.max_steps=8", f"trainer.compile={mode}",
-                f"runs_dir={runs_dir}", f"name={name}")
-        assert r.returncode == 0, r.output
-        runs[name] = next(runs_dir.glob(f"*/{name}"))
-    _assert_same_training(runs["eager"], runs["compiled"])
+    assert_compiled_trains_like_eager(cli, runs_dir, *TOY, *method, *teacher, "trainer.max_steps=8")
 
 
 def test_compiled_fitnet_matches_eager(cli, runs_dir, digits_teacher_ckpt):
     """A classifier method with a teacher: both forwards compiled, FitNet's hint hooks on both."""
-    runs = {}
-    for name, mode in (("eager", "null"), ("compiled", "default")):
-        r = cli("experiment=digits_fitnet", f"teacher.checkpoint={digits_teacher_ckpt}", "debug=smoke",
-                "callbacks.progress=none", "trainer.test_after_fit=false", f"trainer.compile={mode}",
-                f"runs_dir={runs_dir}", f"name={name}")
-        assert r.returncode == 0, r.output
-        runs[name] = next(runs_dir.glob(f"*/{name}"))
-    _assert_same_training(runs["eager"], runs["compiled"])
+    assert_compiled_trains_like_eager(cli, runs_dir, "experiment=digits_fitnet", f"teacher.checkpoint={digits_teacher_ckpt}",
+                                      "debug=smoke", "callbacks.progress=none", "trainer.test_after_fit=false")
 
 
 def test_an_eager_run_resumes_compiled(cli, runs_dir):
