@@ -85,8 +85,8 @@ class DistillMethod(L.LightningModule):
 
     # ------------------------------------------------------------------ torch.compile
     COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")
-    # torch.compile's CUDA-graph modes: a graph's next replay overwrites its last outputs, and an
-    # update calls the teacher twice and keeps both results (progressive's two DDIM steps)
+    # torch.compile's CUDA-graph modes, untried here: a replay may overwrite outputs still in use,
+    # and an update replays the teacher's and the student's graphs several times before backward
     CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
 
     def set_compile(self, mode: str) -> None:
@@ -99,9 +99,9 @@ class DistillMethod(L.LightningModule):
         place would carry into every copy and recompile for eval mode, no-grad and each sampling
         batch size, with no measured gain."""
         if mode in self.CUDA_GRAPH_MODES:
-            raise DistillError(f"trainer.compile={mode}: CUDA-graph modes are not supported (a graph's next "
-                               "replay overwrites its outputs, and an update calls a network more than once); "
-                               f"use one of {', '.join(self.COMPILE_MODES)}")
+            raise DistillError(f"trainer.compile={mode}: CUDA-graph modes are not supported (a replay may "
+                               "overwrite outputs still in use, and an update calls the networks several times; "
+                               f"untried here); use one of {', '.join(self.COMPILE_MODES)}")
         if mode not in self.COMPILE_MODES:
             raise DistillError(f"trainer.compile={mode!r}: choose one of {', '.join(self.COMPILE_MODES)} "
                                "(torch.compile's mode), or null to train eagerly")
