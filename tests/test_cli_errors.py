@@ -77,6 +77,19 @@ def test_bad_teacher_checkpoint_leaves_run_dir_untouched(cli, runs_dir, tmp_path
     assert _snapshot(run) == before
 
 
+def test_missing_teacher_run_names_the_experiment_that_trains_it(cli, runs_dir):
+    """digits_kd's teacher path is digits_teacher's last.ckpt: a new user who skipped that run is
+    told which command writes it; a path that is not a run's checkpoint gets no such hint."""
+    r = cli("experiment=digits_kd", f"runs_dir={runs_dir}", *SMOKE)
+    _clean_error(r, "teacher.checkpoint", "no such file", "`distill experiment=digits_teacher`: train that first")
+    wide = runs_dir / "digits_teacher" / "wide" / "last.ckpt"
+    r = cli("experiment=digits_kd", f"runs_dir={runs_dir}", f"teacher.checkpoint={wide}", *SMOKE)
+    _clean_error(r, "`distill experiment=digits_teacher` (the run named 'wide')")
+    r = cli("experiment=digits_kd", f"runs_dir={runs_dir}", f"teacher.checkpoint={runs_dir / 'teacher.ckpt'}", *SMOKE)
+    _clean_error(r, "no such file")
+    assert "train that first" not in r.output
+
+
 def test_changed_config_refuses_to_resume(cli, runs_dir):
     base = ["experiment=digits_student", f"runs_dir={runs_dir}", "name=fixed", *SMOKE]
     assert cli(*base, "model.width=4").returncode == 0

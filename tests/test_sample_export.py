@@ -118,6 +118,8 @@ def test_export_loads_in_diffusers_and_matches_distill_sample(ckpt, samples, tmp
     ("sample", ["checkpoint=C", "num_samples=4", "out=x.npz", "steps=2000"], "steps=2000: at most"),
     ("sample", ["checkpoint=C", "num_samples=4", "out=x.npz", "spacing=even"], "spacing=even: allowed values"),
     ("sample", ["checkpoint=/no/such.ckpt", "num_samples=4", "out=x.npz"], "checkpoint=/no/such.ckpt: no such file"),
+    ("sample", ["checkpoint=/no/runs/digits_diffusion_teacher/default/last.ckpt", "num_samples=4", "out=x.npz"],
+     "It is written by `distill experiment=digits_diffusion_teacher`: train that first."),
     ("export", ["checkpoint=C"], "missing required key out=..."),
     ("export", ["checkpoint=C", "out=D", "use_ema=maybe"], "use_ema=maybe: expected true or false"),
     ("export", ["C", "out=D"], "arguments are key=value pairs"),

@@ -33,7 +33,7 @@ def read_state_dict(path: str | Path, key: str = "teacher.checkpoint") -> dict[s
     if not p.is_file():
         raise DistillError(
             f"{key}={path}: no such file. Point {key} at a weights file: a distillkit "
-            f"last.ckpt, a .pt/.pth state dict or a .safetensors file."
+            f"last.ckpt, a .pt/.pth state dict or a .safetensors file.{_written_by(p)}"
         )
     try:
         if p.suffix == ".safetensors":
@@ -47,6 +47,19 @@ def read_state_dict(path: str | Path, key: str = "teacher.checkpoint") -> dict[s
             f"{str(e).splitlines()[0][:200]}). Is it complete, and a checkpoint or state dict?"
         ) from None
     return _unwrap(obj, key, path)
+
+
+def _written_by(path: Path) -> str:
+    """The command that writes a missing ``<runs_dir>/<experiment>/<name>/last.ckpt``, as a hint:
+    the experiments' teacher paths point at other experiments' runs (digits_kd at digits_teacher's),
+    which a new user may not have trained yet."""
+    from distillkit.cli import CONF_DIR  # the CLI imports this module
+
+    experiment, name = path.parent.parent.name, path.parent.name
+    if path.name != "last.ckpt" or not (Path(CONF_DIR) / "experiment" / f"{experiment}.yaml").is_file():
+        return ""
+    run = "" if name == "default" else f" (the run named {name!r})"
+    return f" It is written by `distill experiment={experiment}`{run}: train that first."
 
 
 def _unwrap(obj: Any, key: str, path: Any) -> dict[str, torch.Tensor]:
@@ -141,7 +154,7 @@ def load_run_checkpoint(path: str | Path, key: str = "checkpoint"):
     p = Path(path).expanduser()
     if not p.is_file():
         raise DistillError(f"{key}={path}: no such file; point {key} at a distillkit run's last.ckpt "
-                           "(or a round_<r>.ckpt / level_<r>.ckpt of step distillation)")
+                           f"(or a round_<r>.ckpt / level_<r>.ckpt of step distillation).{_written_by(p)}")
     try:
         ckpt = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as e:
