@@ -398,6 +398,8 @@ def test_requeued_run_resumes_in_its_round_with_round_1_as_teacher(cli, tmp_path
             "callbacks.checkpoint_every_n_steps=2", "name=pd", *SMOKE]
     first = cli(*args, f"runs_dir={tmp_path / 'a'}", "trainer.max_steps=6")
     assert first.returncode == 0, first.output
+    assert ("trainer.max_steps=6 stops this run in round 2 of 2, before the end of its schedule (8 updates): the "
+            "same command with trainer.max_steps=8, or without it, resumes it") in " ".join(first.output.split())
     run = tmp_path / "a" / "default" / "pd"
     assert (run / "round_1.ckpt").is_file() and not (run / "round_2.ckpt").exists()
     ck = torch.load(run / "last.ckpt", weights_only=True)
@@ -405,6 +407,7 @@ def test_requeued_run_resumes_in_its_round_with_round_1_as_teacher(cli, tmp_path
     round_1 = (run / "round_1.ckpt").read_bytes()
     second = cli(*args, f"runs_dir={tmp_path / 'a'}", "trainer.max_steps=8")
     assert second.returncode == 0, second.output
+    assert "stops this run" not in second.output
     assert "round 2 resumes with the teacher" in second.output and "round_1.ckpt" in second.output
     assert (run / "round_1.ckpt").read_bytes() == round_1 and (run / "round_2.ckpt").is_file()
     ck = torch.load(run / "last.ckpt", weights_only=True)

@@ -238,6 +238,11 @@ class StepDistillation(DiffusionMethod):
         cap = self.total_updates
         if loop.epoch_loop.max_steps < 0 or loop.epoch_loop.max_steps > cap:
             loop.epoch_loop.max_steps = cap
+        elif loop.epoch_loop.max_steps < cap:  # allowed (a run in chunks), but easy to leave from a debug run
+            stop = loop.epoch_loop.max_steps
+            log.warning("trainer.max_steps=%d stops this run in %s %d of %d, before the end of its schedule (%d "
+                        "updates): the same command with trainer.max_steps=%d, or without it, resumes it", stop,
+                        self.round_name, self.round_of(stop - 1), self.num_rounds, cap, cap)
         loop.max_epochs = -1  # the schedule is in updates; epochs of the loader do not end it
         if self.accepts_accumulation is False and self.trainer.accumulate_grad_batches != 1:
             raise DistillError(f"method={self.method_name} advances its latents once per update: leave "
