@@ -6,6 +6,9 @@ On a signal the checkpoint is taken at the end of the current batch, before Ligh
 own stopping logic closes the epoch, and the process exits with status 128 + signal: the
 checkpoint then holds a genuine mid-epoch state, and rerunning the same command continues
 with exactly the batches, RNG draws and learning rates an uninterrupted run would have used.
+Ctrl-C (SIGINT) is such a signal too, unless the process started with it ignored (a job in
+the background of a script); a second Ctrl-C stops at once, as Lightning's own handling does
+(its last.ckpt is then the one before: an interrupted batch is no state to resume from).
 
 Atomic: the checkpoint is written to a temporary file in the same folder and renamed over
 ``last.ckpt``, so a crash mid-write leaves the previous checkpoint intact.
@@ -38,6 +41,7 @@ class LastCheckpoint(Callback):
         self._stop_signal = 0
         self.started_at = time.time() if started_at is None else started_at
         self.earlier_sessions_s = 0.0  # restored from the checkpoint on resume
+        self._sigint_before: Any = None  # SIGINT's handler before training, put back at teardown
 
     @property
     def wall_s(self) -> float:
@@ -69,8 +73,23 @@ class LastCheckpoint(Callback):
                 signal.signal(sig, self._on_signal)
             except (ValueError, OSError):  # not the main thread
                 pass
+        if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
+            try:
+                self._sigint_before = signal.signal(signal.SIGINT, self._on_signal)
+            except (ValueError, OSError):
+                pass
+
+    def teardown(self, trainer: "L.Trainer", pl_module: "L.LightningModule", stage: str) -> None:
+        if self._sigint_before is not None:
+            signal.signal(signal.SIGINT, self._sigint_before)
+            self._sigint_before = None
 
     def _on_signal(self, signum: int, frame: Any) -> None:
+        if signum == signal.SIGINT:
+            if self._stop_signal == signal.SIGINT:  # the second Ctrl-C: stop now
+                raise KeyboardInterrupt
+            log.warning("Ctrl-C: %s is written at the end of this batch, then the run stops (Ctrl-C again "
+                        "stops at once)", self.path.name)
         self._stop_signal = signum
 
     def on_train_batch_end(self, trainer: "L.Trainer", pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
