@@ -132,9 +132,14 @@ class Runner:
             return res
         cmd = [sys.executable, "-m", "distillkit.cli", *overrides]
         env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+        with subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as proc:
+            try:
+                stdout, stderr = proc.communicate()
+            except KeyboardInterrupt:  # Ctrl-C reached the run too: let it write last.ckpt (subprocess.run kills it)
+                proc.communicate()
+                raise
         if proc.returncode != 0 or not results.is_file():
-            sys.stderr.write(proc.stdout[-3000:] + proc.stderr[-3000:])
+            sys.stderr.write(stdout[-3000:] + stderr[-3000:])
             sys.exit(f"failed ({proc.returncode}): {shlex.join(cmd)}")
         return json.loads(results.read_text())
 

@@ -37,4 +37,8 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:
+        sys.exit("\ndemo interrupted; its runs are kept in runs/demo (the one stopped wrote its last.ckpt): "
+                 "`make demo` again continues from them")
