@@ -90,3 +90,18 @@ def test_loader_leaves_the_global_rng_alone():
     torch.manual_seed(0)
     next(iter(loader))
     assert torch.equal(torch.rand(3), expected)
+
+
+def test_resume_deletes_a_checkpoint_write_left_unfinished(runs_dir: Path):
+    """A job killed while writing last.ckpt leaves its temporary file (as large as a checkpoint);
+    the next session of the run deletes it and keeps last.ckpt."""
+    args = ["experiment=digits_student", "model.width=4", "debug=smoke", "trainer.max_epochs=10",
+            "callbacks.progress=none", f"runs_dir={runs_dir}", "name=left"]
+    assert run_cli(*args, "trainer.max_steps=2").returncode == 0
+    run = runs_dir / "digits_student" / "left"
+    left = run / ".last.ckpt.tmp4242"
+    left.write_bytes(b"half a checkpoint")
+    again = run_cli(*args, "trainer.max_steps=4")
+    assert again.returncode == 0, again.output
+    assert "resuming from" in again.output and "removed .last.ckpt.tmp4242" in again.output
+    assert not left.exists() and torch.load(run / "last.ckpt", weights_only=True)["global_step"] == 4

@@ -11,7 +11,8 @@ the background of a script); a second Ctrl-C stops at once, as Lightning's own h
 (its last.ckpt is then the one before: an interrupted batch is no state to resume from).
 
 Atomic: the checkpoint is written to a temporary file in the same folder and renamed over
-``last.ckpt``, so a crash mid-write leaves the previous checkpoint intact.
+``last.ckpt``, so a crash mid-write leaves the previous checkpoint intact. The next session of
+the run deletes such a leftover (a job killed mid-write leaves one as large as the checkpoint).
 
 The checkpoint also carries the wall time spent so far, so a run resumed over several
 sessions (requeues, a benchmark finished in a later sitting) reports the time of all of them
@@ -57,12 +58,22 @@ class LastCheckpoint(Callback):
     def save(self, trainer: "L.Trainer", once_per_step: bool = False) -> None:
         if once_per_step and trainer.global_step == self._last_saved_step:
             return
-        tmp = self.path.with_name(f".last.ckpt.tmp{os.getpid()}")
+        tmp = self._tmp()
         trainer.save_checkpoint(tmp)  # collective under DDP; rank 0 writes
         if trainer.is_global_zero:
             os.replace(tmp, self.path)
         trainer.strategy.barrier("last_ckpt")
         self._last_saved_step = trainer.global_step
+
+    def _tmp(self) -> Path:
+        return self.path.with_name(f".last.ckpt.tmp{os.getpid()}")
+
+    def setup(self, trainer: "L.Trainer", pl_module: "L.LightningModule", stage: str) -> None:
+        if stage == "fit" and trainer.is_global_zero:
+            for left in self.path.parent.glob(".last.ckpt.tmp*"):
+                if left != self._tmp():
+                    left.unlink(missing_ok=True)
+                    log.info("removed %s, a checkpoint write an earlier session did not finish", left.name)
 
     def on_train_start(self, trainer: "L.Trainer", pl_module: "L.LightningModule") -> None:
         # Replaces Lightning's SIGTERM handler (installed just before), which would end the
