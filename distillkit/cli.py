@@ -141,18 +141,40 @@ def check_data_range(method, dm) -> None:
                            "(and dataset.crop_padding=0 to train on flips only, as diffusion models do)")
 
 
-def prevalidate(overrides: list[str]) -> None:
-    """Compose once with the same overrides to report config errors as one clear message."""
+def prevalidate(overrides: list[str], jobs: Optional[list[list[str]]] = None) -> None:
+    """Compose with the same overrides (or each job's of a sweep) to report config errors as one
+    clear message, before any run starts or any job is submitted."""
     from hydra import compose, initialize_config_dir
 
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3", job_name="distill"):
-        try:
-            cfg = compose(config_name="config", overrides=overrides)
-        except Exception as e:  # Hydra/OmegaConf composition errors
-            fail(explain_compose_error(e))
-        keys = missing_values(cfg)
-        if keys:
-            fail(explain_missing(keys))
+        for job in jobs or [overrides]:
+            where = f"the sweep's job {' '.join(job)}: " if jobs else ""
+            try:
+                cfg = compose(config_name="config", overrides=job)
+            except Exception as e:  # Hydra/OmegaConf composition errors
+                fail(where + explain_compose_error(e))
+            keys = missing_values(cfg)
+            if keys:
+                fail(where + explain_missing(keys))
+
+
+def sweep_jobs(args: list[str]) -> Optional[list[list[str]]]:
+    """The overrides of every job of ``distill -m ...`` as Hydra's basic sweeper expands them (the
+    cartesian product of the comma lists and ranges), without the ``hydra`` ones (launcher, sweep
+    dir), which the jobs' configs do not hold. None where another sweeper expands them (e.g.
+    ``hydra/sweeper=optuna``) or the sweep does not parse: Hydra then reports it."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    try:
+        from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+
+        parsed = OverridesParser.create().parse_overrides(args)
+        if any(o.get_key_element().startswith("hydra/sweeper") for o in parsed):
+            return None
+        jobs = [job for batch in BasicSweeper.split_arguments(parsed, None) for job in batch]
+    except Exception:
+        return None
+    return [[a for a in job if not a.lstrip("+~").startswith("hydra")] for job in jobs]
 
 
 def fail(message: str, code: int = 2) -> None:
@@ -414,9 +436,15 @@ def main() -> None:
     register_configs()
     register_resolvers()
     args = sys.argv[1:]
-    # Sweeps (-m) and Hydra's own flags (--cfg, --help, ...) go straight to Hydra.
-    if not any(a.startswith("-") for a in args):
+    flags = [a for a in args if a.startswith("-")]
+    # Hydra's own flags (--cfg, --help, ...) go straight to Hydra; a sweep (-m) has each of its
+    # jobs checked first, so that a typo does not fail in every job (or in every job of a cluster).
+    if not flags:
         prevalidate(args)
+    elif set(flags) <= {"-m", "--multirun"}:
+        jobs = sweep_jobs([a for a in args if not a.startswith("-")])
+        if jobs:
+            prevalidate([], jobs)
     _hydra_main()
 
 

@@ -90,6 +90,25 @@ def test_missing_teacher_run_names_the_experiment_that_trains_it(cli, runs_dir):
     assert "train that first" not in r.output
 
 
+@pytest.mark.parametrize("sweep, needles", [
+    (["model.widht=4,6"], ["model.widht=4", "Did you mean 'model.width'?"]),
+    (["model.width=4,six"], ["model.width=six", "model.width"]),
+])
+def test_a_sweep_with_a_bad_job_stops_before_any_job(cli, runs_dir, sweep, needles):
+    """distill -m checks every job of the sweep first: one message naming the job, and no job
+    starts (on a cluster none is submitted)."""
+    r = cli("-m", "experiment=digits_student", f"runs_dir={runs_dir}", *SMOKE, *sweep)
+    _clean_error(r, "distill: error: the sweep's job", *needles)
+    assert r.returncode == 2 and not any(runs_dir.iterdir()), r.output
+
+
+def test_a_sweep_runs_each_job_in_its_own_run_dir(cli, runs_dir):
+    r = cli("-m", "experiment=digits_student", f"runs_dir={runs_dir}", *SMOKE, "model.width=4,6")
+    assert r.returncode == 0, r.output
+    for w in (4, 6):
+        assert (runs_dir / "digits_student" / f"debug=smoke,model.width={w}" / "last.ckpt").is_file()
+
+
 def test_changed_config_refuses_to_resume(cli, runs_dir):
     base = ["experiment=digits_student", f"runs_dir={runs_dir}", "name=fixed", *SMOKE]
     assert cli(*base, "model.width=4").returncode == 0
