@@ -36,12 +36,18 @@ def _weights(run: Path) -> dict:
 THREADS = {"OMP_NUM_THREADS": "1"}
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "ctrl-c"])
-def test_resume_after_signal_is_bit_exact(runs_dir: Path, sig):
-    """SIGTERM (a preempted job) and Ctrl-C (SIGINT) both stop at the end of the batch."""
-    ref = run_cli(*ARGS, f"runs_dir={runs_dir}", "name=reference", env=THREADS)
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> dict:
+    """The uninterrupted run's weights, trained once for every signal."""
+    runs = tmp_path_factory.mktemp("reference_runs")
+    ref = run_cli(*ARGS, f"runs_dir={runs}", "name=reference", env=THREADS)
     assert ref.returncode == 0, ref.output
+    return _weights(runs / "digits_student" / "reference")
 
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "ctrl-c"])
+def test_resume_after_signal_is_bit_exact(runs_dir: Path, reference: dict, sig):
+    """SIGTERM (a preempted job) and Ctrl-C (SIGINT) both stop at the end of the batch."""
     cmd = [sys.executable, "-m", "distillkit.cli", *ARGS, f"runs_dir={runs_dir}", "name=interrupted"]
     env = dict(os.environ, **THREADS, PYTHONUNBUFFERED="1")
     # SIGINT as a terminal leaves it: pytest may run with it ignored (a background job), which the run respects
@@ -71,7 +77,7 @@ def test_resume_after_signal_is_bit_exact(runs_dir: Path, sig):
     assert "resuming from" in again.output
     res = json.loads((run / "results.json").read_text())
     assert res["global_step"] == 600 and res["resumed_from"]
-    a, b = _weights(runs_dir / "digits_student" / "reference"), _weights(run)
+    a, b = reference, _weights(run)
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), f"{k} differs after resuming from step {stopped_at}"
