@@ -24,7 +24,7 @@ from typing import Any, Optional
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from distillkit.config import REQUIRED_HINTS, SCHEMAS, field_names, register_configs
+from distillkit.config import REQUIRED_HINTS, SCHEMAS, field_names, out_of_bounds, register_configs
 from distillkit.errors import DistillError
 from distillkit.runs import run_name
 
@@ -156,6 +156,9 @@ def prevalidate(overrides: list[str], jobs: Optional[list[list[str]]] = None) ->
             keys = missing_values(cfg)
             if keys:
                 fail(where + explain_missing(keys))
+            bad = out_of_bounds(cfg)
+            if bad:
+                fail(where + "\n".join(bad))
 
 
 def sweep_jobs(args: list[str]) -> Optional[list[list[str]]]:
@@ -270,6 +273,34 @@ def is_compile_failure(e: BaseException) -> bool:
     return isinstance(e, kinds)
 
 
+def build_trainer(cfg: DictConfig, accelerator: str, callbacks: list, loggers: list, progress_bar: bool) -> Any:
+    """Lightning's Trainer from ``trainer.*``; settings it refuses (a strategy or precision it does
+    not know, a GPU that is not there) become one message naming the trainer overrides given."""
+    import lightning as L
+    from hydra.core.hydra_config import HydraConfig
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+
+    t = cfg.trainer
+    try:
+        return L.Trainer(
+            max_epochs=t.max_epochs, max_steps=t.max_steps, accelerator=accelerator, devices=t.devices,
+            num_nodes=t.num_nodes, strategy=t.strategy, precision=_precision(cfg, accelerator),
+            logger=loggers or False, callbacks=callbacks,
+            default_root_dir=str(HydraConfig.get().runtime.output_dir), enable_checkpointing=False,
+            enable_progress_bar=progress_bar,
+            enable_model_summary=False, num_sanity_val_steps=0, use_distributed_sampler=False,
+            log_every_n_steps=t.log_every_n_steps, check_val_every_n_epoch=t.check_val_every_n_epoch,
+            val_check_interval=t.val_check_interval, gradient_clip_val=t.gradient_clip_val,
+            accumulate_grad_batches=t.accumulate_grad_batches, deterministic=t.deterministic,
+            limit_train_batches=t.limit_train_batches, limit_val_batches=t.limit_val_batches,
+            limit_test_batches=t.limit_test_batches,
+        )
+    except (MisconfigurationException, ValueError, TypeError, RuntimeError) as e:
+        given = [o for o in HydraConfig.get().overrides.task if o.lstrip("+~").startswith("trainer.")]
+        where = f" (given: {' '.join(given)})" if given else ""
+        raise DistillError(f"Lightning refused the trainer settings{where}: {str(e).strip().splitlines()[0]}") from None
+
+
 def resume_safe_keys() -> list[str]:
     from hydra.core.hydra_config import HydraConfig
 
@@ -289,11 +320,14 @@ def run(cfg: DictConfig) -> dict:
     from distillkit.callbacks.checkpoint import LastCheckpoint
     from distillkit.callbacks.progress import PlainProgress, use_rich
     from distillkit.models.loading import build_model, build_teacher
-    from distillkit.runs import prepare_run_dir, write_results
+    from distillkit.runs import check_run_dir, write_results, write_run_config
 
     keys = missing_values(cfg)
     if keys:
         raise DistillError(explain_missing(keys))
+    bad = out_of_bounds(cfg)
+    if bad:
+        raise DistillError("\n".join(bad))
     if cfg.trainer.cpu_threads:
         torch.set_num_threads(int(cfg.trainer.cpu_threads))
     t0 = time.time()
@@ -307,6 +341,7 @@ def run(cfg: DictConfig) -> dict:
     dm = build(cfg.dataset, "dataset", seed=cfg.seed, _convert_="all")
     dm.prepare_data()
     dm.setup("fit")
+    dm.check_batch_size()
     student = build_model(cfg.model, key="model")
     teacher = build_teacher(cfg.teacher)
     if cfg.teacher.get("self_distill"):  # teacher=self: only a method that is its own teacher takes it
@@ -340,12 +375,6 @@ def run(cfg: DictConfig) -> dict:
                                "does not: use eval=none")
         evaluation = SampleEvaluation.from_config(cfg.eval, dataset_name=HydraConfig.get().runtime.choices.get("dataset"))
 
-    ckpt = prepare_run_dir(run_dir, config, config["resume"], resume_safe_keys(), is_global_zero=(rank == 0))
-    if ckpt is not None:
-        log.info("resuming from %s", ckpt)
-    # Per-rank streams for what happens during training (noise, dropout, augmentation).
-    L.seed_everything(cfg.seed + rank, workers=True, verbose=False)
-
     last_ckpt = LastCheckpoint(run_dir, cfg.callbacks.checkpoint_every_n_steps, started_at=t0)
     callbacks: list = [last_ckpt]
     progress = config["callbacks"]["progress"]  # plain strings: enums resolved by to_container
@@ -356,20 +385,16 @@ def run(cfg: DictConfig) -> dict:
         callbacks.append(PlainProgress(cfg.trainer.log_every_n_steps))
     if evaluation is not None:
         callbacks.append(evaluation)
+    ckpt, write_config = check_run_dir(run_dir, config, config["resume"], resume_safe_keys())
     accelerator = str(cfg.trainer.accelerator)
-    t = cfg.trainer
-    trainer = L.Trainer(
-        max_epochs=t.max_epochs, max_steps=t.max_steps, accelerator=accelerator, devices=t.devices,
-        num_nodes=t.num_nodes, strategy=t.strategy, precision=_precision(cfg, accelerator),
-        logger=build_loggers(cfg, run_dir) or False, callbacks=callbacks,
-        default_root_dir=str(run_dir), enable_checkpointing=False, enable_progress_bar=rich,
-        enable_model_summary=False, num_sanity_val_steps=0, use_distributed_sampler=False,
-        log_every_n_steps=t.log_every_n_steps, check_val_every_n_epoch=t.check_val_every_n_epoch,
-        val_check_interval=t.val_check_interval, gradient_clip_val=t.gradient_clip_val,
-        accumulate_grad_batches=t.accumulate_grad_batches, deterministic=t.deterministic,
-        limit_train_batches=t.limit_train_batches, limit_val_batches=t.limit_val_batches,
-        limit_test_batches=t.limit_test_batches,
-    )
+    trainer = build_trainer(cfg, accelerator, callbacks, build_loggers(cfg, run_dir), progress_bar=rich)
+    if write_config and rank == 0:
+        write_run_config(run_dir, config)
+    if ckpt is not None:
+        log.info("resuming from %s", ckpt)
+    # Per-rank streams for what happens during training (noise, dropout, augmentation).
+    L.seed_everything(cfg.seed + rank, workers=True, verbose=False)
+
     try:
         trainer.fit(method, datamodule=dm, ckpt_path=str(ckpt) if ckpt else None)
     except Exception as e:
@@ -383,7 +408,7 @@ def run(cfg: DictConfig) -> dict:
                                  if k.startswith(("val/", "fid/", "is/"))}
     if evaluation is not None:
         results["feature_net"] = evaluation.scorer.net_id
-    if t.test_after_fit and not trainer.interrupted:
+    if cfg.trainer.test_after_fit and not trainer.interrupted:
         tested = trainer.test(method, datamodule=dm, verbose=False)
         results.update({k: float(v) for k, v in (tested[0] if tested else {}).items()})
     session_s = time.time() - t0

@@ -16,7 +16,16 @@ from enum import Enum
 from typing import Any, List, Optional
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+
+def bounded(default: Any, at_least: Optional[float] = None, above: Optional[float] = None,
+            at_most: Optional[float] = None) -> Any:
+    """A numeric field with bounds, checked by :func:`out_of_bounds` when the config is composed,
+    so that a value such as ``dataset.batch_size=0`` fails with a message naming the key before the
+    run dir is touched, not as torch's error from inside training. A subclass that changes the
+    default must declare the field with ``bounded`` again (a plain override drops the bounds)."""
+    return field(default=default, metadata={"bounds": (at_least, above, at_most)})
 
 
 class ResumeMode(str, Enum):
@@ -36,9 +45,9 @@ class Progress(str, Enum):
 @dataclass
 class DatasetConfig:
     _target_: str = MISSING
-    batch_size: int = 64
-    eval_batch_size: int = 256
-    num_workers: int = 0
+    batch_size: int = bounded(64, at_least=1)
+    eval_batch_size: int = bounded(256, at_least=1)
+    num_workers: int = bounded(0, at_least=0)
     # Seed of the fixed train/val/test split; independent of the run's seed so that
     # every run of every method sees the same split.
     split_seed: int = 0
@@ -63,8 +72,8 @@ class CifarConfig(DatasetConfig):
     normalize: str = "mean_std"
     # random crop of the image padded by this many pixels (0: horizontal flip only, as diffusion
     # models train on CIFAR-10)
-    crop_padding: int = 4
-    num_workers: int = 4
+    crop_padding: int = bounded(4, at_least=0)
+    num_workers: int = bounded(4, at_least=0)
 
 
 @dataclass
@@ -81,8 +90,8 @@ class ImageFolderConfig(DatasetConfig):
 class Toy2DConfig(DatasetConfig):
     """A 2-D mixture of num_modes Gaussians N(mu_k, std^2 I), means on a circle of radius."""
 
-    batch_size: int = 256
-    eval_batch_size: int = 1024
+    batch_size: int = bounded(256, at_least=1)
+    eval_batch_size: int = bounded(1024, at_least=1)
     num_train: int = 8192
     num_val: int = 1024
     num_test: int = 1024
@@ -194,28 +203,28 @@ class MethodConfig:
 
 @dataclass
 class SupervisedConfig(MethodConfig):
-    label_smoothing: float = 0.0
+    label_smoothing: float = bounded(0.0, at_least=0, at_most=1)
 
 
 @dataclass
 class KDConfig(MethodConfig):
     """Hinton et al. 2015: ce_weight * CE + kd_weight * T^2 * KL(teacher_T || student_T)."""
 
-    temperature: float = 4.0
-    ce_weight: float = 0.1
-    kd_weight: float = 0.9
+    temperature: float = bounded(4.0, above=0)
+    ce_weight: float = bounded(0.1, at_least=0)
+    kd_weight: float = bounded(0.9, at_least=0)
 
 
 @dataclass
 class DKDConfig(MethodConfig):
     """Zhao et al. 2022 (Decoupled KD), eq. (7): alpha * TCKD + beta * NCKD."""
 
-    alpha: float = 1.0
-    beta: float = 8.0
-    temperature: float = 4.0
-    ce_weight: float = 1.0
+    alpha: float = bounded(1.0, at_least=0)
+    beta: float = bounded(8.0, at_least=0)
+    temperature: float = bounded(4.0, above=0)
+    ce_weight: float = bounded(1.0, at_least=0)
     # The KD term is scaled by min(epoch / warmup_epochs, 1) (mdistiller's warm-up).
-    warmup_epochs: float = 20.0
+    warmup_epochs: float = bounded(20.0, at_least=0)
 
 
 @dataclass
@@ -224,8 +233,8 @@ class FitNetConfig(MethodConfig):
 
     student_layer: str = MISSING
     teacher_layer: str = MISSING
-    hint_weight: float = 100.0
-    ce_weight: float = 1.0
+    hint_weight: float = bounded(100.0, at_least=0)
+    ce_weight: float = bounded(1.0, at_least=0)
 
 
 class PredictionType(str, Enum):
@@ -248,7 +257,7 @@ class DiffusionConfig(MethodConfig):
     prediction_type: PredictionType = PredictionType.v
     loss_space: Optional[PredictionType] = None
     weighting: Weighting = Weighting.none
-    min_snr_gamma: float = 5.0
+    min_snr_gamma: float = bounded(5.0, above=0)
 
 
 class StepWeighting(str, Enum):
@@ -313,7 +322,7 @@ class SweepDistillConfig(StepDistillConfig):
     updates_per_level: Any = 1008
     latents: LatentSource = LatentSource.noise
     # trajectories per update (None: the dataset's batch size)
-    latent_batch_size: Optional[int] = None
+    latent_batch_size: Optional[int] = bounded(None, at_least=1)
     # weight of the denoising loss on data (an anchor; 0: data-free; one more evaluation)
     denoise_weight: float = 0.0
 
@@ -325,8 +334,8 @@ class DSDConfig(SweepDistillConfig):
     target_decay: float = 0.99
     # denoising training (weight 1) plus distill_weight * the DSD loss from update distill_start
     from_scratch: bool = False
-    distill_weight: float = 1.0
-    distill_start: int = 0
+    distill_weight: float = bounded(1.0, at_least=0)
+    distill_start: int = bounded(0, at_least=0)
 
 
 @dataclass
@@ -354,13 +363,13 @@ class ScheduleConfig:
 
     name: str = "none"
     # VP schedules: T, the number of discrete training timesteps
-    num_train_timesteps: int = 1000
+    num_train_timesteps: int = bounded(1000, at_least=1)
     # default number of sampling steps
-    num_steps: int = 50
+    num_steps: int = bounded(50, at_least=1)
     # timestep grid of the sampler (VP schedules)
     spacing: Spacing = Spacing.trailing
     # DDIM eta: 0 deterministic, 1 DDPM-like ancestral (VP schedules)
-    eta: float = 0.0
+    eta: float = bounded(0.0, at_least=0)
 
 
 @dataclass
@@ -381,12 +390,12 @@ class EDMScheduleConfig(ScheduleConfig):
     """Karras et al. 2022 (Table 1, "Ours"): sampling sigmas of eq. (5), training ln sigma ~ N(p_mean, p_std^2)."""
 
     name: str = "edm"
-    sigma_min: float = 0.002
-    sigma_max: float = 80.0
-    rho: float = 7.0
-    sigma_data: float = 0.5
+    sigma_min: float = bounded(0.002, above=0)
+    sigma_max: float = bounded(80.0, above=0)
+    rho: float = bounded(7.0, above=0)
+    sigma_data: float = bounded(0.5, above=0)
     p_mean: float = -1.2
-    p_std: float = 1.2
+    p_std: float = bounded(1.2, above=0)
     solver: EDMSolver = EDMSolver.heun
 
 
@@ -397,11 +406,11 @@ class SchedulerConfig:
     name: str = "none"
     # multistep: epochs at which the lr is multiplied by gamma
     milestones: List[int] = field(default_factory=list)
-    gamma: float = 0.1
+    gamma: float = bounded(0.1, above=0)
     # cosine, linear: lr decays to lr * min_lr_ratio over the run
-    min_lr_ratio: float = 0.0
+    min_lr_ratio: float = bounded(0.0, at_least=0, at_most=1)
     # cosine: linear warmup over the first warmup_steps updates
-    warmup_steps: int = 0
+    warmup_steps: int = bounded(0, at_least=0)
     # linear: restart the decay every cycle_steps updates (0: one decay over the run), or after
     # each of a list of lengths in turn; step distillation's per-round anneal is
     # cycle_steps=${method.updates_per_round}, whether that is one count or a list
@@ -412,30 +421,30 @@ class SchedulerConfig:
 class OptimizerConfig:
     _target_: str = MISSING
     _partial_: bool = True
-    lr: float = 1e-3
-    weight_decay: float = 0.0
+    lr: float = bounded(1e-3, at_least=0)
+    weight_decay: float = bounded(0.0, at_least=0)
 
 
 @dataclass
 class SGDConfig(OptimizerConfig):
     _target_: str = "torch.optim.SGD"
-    lr: float = 0.05
-    momentum: float = 0.9
+    lr: float = bounded(0.05, at_least=0)
+    momentum: float = bounded(0.9, at_least=0)
     nesterov: bool = False
-    weight_decay: float = 5e-4
+    weight_decay: float = bounded(5e-4, at_least=0)
 
 
 @dataclass
 class AdamConfig(OptimizerConfig):
     _target_: str = "torch.optim.Adam"
     betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
-    eps: float = 1e-8
+    eps: float = bounded(1e-8, at_least=0)
 
 
 @dataclass
 class AdamWConfig(AdamConfig):
     _target_: str = "torch.optim.AdamW"
-    weight_decay: float = 0.01
+    weight_decay: float = bounded(0.01, at_least=0)
 
 
 @dataclass
@@ -447,18 +456,18 @@ class OptimConfig:
 # --------------------------------------------------------------------------- trainer etc.
 @dataclass
 class TrainerConfig:
-    max_epochs: int = 10
-    max_steps: int = -1
+    max_epochs: int = bounded(10, at_least=-1)
+    max_steps: int = bounded(-1, at_least=-1)
     accelerator: str = "auto"
     devices: Any = 1
-    num_nodes: int = 1
+    num_nodes: int = bounded(1, at_least=1)
     strategy: str = "auto"
     # None: bf16-mixed on GPU, 32-true on CPU (DESIGN: precision).
     precision: Optional[str] = None
-    gradient_clip_val: Optional[float] = None
-    accumulate_grad_batches: int = 1
-    log_every_n_steps: int = 10
-    check_val_every_n_epoch: int = 1
+    gradient_clip_val: Optional[float] = bounded(None, at_least=0)
+    accumulate_grad_batches: int = bounded(1, at_least=1)
+    log_every_n_steps: int = bounded(10, at_least=1)
+    check_val_every_n_epoch: int = bounded(1, at_least=1)
     val_check_interval: Optional[float] = None
     limit_train_batches: Optional[float] = None
     limit_val_batches: Optional[float] = None
@@ -466,7 +475,7 @@ class TrainerConfig:
     deterministic: bool = False
     # torch's intra-op threads on CPU (None: torch's default). Small networks run fastest
     # with 1, and DDP processes on one CPU should share the cores, not oversubscribe them.
-    cpu_threads: Optional[int] = None
+    cpu_threads: Optional[int] = bounded(None, at_least=1)
     # Evaluate the test split with the final weights after fitting.
     test_after_fit: bool = True
     # torch.compile's mode for the student's and the teacher's forwards in training (null: eager). On an H200 "default"
@@ -486,13 +495,13 @@ class LoggerConfig:
 @dataclass
 class EMAConfig:
     enabled: bool = False
-    decay: float = 0.999
+    decay: float = bounded(0.999, at_least=0, at_most=1)
 
 
 @dataclass
 class CallbacksConfig:
     # last.ckpt is rewritten (atomically) every this many optimizer steps and at the end.
-    checkpoint_every_n_steps: int = 100
+    checkpoint_every_n_steps: int = bounded(100, at_least=0)
     progress: Progress = Progress.auto
     ema: EMAConfig = field(default_factory=EMAConfig)
 
@@ -519,7 +528,7 @@ class EvalConfig:
     inception_weights: Optional[str] = None
     # Real-statistics cache (None: $DISTILLKIT_CACHE/fid_stats or ~/.cache/distillkit/fid_stats).
     cache_dir: Optional[str] = None
-    batch_size: int = 256
+    batch_size: int = bounded(256, at_least=1)
     # The sampling noise seed, the same at every evaluation so numbers are comparable.
     seed: int = 0
 
@@ -596,3 +605,41 @@ def field_names(schema: type) -> list[str]:
     if not is_dataclass(schema):
         return []
     return [f.name for f in fields(schema)]
+
+
+def _describe(at_least: Optional[float], above: Optional[float], at_most: Optional[float]) -> str:
+    if at_least is not None and at_most is not None:
+        return f"must lie in [{at_least:g}, {at_most:g}]"
+    if above is not None:
+        return f"must be above {above:g}"
+    return f"must be at least {at_least:g}" if at_least is not None else f"must be at most {at_most:g}"
+
+
+def out_of_bounds(cfg: DictConfig, prefix: str = "") -> list[str]:
+    """``key=value: must be ...`` for each value outside the bounds its schema field declares
+    (:func:`bounded`); interpolations that do not resolve are left to the code that reads them."""
+    schema = OmegaConf.get_type(cfg)
+    bounds = {f.name: f.metadata["bounds"] for f in fields(schema) if "bounds" in f.metadata} if is_dataclass(schema) else {}
+    out: list[str] = []
+    for key in cfg.keys():
+        full = f"{prefix}{key}"
+        if full == "hydra" or OmegaConf.is_missing(cfg, key):
+            continue
+        node = cfg._get_node(key)
+        if isinstance(node, DictConfig):
+            if not node._is_none() and not node._is_interpolation():
+                out.extend(out_of_bounds(node, full + "."))
+            continue
+        if key not in bounds:
+            continue
+        try:
+            value = cfg[key]
+        except Exception:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        at_least, above, at_most = bounds[key]
+        if ((at_least is not None and value < at_least) or (above is not None and value <= above)
+                or (at_most is not None and value > at_most)):
+            out.append(f"{full}={value}: {_describe(at_least, above, at_most)}")
+    return out

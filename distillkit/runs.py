@@ -3,12 +3,14 @@
 A run dir holds ``config.yaml`` (the resolved config of the run that created it, written
 once), ``last.ckpt``, ``metrics.csv``, ``results.json`` and the exported student weights.
 Starting the same command again resumes from ``last.ckpt``. If the config differs (other
-than in keys that may change on resume, such as ``trainer.max_steps`` or the loggers), the
-run refuses to start and says how to start fresh or resume anyway.
+than in keys that may change on resume, such as ``trainer.max_steps`` or the loggers) and the
+run dir holds a checkpoint or results, the run refuses to start and says how to start fresh or
+resume anyway.
 """
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import hashlib
@@ -18,6 +20,8 @@ from typing import Any, Iterable, Optional
 import yaml
 
 from distillkit.errors import DistillError
+
+log = logging.getLogger("distillkit")
 
 CONFIG_FILE = "config.yaml"
 LAST_CKPT = "last.ckpt"
@@ -74,44 +78,57 @@ def atomic_write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def prepare_run_dir(run_dir: Path, config: dict, resume: str, resume_safe_keys: Iterable[str],
-                    is_global_zero: bool) -> Optional[Path]:
-    """Check ``run_dir`` against ``config``; return the checkpoint to resume from, if any.
+def holds_training_output(run_dir: Path) -> bool:
+    """Whether a run dir holds anything training wrote: a checkpoint (``last.ckpt``, progressive's
+    ``round_<r>.ckpt``), ``results.json`` or the exported student."""
+    return any(any(run_dir.glob(pattern)) for pattern in ("*.ckpt", "results.json", "student.safetensors"))
 
-    Writes ``config.yaml`` on a fresh start (rank 0 only). Never deletes or overwrites a
-    previous run's files, except that ``resume=force`` keeps the old config as
-    ``config.<n>.yaml`` before writing the new one.
+
+def check_run_dir(run_dir: Path, config: dict, resume: str, resume_safe_keys: Iterable[str]) -> tuple[Optional[Path], bool]:
+    """Check ``run_dir`` against ``config`` without writing anything.
+
+    Returns the checkpoint to resume from (None: start fresh) and whether ``config.yaml`` is to be
+    written (:func:`write_run_config`): in a new run dir, after ``resume=force`` with a changed
+    config, and where a run with another config stopped before it wrote anything but its config
+    (e.g. a bad value found at the first step), so that correcting the command is enough.
     """
     cfg_file = run_dir / CONFIG_FILE
     ckpt = run_dir / LAST_CKPT
+    found = ckpt if ckpt.is_file() else None
+    if not cfg_file.is_file():
+        return found, True
+    try:
+        old = yaml.safe_load(cfg_file.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise DistillError(f"{cfg_file} is not valid YAML ({e}); move it away to start this run") from None
+    diff = config_diff(old, config, ignore=list(resume_safe_keys) + ["name"])
+    if resume == "never" and ckpt.exists():
+        raise DistillError(
+            f"run dir {run_dir} already holds a run and resume=never. Pass another name=..., "
+            f"or remove {run_dir} to start fresh."
+        )
+    if diff and resume != "force" and holds_training_output(run_dir):
+        shown = "\n  ".join(diff[:20]) + ("\n  ..." if len(diff) > 20 else "")
+        raise DistillError(
+            f"run dir {run_dir} was made by a different config:\n  {shown}\n"
+            f"To start fresh, pass another name=<new name> (or remove {run_dir}); "
+            f"to resume from its last.ckpt with the new config, add resume=force."
+        )
+    return found, bool(diff)
+
+
+def write_run_config(run_dir: Path, config: dict) -> None:
+    """Write ``config.yaml`` (rank 0 only). Never deletes a previous run's files: an earlier
+    config is kept as ``config.<n>.yaml``."""
+    cfg_file = run_dir / CONFIG_FILE
+    run_dir.mkdir(parents=True, exist_ok=True)
     if cfg_file.is_file():
-        try:
-            old = yaml.safe_load(cfg_file.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise DistillError(f"{cfg_file} is not valid YAML ({e}); move it away to start this run") from None
-        diff = config_diff(old, config, ignore=list(resume_safe_keys) + ["name"])
-        if resume == "never" and ckpt.exists():
-            raise DistillError(
-                f"run dir {run_dir} already holds a run and resume=never. Pass another name=..., "
-                f"or remove {run_dir} to start fresh."
-            )
-        if diff and resume != "force":
-            shown = "\n  ".join(diff[:20]) + ("\n  ..." if len(diff) > 20 else "")
-            raise DistillError(
-                f"run dir {run_dir} was made by a different config:\n  {shown}\n"
-                f"To start fresh, pass another name=<new name> (or remove {run_dir}); "
-                f"to resume from its last.ckpt with the new config, add resume=force."
-            )
-        if diff and is_global_zero:
-            n = 1
-            while (run_dir / f"config.{n}.yaml").exists():
-                n += 1
-            os.replace(cfg_file, run_dir / f"config.{n}.yaml")
-            atomic_write_text(cfg_file, yaml.safe_dump(config, sort_keys=False))
-    elif is_global_zero:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(cfg_file, yaml.safe_dump(config, sort_keys=False))
-    return ckpt if ckpt.is_file() else None
+        n = 1
+        while (run_dir / f"config.{n}.yaml").exists():
+            n += 1
+        os.replace(cfg_file, run_dir / f"config.{n}.yaml")
+        log.info("run dir %s: its earlier config is kept as config.%d.yaml", run_dir, n)
+    atomic_write_text(cfg_file, yaml.safe_dump(config, sort_keys=False))
 
 
 def write_results(run_dir: Path, results: dict) -> None:

@@ -6,6 +6,7 @@ import hashlib
 from pathlib import Path
 
 import pytest
+import torch
 
 SMOKE = ("debug=smoke", "callbacks.progress=none")
 
@@ -29,11 +30,42 @@ def _clean_error(r, *needles):
     (["callbacks.ema.enabled=true", "callbacks.ema.decay=1.5"], ["callbacks.ema.decay=1.5", "[0, 1]"]),  # out of range
     (["trainer.compile=fast"], ["trainer.compile='fast'", "max-autotune-no-cudagraphs"]),  # lists the modes
     (["trainer.compile=reduce-overhead"], ["trainer.compile=reduce-overhead", "CUDA-graph", "default"]),
+    # values outside a schema field's bounds (distillkit.config.bounded): torch or Lightning would
+    # fail on them only once training starts
+    (["dataset.batch_size=0"], ["dataset.batch_size=0: must be at least 1"]),
+    (["optim.optimizer.lr=-1"], ["optim.optimizer.lr=-1.0: must be at least 0"]),
+    (["trainer.max_steps=-5"], ["trainer.max_steps=-5: must be at least -1"]),
+    (["method=kd", "method.temperature=0"], ["method.temperature=0.0: must be above 0"]),
+    (["trainer.accumulate_grad_batches=0", "dataset.eval_batch_size=0"],
+     ["trainer.accumulate_grad_batches=0: must be at least 1", "dataset.eval_batch_size=0: must be at least 1"]),
+    # settings only Lightning knows: its own message, with the trainer overrides given
+    (["trainer.strategy=dpp"], ["Lightning refused the trainer settings", "trainer.strategy=dpp", "invalid strategy"]),
+    (["trainer.precision=bf17"], ["trainer.precision=bf17", "Precision 'bf17' is invalid"]),
+    pytest.param(["trainer.accelerator=gpu"], ["trainer.accelerator=gpu", "gpu"],
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")),
+    (["dataset.batch_size=5000"], ["dataset.batch_size=5000", "fewer than one batch"]),
 ])
 def test_config_errors_are_one_clear_message(cli, runs_dir, args, needles):
     r = cli(*args, f"runs_dir={runs_dir}", *SMOKE)
     _clean_error(r, *needles)
     assert r.returncode == 2
+    # found before the run dir is written: no config.yaml blocks the corrected command
+    assert not list(runs_dir.rglob("config.yaml")), r.output
+
+
+def test_every_bounded_field_keeps_its_bounds_in_subclasses():
+    """A schema subclass that changes a bounded field's default must declare it with bounded()
+    again; a plain override would silently drop the check."""
+    from dataclasses import fields
+
+    from distillkit.config import SCHEMAS
+
+    for options in SCHEMAS.values():
+        for schema in options.values():
+            for base in schema.__mro__[1:]:
+                bounded = {f.name for f in fields(base) if "bounds" in f.metadata} if hasattr(base, "__dataclass_fields__") else set()
+                lost = [f.name for f in fields(schema) if f.name in bounded and "bounds" not in f.metadata]
+                assert not lost, f"{schema.__name__} drops the bounds of {lost} declared in {base.__name__}"
 
 
 def test_hydra_full_error_shows_traceback(cli, runs_dir):
@@ -120,6 +152,25 @@ def test_changed_config_refuses_to_resume(cli, runs_dir):
     # resume anyway: the old config is kept next to the new one
     r = cli(*base, "model.width=4", "trainer.max_steps=8", "resume=force")
     assert r.returncode == 0, r.output
+
+
+def test_a_run_that_wrote_only_its_config_does_not_block_the_corrected_command(cli, runs_dir):
+    """A run that stopped before its first checkpoint (e.g. a bad value found once training ran)
+    left only config.yaml: the corrected command starts afresh in the same run dir, keeping the
+    earlier config as config.1.yaml. With a checkpoint there it still refuses
+    (test_changed_config_refuses_to_resume)."""
+    base = ["experiment=digits_student", f"runs_dir={runs_dir}", "name=fixed", *SMOKE]
+    assert cli(*base, "model.width=4").returncode == 0
+    run = runs_dir / "digits_student" / "fixed"
+    for f in run.iterdir():  # as if that run had stopped before its first checkpoint
+        if f.name != "config.yaml" and f.is_file():
+            f.unlink()
+    r = cli(*base, "model.width=6")
+    assert r.returncode == 0, r.output
+    assert "earlier config is kept as config.1.yaml" in r.output
+    assert "width: 4" in (run / "config.1.yaml").read_text()
+    assert "width: 6" in (run / "config.yaml").read_text()
+    assert (run / "last.ckpt").is_file()
 
 
 def test_same_command_resumes_and_finished_run_is_not_redone(cli, runs_dir):

@@ -8,6 +8,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from distillkit.data.loader import ResumableLoader
+from distillkit.errors import DistillError
 
 
 class DistillDataModule(L.LightningDataModule):
@@ -40,13 +41,18 @@ class DistillDataModule(L.LightningDataModule):
             kw["persistent_workers"] = True
         return kw
 
-    def train_dataloader(self) -> DataLoader:
+    def check_batch_size(self) -> None:
+        """After :meth:`setup`: a batch must fit in the training split (the loader drops the last,
+        incomplete batch of each epoch, so a larger batch would never be drawn)."""
         assert self.train_set is not None, "call setup() first"
         if len(self.train_set) < self.batch_size:
-            raise ValueError(
-                f"the training split has {len(self.train_set)} examples, fewer than "
-                f"dataset.batch_size={self.batch_size}: lower dataset.batch_size"
+            raise DistillError(
+                f"dataset.batch_size={self.batch_size}: the training split has {len(self.train_set)} "
+                f"examples, fewer than one batch; lower dataset.batch_size"
             )
+
+    def train_dataloader(self) -> DataLoader:
+        self.check_batch_size()
         return ResumableLoader(self.train_set, self.batch_size, seed=self.seed,
                                trainer=self.trainer, **self._loader_kwargs())
 
