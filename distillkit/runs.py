@@ -14,6 +14,7 @@ import logging
 import os
 import re
 import hashlib
+import zipfile
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
@@ -95,6 +96,8 @@ def check_run_dir(run_dir: Path, config: dict, resume: str, resume_safe_keys: It
     cfg_file = run_dir / CONFIG_FILE
     ckpt = run_dir / LAST_CKPT
     found = ckpt if ckpt.is_file() else None
+    if found is not None:
+        check_readable(found)
     if not cfg_file.is_file():
         return found, True
     try:
@@ -115,6 +118,21 @@ def check_run_dir(run_dir: Path, config: dict, resume: str, resume_safe_keys: It
             f"to resume from its last.ckpt with the new config, add resume=force."
         )
     return found, bool(diff)
+
+
+def check_readable(ckpt: Path) -> None:
+    """A checkpoint to resume from must be a whole torch zip archive. Reading its index (at the
+    end of the file) is cheap, and finds a file cut short by a copy or a full disk before training
+    starts, instead of torch's error from inside Lightning's restore."""
+    try:
+        with zipfile.ZipFile(ckpt) as z:
+            z.namelist()
+    except (zipfile.BadZipFile, OSError) as e:
+        raise DistillError(
+            f"{ckpt}: cannot be read as a checkpoint ({e}); the file is damaged (our writes are atomic, "
+            f"so something cut it short or changed it afterwards). Put back a good copy to resume, or "
+            f"move it away to start this run afresh."
+        ) from None
 
 
 def write_run_config(run_dir: Path, config: dict) -> None:

@@ -154,6 +154,20 @@ def test_changed_config_refuses_to_resume(cli, runs_dir):
     assert r.returncode == 0, r.output
 
 
+def test_a_damaged_last_ckpt_is_one_message_and_stays_as_it_is(cli, runs_dir):
+    """A last.ckpt cut short after it was written (a copy, a full disk) stops the resume with a
+    message naming the file, not torch's zip error from inside Lightning's restore."""
+    base = ["experiment=digits_student", f"runs_dir={runs_dir}", "name=fixed", *SMOKE]
+    assert cli(*base).returncode == 0
+    ckpt = runs_dir / "digits_student" / "fixed" / "last.ckpt"
+    ckpt.write_bytes(ckpt.read_bytes()[:3000])
+    before = _snapshot(ckpt.parent)
+    r = cli(*base, "trainer.max_steps=20")
+    _clean_error(r, f"{ckpt}: cannot be read as a checkpoint", "Put back a good copy", "move it away")
+    assert r.returncode == 2
+    assert _snapshot(ckpt.parent) == before
+
+
 def test_a_run_that_wrote_only_its_config_does_not_block_the_corrected_command(cli, runs_dir):
     """A run that stopped before its first checkpoint (e.g. a bad value found once training ran)
     left only config.yaml: the corrected command starts afresh in the same run dir, keeping the
