@@ -11,6 +11,7 @@ HYDRA_FULL_ERROR=1 for the traceback.
 """
 from __future__ import annotations
 
+import contextlib
 import difflib
 import json
 import logging
@@ -19,7 +20,7 @@ import sys
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
@@ -239,13 +240,12 @@ def build_loggers(cfg: DictConfig, run_dir: Path) -> list:
     return loggers
 
 
-def build(node: DictConfig, key: str, **kwargs: Any) -> Any:
-    """``hydra.utils.instantiate`` whose user-facing failures (a wrong path, a bad value)
-    become a DistillError carrying the original message, not Hydra's wrapper."""
-    from hydra.utils import instantiate
-
+@contextlib.contextmanager
+def reported_as(key: str) -> Iterator[None]:
+    """User-facing failures inside (a wrong path, a bad value, a file that is not what it should
+    be) become a DistillError that names the config group, not a traceback or Hydra's wrapper."""
     try:
-        return instantiate(node, **kwargs)
+        yield
     except Exception as e:
         cause = _root_cause(e)
         if isinstance(cause, DistillError):
@@ -253,6 +253,14 @@ def build(node: DictConfig, key: str, **kwargs: Any) -> Any:
         if isinstance(cause, (FileNotFoundError, ValueError, ImportError, KeyError)):
             raise DistillError(f"{key}: {cause}") from None
         raise
+
+
+def build(node: DictConfig, key: str, **kwargs: Any) -> Any:
+    """``hydra.utils.instantiate`` with :func:`reported_as`."""
+    from hydra.utils import instantiate
+
+    with reported_as(key):
+        return instantiate(node, **kwargs)
 
 
 def compile_mode(value: Any) -> Optional[str]:
@@ -339,8 +347,9 @@ def run(cfg: DictConfig) -> dict:
     # Build everything that can fail on bad input before touching the run dir.
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     dm = build(cfg.dataset, "dataset", seed=cfg.seed, _convert_="all")
-    dm.prepare_data()
-    dm.setup("fit")
+    with reported_as("dataset"):  # reads the files: a damaged or foreign one is named here
+        dm.prepare_data()
+        dm.setup("fit")
     dm.check_batch_size()
     student = build_model(cfg.model, key="model")
     teacher = build_teacher(cfg.teacher)

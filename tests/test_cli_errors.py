@@ -109,6 +109,18 @@ def test_bad_teacher_checkpoint_leaves_run_dir_untouched(cli, runs_dir, tmp_path
     assert _snapshot(run) == before
 
 
+def test_a_damaged_dataset_file_is_one_message(cli, runs_dir, tmp_path):
+    """Reading the data happens before the run dir is written, and a file that is not what its
+    name says is named in one message (not the unpickler's traceback)."""
+    d = tmp_path / "cifar-10-batches-py"
+    d.mkdir()
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        (d / name).write_bytes(b"<html>not found</html>")
+    r = cli("experiment=cifar10_diffusion_teacher", f"dataset.data_dir={tmp_path}", f"runs_dir={runs_dir}", *SMOKE)
+    _clean_error(r, "distill: error: dataset: ", "data_batch_1 is not a CIFAR batch file")
+    assert r.returncode == 2 and not list(runs_dir.rglob("config.yaml"))
+
+
 def test_missing_teacher_run_names_the_experiment_that_trains_it(cli, runs_dir):
     """digits_kd's teacher path is digits_teacher's last.ckpt: a new user who skipped that run is
     told which command writes it; a path that is not a run's checkpoint gets no such hint."""

@@ -311,8 +311,26 @@ def test_pickle_with_foreign_objects_is_refused(tmp_path: Path):
 
     p = tmp_path / "train"
     p.write_bytes(pickle.dumps({b"data": Evil()}, protocol=2))
-    with pytest.raises(pickle.UnpicklingError):
+    with pytest.raises(ValueError, match="unexpected object .*getcwd"):
         load_pickle(p)
+
+
+@pytest.mark.parametrize("damage", ["junk", "truncated", "empty", "not_a_dict"])
+def test_a_damaged_batch_file_is_named(c10: Path, damage: str):
+    """A batch file that is not a whole CIFAR pickle (a download cut short, another file under
+    its name) is one ValueError naming it, which the CLI reports as 'distill: error: dataset: ...'."""
+    f = c10 / "data_batch_2"
+    if damage == "junk":
+        f.write_bytes(b"junk\n")
+    elif damage == "truncated":
+        f.write_bytes(f.read_bytes()[:200])
+    elif damage == "empty":
+        f.write_bytes(b"")
+    else:
+        f.write_bytes(pickle.dumps([1, 2, 3], protocol=2))
+    dm = CifarDataModule(str(c10), num_classes=10)
+    with pytest.raises(ValueError, match="data_batch_2 (is not a CIFAR batch file|holds a list)"):
+        dm.setup()
 
 
 

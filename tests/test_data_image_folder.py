@@ -159,3 +159,21 @@ def test_errors(tmp_path: Path):
         ImageFolderDataModule(str(empty), channels=4)
     with pytest.raises(ValueError, match="dataset.val_fraction"):
         ImageFolderDataModule(str(empty), val_fraction=0.5, test_fraction=0.5)
+
+
+def test_unreadable_images_are_listed_before_training(tmp_path: Path):
+    """A file with an image extension that PIL cannot read (a failed download, a text file) is
+    named in one message at setup, with the others like it, not PIL's traceback for the first."""
+    from distillkit.errors import DistillError
+
+    (tmp_path / "a").mkdir()
+    for i in range(4):
+        Image.new("RGB", (4, 4)).save(tmp_path / "a" / f"{i}.png")
+    (tmp_path / "a" / "broken.png").write_bytes(b"not an image")
+    (tmp_path / "a" / "empty.jpg").write_bytes(b"")
+    dm = ImageFolderDataModule(str(tmp_path), image_size=4)
+    with pytest.raises(DistillError) as e:
+        dm.setup("fit")
+    msg = str(e.value)
+    assert "2 of 6 image files cannot be read" in msg and "broken.png" in msg and "empty.jpg" in msg
+    assert "0.png" not in msg

@@ -77,8 +77,15 @@ class _CifarUnpickler(pickle.Unpickler):
 
 
 def load_pickle(path: Path) -> dict:
-    with open(path, "rb") as f:
-        return _CifarUnpickler(f, encoding="bytes").load()
+    try:
+        with open(path, "rb") as f:
+            d = _CifarUnpickler(f, encoding="bytes").load()
+    except (pickle.UnpicklingError, EOFError, ValueError, IndexError) as e:
+        raise ValueError(f"{path} is not a CIFAR batch file ({type(e).__name__}: {str(e)[:120]}): is it the python "
+                         "version of the dataset, downloaded and extracted in full?") from None
+    if not isinstance(d, dict):
+        raise ValueError(f"{path} holds a {type(d).__name__}, not a CIFAR batch: is it the python version of the dataset?")
+    return d
 
 
 def find_cifar_dir(data_dir: str, spec: CifarSpec) -> Path:

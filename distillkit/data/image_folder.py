@@ -18,6 +18,7 @@ import torch
 
 from distillkit.data.base import DistillDataModule, UInt8Images, split_indices
 from distillkit.data.transforms import random_crop_flip
+from distillkit.errors import DistillError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 _LAYOUT = ("expected data_dir/<class_name>/<image> with one subfolder per class and images "
@@ -101,11 +102,21 @@ class ImageFolderDataModule(DistillDataModule):
     def setup(self, stage: Optional[str] = None) -> None:
         if self.train_set is not None:
             return
-        x = torch.from_numpy(np.stack([load_image(p, self.image_size, self.channels) for p, _ in self._items]))
+        images, unreadable = [], []
+        for p, _ in self._items:
+            try:
+                images.append(load_image(p, self.image_size, self.channels))
+            except (OSError, ValueError) as e:  # PIL's UnidentifiedImageError is an OSError
+                unreadable.append(f"{p} ({type(e).__name__}: {str(e).splitlines()[0][:120]})")
+        if unreadable:
+            shown = "\n  ".join(unreadable[:10]) + (f"\n  ... and {len(unreadable) - 10} more" if len(unreadable) > 10 else "")
+            raise DistillError(f"dataset.data_dir={self.data_dir!r}: {len(unreadable)} of {len(self._items)} image files "
+                               f"cannot be read as images:\n  {shown}\nRemove or replace them, then run again.")
+        x = torch.from_numpy(np.stack(images))
         y = torch.tensor([label for _, label in self._items], dtype=torch.long)
         tr, va, te = split_indices(len(x), self.val_fraction, self.test_fraction, self.split_seed)
         if len(tr) == 0:
-            raise ValueError(f"dataset.data_dir={self.data_dir!r} has {len(x)} images: too few for a "
+            raise DistillError(f"dataset.data_dir={self.data_dir!r} has {len(x)} images: too few for a "
                              "training split; add images or lower dataset.val_fraction / test_fraction")
         self.train_set = ImageTensors(x[tr], y[tr], self.augment, self.crop_padding)
         self.val_set = ImageTensors(x[va], y[va])
