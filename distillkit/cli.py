@@ -26,7 +26,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from distillkit.config import REQUIRED_HINTS, SCHEMAS, field_names, out_of_bounds, register_configs
-from distillkit.errors import DistillError
+from distillkit.errors import DistillError, root_cause
 from distillkit.runs import run_name
 
 log = logging.getLogger("distillkit")
@@ -51,12 +51,6 @@ def register_resolvers() -> None:
 
 
 # --------------------------------------------------------------------------- validation
-def _root_cause(e: BaseException) -> BaseException:
-    while e.__cause__ is not None or (e.__context__ is not None and not e.__suppress_context__):
-        e = e.__cause__ or e.__context__  # type: ignore[assignment]
-    return e
-
-
 def _schema_by_name(type_name: str) -> Optional[type]:
     for options in SCHEMAS.values():
         for schema in options.values():
@@ -69,7 +63,7 @@ def _schema_by_name(type_name: str) -> Optional[type]:
 
 def explain_compose_error(e: BaseException) -> str:
     """One paragraph that names the key and what is allowed."""
-    cause = _root_cause(e)
+    cause = root_cause(e)
     full_key = getattr(cause, "full_key", None)
     obj_type = getattr(cause, "object_type", None)
     text = str(cause).split("\n")[0]
@@ -247,7 +241,7 @@ def reported_as(key: str) -> Iterator[None]:
     try:
         yield
     except Exception as e:
-        cause = _root_cause(e)
+        cause = root_cause(e)
         if isinstance(cause, DistillError):
             raise cause from None
         if isinstance(cause, (FileNotFoundError, ValueError, ImportError, KeyError)):

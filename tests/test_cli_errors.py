@@ -121,6 +121,25 @@ def test_a_damaged_dataset_file_is_one_message(cli, runs_dir, tmp_path):
     assert r.returncode == 2 and not list(runs_dir.rglob("config.yaml"))
 
 
+def test_a_bad_pretrained_folder_is_one_message_without_hydras_wrapper(cli, runs_dir, tmp_path):
+    from PIL import Image
+
+    (tmp_path / "images" / "a").mkdir(parents=True)
+    for i in range(8):
+        Image.new("RGB", (8, 8), (30 * i, 0, 0)).save(tmp_path / "images" / "a" / f"{i}.png")
+    folder = tmp_path / "unet"
+    folder.mkdir()
+    base = ["experiment=celebahq_progressive", f"teacher.pretrained={folder}", f"runs_dir={runs_dir}",
+            f"dataset.data_dir={tmp_path / 'images'}", "dataset.batch_size=2", *SMOKE]
+    r = cli(*base)
+    _clean_error(r, f"pretrained={folder}: no diffusers UNet folder there")
+    assert "Error in call to target" not in r.output and "DistillError(" not in r.output
+    (folder / "config.json").write_text("{not json")
+    r = cli(*base)
+    _clean_error(r, "model: cannot build", f"{folder / 'config.json'}", "not a valid JSON file")
+    assert "Error in call to target" not in r.output
+
+
 def test_missing_teacher_run_names_the_experiment_that_trains_it(cli, runs_dir):
     """digits_kd's teacher path is digits_teacher's last.ckpt: a new user who skipped that run is
     told which command writes it; a path that is not a run's checkpoint gets no such hint."""

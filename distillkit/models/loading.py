@@ -20,7 +20,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from distillkit.errors import DistillError
+from distillkit.errors import DistillError, root_cause
 
 STUDENT_PREFIX = "student."
 EMA_PREFIX = "ema.module."  # torch.optim.swa_utils.AveragedModel keeps the copy as .module
@@ -107,7 +107,10 @@ def build_model(cfg: DictConfig | Mapping, key: str = "model") -> nn.Module:
     try:
         net = instantiate(c, _convert_="all")
     except Exception as e:
-        raise DistillError(f"{key}: cannot build {c.get('_target_')}: {e}") from None
+        if isinstance(root_cause(e), DistillError):
+            raise root_cause(e) from None
+        cause = e.__cause__ or e  # what the target raised, inside Hydra's InstantiationException
+        raise DistillError(f"{key}: cannot build {c.get('_target_')}: {type(cause).__name__}: {cause}") from None
     if ckpt:
         load_weights(net, ckpt, f"{key}.checkpoint")
     return net
