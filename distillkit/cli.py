@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import sys
+import textwrap
 import time
 import warnings
 from pathlib import Path
@@ -48,6 +49,39 @@ CONF_DIR = find_conf_dir()
 def register_resolvers() -> None:
     if not OmegaConf.has_resolver("dk_run_name"):
         OmegaConf.register_new_resolver("dk_run_name", run_name)
+    if not OmegaConf.has_resolver("dk_help"):
+        OmegaConf.register_new_resolver("dk_help", help_template)
+
+
+def help_template() -> str:
+    """``distill --help`` (Hydra's ``hydra.help.template``): what to type, the config groups and
+    their options as the yaml files under conf/ name them (Hydra's own list would also show the
+    schema groups, which are not for the command line), then the composed config."""
+    root = Path(CONF_DIR)
+    groups = sorted(d.name for d in root.iterdir() if d.is_dir() and any(d.glob("*.yaml")))
+    width = max(len(g) for g in groups)
+    listing = "\n".join(textwrap.fill(", ".join(sorted(f.stem for f in (root / g).glob("*.yaml"))), width=100,
+                                       initial_indent=f"  {g:<{width}}  ", subsequent_indent=" " * (width + 4))
+                         for g in groups)
+    return f"""distill: distil neural networks (distillkit). The same command resumes the same run.
+
+Usage:
+  distill experiment=digits_teacher                  # an experiment: an overlay of the groups below
+  distill experiment=digits_kd method.temperature=2  # any key of the config below, as key=value
+  distill method=dkd model=resnet8x4 teacher=resnet32x4 teacher.checkpoint=PATH \\
+          dataset=cifar100 dataset.data_dir=DIR optim=sgd
+  distill -m experiment=digits_kd seed=0,1,2         # a sweep: one run per combination
+  distill experiment=digits_kd --cfg job             # print the composed config and exit
+  distill experiment=digits_kd --help                # this help with that experiment's config
+
+Config groups (group=option):
+{listing}
+
+Sampling, export and scoring: distill-sample, distill-export, distill-eval (each with --help).
+Hydra's own options (launchers, sweepers, logging): distill --hydra-help.
+
+Config (with the overrides given):
+$CONFIG"""
 
 
 # --------------------------------------------------------------------------- validation

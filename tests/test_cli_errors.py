@@ -244,3 +244,13 @@ def test_same_command_resumes_and_finished_run_is_not_redone(cli, runs_dir):
 
     steps = {int(r["step"]) for r in csv.DictReader((run / "metrics.csv").open()) if r.get("step")}
     assert min(steps) < 5 and max(steps) >= 8, steps  # rows of both sessions: nothing lost on resume
+
+
+def test_help_shows_usage_groups_and_the_composed_config(cli):
+    r = cli("experiment=digits_kd", "--help")
+    assert r.returncode == 0, r.output
+    out = r.output
+    assert out.startswith("distill: distil neural networks") and "powered by Hydra" not in out
+    assert "  method      diffusion, dkd, dsd, fitnet, kd, progressive, supervised, tsd" in out
+    assert "schema/" not in out  # the schema groups are not for the command line
+    assert "temperature: 4.0" in out and "$CONFIG" not in out  # the experiment's composed config
