@@ -83,6 +83,73 @@ def test_resume_after_signal_is_bit_exact(runs_dir: Path, reference: dict, sig):
         assert torch.equal(a[k], b[k]), f"{k} differs after resuming from step {stopped_at}"
 
 
+def _run_with_events(*args: str, env: dict) -> subprocess.CompletedProcess:
+    """The CLI through tests/cli_with_events.py (signals and deaths at exact steps)."""
+    e = dict(os.environ, **THREADS, PYTHONUNBUFFERED="1", **env)
+    e.pop("HYDRA_FULL_ERROR", None)
+    return subprocess.run([sys.executable, str(REPO / "tests" / "cli_with_events.py"), *args], cwd=REPO, env=e,
+                          capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("event", ["stop", "die"], ids=["signal-in-an-epochs-last-batch", "killed-after-an-epoch-end-checkpoint"])
+def test_resume_at_an_epoch_boundary_is_bit_exact(runs_dir: Path, reference: dict, event: str):
+    """Step 8 ends epoch 1 (4 batches per epoch), one epoch before the LR milestone at epoch 2.
+    A stop signal in an epoch's last batch is served at the epoch's end, and a run that dies
+    later resumes from that epoch-end checkpoint: both continue like the uninterrupted run (before,
+    the first resumed a mid-end state Lightning restarts without the epoch's end, and both put the
+    milestone an epoch late)."""
+    env = {"STOP_AT_STEP": "8"} if event == "stop" else {"DIE_AT_STEP": "9"}
+    args = [*ARGS, f"runs_dir={runs_dir}", "name=boundary"]
+    r = _run_with_events(*args, env=env)
+    out = r.stdout + r.stderr
+    assert r.returncode == (128 + signal.SIGTERM if event == "stop" else 9), out
+    run = runs_dir / "digits_student" / "boundary"
+    assert torch.load(run / "last.ckpt", map_location="cpu", weights_only=True)["global_step"] == 8
+    if event == "stop":
+        assert "stopped by signal 15 at step 8" in out
+    again = run_cli(*args, env=THREADS)
+    assert again.returncode == 0 and "resuming from" in again.output, again.output
+    for k, v in _weights(run).items():
+        assert torch.equal(reference[k], v), f"{k} differs after resuming at the end of epoch 1"
+
+
+def test_a_launchers_signal_handler_runs_after_the_checkpoint(runs_dir: Path, tmp_path: Path):
+    """Under submitit (distill -m hydra/launcher=submitit_slurm) SIGUSR2 has submitit's handler,
+    which requeues the job and exits: the run first writes last.ckpt at the end of the batch, then
+    hands the signal over, so the requeued job resumes from that step."""
+    args = [*ARGS, "trainer.max_steps=40", f"runs_dir={runs_dir}", "name=launched"]
+    record = tmp_path / "launcher.txt"
+    env = {"STOP_AT_STEP": "6", "STOP_SIGNAL": "USR2", "LAUNCHER_SIGNAL": "USR2", "LAUNCHER_RECORD": str(record),
+           "LAUNCHER_CKPT": str(runs_dir / "digits_student" / "launched" / "last.ckpt")}
+    r = _run_with_events(*args, env=env)
+    out = r.stdout + r.stderr
+    assert r.returncode == 3, out  # the launcher's handler ended the process
+    assert record.read_text() == f"{int(signal.SIGUSR2)} 6\n", out
+    assert "stopped by signal 12 at step 6" in out and "handing signal 12 to the launcher's handler" in out
+
+
+def test_sigusr1_in_a_slurm_batch_job_requeues_it(runs_dir: Path, tmp_path: Path):
+    """In a SLURM batch job without a launcher's handler, SIGUSR1 (sbatch --signal=USR1@90) is
+    followed by `scontrol requeue <job>` once last.ckpt is written, as Lightning's own SLURM
+    handler does. A stand-in scontrol records the call."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    calls = tmp_path / "scontrol.txt"
+    (bin_dir / "scontrol").write_text(f"#!/bin/sh\necho \"$@\" >> {calls}\n")
+    (bin_dir / "scontrol").chmod(0o755)
+    args = [*ARGS, "trainer.max_steps=40", f"runs_dir={runs_dir}", "name=sbatch"]
+    env = {"STOP_AT_STEP": "6", "STOP_SIGNAL": "USR1", "PATH": f"{bin_dir}:{os.environ['PATH']}",
+           "SLURM_JOB_ID": "4242", "SLURM_NTASKS": "1", "SLURM_JOB_NAME": "distill-job", "SLURM_PROCID": "0",
+           "SLURM_LOCALID": "0", "SLURM_NODEID": "0"}
+    r = _run_with_events(*args, env=env)
+    out = r.stdout + r.stderr
+    assert r.returncode == 128 + signal.SIGUSR1, out
+    assert calls.read_text() == "requeue 4242\n", out
+    assert "SLURM job 4242 requeued" in out
+    ckpt = torch.load(runs_dir / "digits_student" / "sbatch" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert ckpt["global_step"] == 6
+
+
 def test_loader_leaves_the_global_rng_alone():
     """Creating an epoch's iterator must not draw from the global RNG: a resumed run creates
     it at another point of the random stream than an uninterrupted one."""

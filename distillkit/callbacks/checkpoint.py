@@ -1,6 +1,13 @@
 """``last.ckpt``, written atomically: every N optimizer steps, at the end of each epoch,
-at the end of fitting, and when the job is told to stop (SIGTERM, or SIGUSR1 which SLURM
-sends before preemption), so a restarted run resumes from where this one stopped.
+at the end of fitting, and when the job is told to stop (SIGTERM; SIGUSR1, which SLURM sends
+before a time limit with ``--signal=USR1@90``; SIGUSR2, submitit's preemption signal), so a
+restarted run resumes from where this one stopped.
+
+On a cluster the job is then requeued: a signal that had a handler before training (submitit's,
+when ``distill -m hydra/launcher=submitit_slurm`` launched the job) is handed to it once the
+checkpoint is written, and submitit requeues the job; in a plain SLURM batch job, SIGUSR1 is
+followed by ``scontrol requeue`` (what Lightning's own SLURM handler does, without its extra
+checkpoint file). The requeued job runs the same command, which resumes from ``last.ckpt``.
 
 On a signal the checkpoint is taken at the end of the current batch, before Lightning's
 own stopping logic closes the epoch, and the process exits with status 128 + signal: the
@@ -24,6 +31,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -34,15 +42,40 @@ from lightning.pytorch.callbacks import Callback
 log = logging.getLogger("distillkit")
 
 
+def stop_signals() -> tuple[int, ...]:
+    """The signals a job gets before it is stopped: SIGTERM, SIGUSR1 and submitit's preemption
+    signal (SIGUSR2 unless ``$SUBMITIT_PREEMPT_SIGNAL`` names another)."""
+    sigs = [signal.SIGTERM, signal.SIGUSR1]
+    extra = getattr(signal, "SIG" + os.environ.get("SUBMITIT_PREEMPT_SIGNAL", "USR2"), None)
+    if isinstance(extra, signal.Signals) and extra not in sigs:
+        sigs.append(extra)
+    return tuple(sigs)
+
+
+def slurm_job_id() -> str | None:
+    """This SLURM batch job's id as ``scontrol requeue`` takes it (array tasks as JOB_TASK), or
+    None outside one (an interactive allocation is not requeued)."""
+    from lightning.fabric.plugins.environments import SLURMEnvironment
+
+    if not SLURMEnvironment.detect():
+        return None
+    array_id = os.environ.get("SLURM_ARRAY_JOB_ID")
+    if array_id is not None:
+        return f"{array_id}_{os.environ.get('SLURM_ARRAY_TASK_ID')}"
+    return os.environ.get("SLURM_JOB_ID")
+
+
 class LastCheckpoint(Callback):
     def __init__(self, run_dir: str | Path, every_n_steps: int = 100, started_at: float | None = None):
         self.path = Path(run_dir) / "last.ckpt"
         self.every_n_steps = max(0, int(every_n_steps))
         self._last_saved_step = -1
         self._stop_signal = 0
+        self._stop_at_epoch_end = False  # a stop signal came during an epoch's last batch
         self.started_at = time.time() if started_at is None else started_at
         self.earlier_sessions_s = 0.0  # restored from the checkpoint on resume
         self._sigint_before: Any = None  # SIGINT's handler before training, put back at teardown
+        self._launcher_handlers: dict[int, Any] = {}  # stop signals' handlers before fit (submitit's)
 
     @property
     def wall_s(self) -> float:
@@ -69,6 +102,9 @@ class LastCheckpoint(Callback):
         return self.path.with_name(f".last.ckpt.tmp{os.getpid()}")
 
     def setup(self, trainer: "L.Trainer", pl_module: "L.LightningModule", stage: str) -> None:
+        if stage == "fit":
+            # Before Lightning installs its own: what is there now is the launcher's.
+            self._launcher_handlers = {s: h for s in stop_signals() if callable(h := signal.getsignal(s))}
         if stage == "fit" and trainer.is_global_zero:
             for left in self.path.parent.glob(".last.ckpt.tmp*"):
                 if left != self._tmp():
@@ -76,10 +112,11 @@ class LastCheckpoint(Callback):
                     log.info("removed %s, a checkpoint write an earlier session did not finish", left.name)
 
     def on_train_start(self, trainer: "L.Trainer", pl_module: "L.LightningModule") -> None:
+        self._last_saved_step = trainer.global_step  # a resumed session starts from a saved state
         # Replaces Lightning's SIGTERM handler (installed just before), which would end the
         # epoch and exit before a mid-epoch checkpoint is written; Lightning restores the
         # original handlers at teardown.
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
+        for sig in stop_signals():
             try:
                 signal.signal(sig, self._on_signal)
             except (ValueError, OSError):  # not the main thread
@@ -108,17 +145,50 @@ class LastCheckpoint(Callback):
         stop = bool(self._stop_signal)
         if trainer.world_size > 1:  # every rank must take part in the collective save
             stop = trainer.strategy.reduce_boolean_decision(stop, all=False)
+        # After an epoch's last batch the checkpoint to take is the one at the epoch's end
+        # (on_train_epoch_end, after validation): Lightning restarts a state saved here, with the
+        # epoch's batches done but not its end, without that end (tests/test_resume.py).
+        last_batch = batch_idx + 1 >= trainer.num_training_batches
         if stop:
-            signum = self._stop_signal or signal.SIGTERM
+            self._stop_signal = self._stop_signal or signal.SIGTERM
+            if last_batch:
+                self._stop_at_epoch_end = True
+                return
             self.save(trainer)
-            log.warning("stopped by signal %d at step %d; %s saved. Run the same command again to resume.",
-                        signum, step, self.path)
-            raise SystemExit(128 + signum)
-        if self.every_n_steps and step > 0 and step % self.every_n_steps == 0:
+            self._stop(trainer, step)
+        if self.every_n_steps and step > 0 and step % self.every_n_steps == 0 and not last_batch:
             self.save(trainer)
 
+    def _stop(self, trainer: "L.Trainer", step: int) -> None:
+        signum = self._stop_signal
+        log.warning("stopped by signal %d at step %d; %s saved. Run the same command again to resume.",
+                    signum, step, self.path)
+        self._requeue(trainer, signum)
+        raise SystemExit(128 + signum)
+
+    def _requeue(self, trainer: "L.Trainer", signum: int) -> None:
+        """After the checkpoint: the launcher's handler for this signal (submitit's requeues the
+        job and exits), or, for SIGUSR1 in a SLURM batch job, ``scontrol requeue``."""
+        handler = self._launcher_handlers.get(signum)
+        if handler is not None:
+            log.info("handing signal %d to the launcher's handler (%s)", signum, getattr(handler, "__qualname__", handler))
+            handler(signum, None)
+            return
+        job = slurm_job_id() if signum == signal.SIGUSR1 and trainer.is_global_zero else None
+        if job is not None:
+            try:
+                rc = subprocess.call(["scontrol", "requeue", job])
+            except OSError as e:  # no scontrol on this node's PATH
+                rc = f"{type(e).__name__}: {e}"
+            if rc == 0:
+                log.info("SLURM job %s requeued: it resumes from %s", job, self.path.name)
+            else:
+                log.warning("`scontrol requeue %s` failed (%s): resubmit the job to resume", job, rc)
+
     def on_train_epoch_end(self, trainer: "L.Trainer", pl_module: Any) -> None:
-        self.save(trainer)
+        self.save(trainer, once_per_step=True)  # once: a session resumed here passes here again
+        if self._stop_at_epoch_end:
+            self._stop(trainer, trainer.global_step)
 
     def on_train_end(self, trainer: "L.Trainer", pl_module: Any) -> None:
         self.save(trainer, once_per_step=True)

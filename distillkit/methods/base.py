@@ -7,6 +7,7 @@ wrapped by DDP: its weights and BatchNorm statistics cannot change (DESIGN: teac
 """
 from __future__ import annotations
 
+import bisect
 import math
 import random
 from typing import Any, Optional
@@ -140,9 +141,8 @@ class DistillMethod(L.LightningModule):
         return self.ema.module if self.ema is not None else self.student
 
     # ------------------------------------------------------------------ optimizers
-    def total_steps(self) -> int:
-        """Optimizer steps of the whole run, like ``trainer.estimated_stepping_batches`` but
-        without iterating the train loader before a checkpoint restores its position."""
+    def steps_per_epoch(self) -> int:
+        """Optimizer steps per epoch, from the train loader's length (not from iterating it)."""
         t = self.trainer
         n = len(t.datamodule.train_dataloader())
         limit = t.limit_train_batches
@@ -150,7 +150,13 @@ class DistillMethod(L.LightningModule):
             n = min(n, limit)
         elif limit is not None:
             n = int(n * float(limit))
-        per_epoch = max(1, math.ceil(n / t.accumulate_grad_batches))
+        return max(1, math.ceil(n / t.accumulate_grad_batches))
+
+    def total_steps(self) -> int:
+        """Optimizer steps of the whole run, like ``trainer.estimated_stepping_batches`` but
+        without iterating the train loader before a checkpoint restores its position."""
+        t = self.trainer
+        per_epoch = self.steps_per_epoch()
         total = per_epoch * t.max_epochs if t.max_epochs and t.max_epochs > 0 else float("inf")
         if t.max_steps and t.max_steps > 0:
             total = min(total, t.max_steps)
@@ -168,9 +174,16 @@ class DistillMethod(L.LightningModule):
         if name == "none":
             return opt
         if name == "multistep":
-            s = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=list(sched["milestones"]),
-                                                     gamma=float(sched["gamma"]))
-            return {"optimizer": opt, "lr_scheduler": {"scheduler": s, "interval": "epoch"}}
+            # MultiStepLR's epochs (lr * gamma^(milestones passed)), stepped per update from the
+            # epoch the update is in: Lightning skips an epoch-interval scheduler's step when it
+            # resumes from a checkpoint taken at an epoch's end, which would shift the milestones.
+            milestones, gamma, per_epoch = sorted(int(m) for m in sched["milestones"]), float(sched["gamma"]), self.steps_per_epoch()
+
+            def factor(step: int) -> float:
+                return gamma ** bisect.bisect_right(milestones, step // per_epoch)
+
+            s = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+            return {"optimizer": opt, "lr_scheduler": {"scheduler": s, "interval": "step"}}
         if name == "cosine":
             total = self.total_steps()
             warm = int(sched.get("warmup_steps", 0))

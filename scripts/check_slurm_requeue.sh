@@ -1,0 +1,72 @@
+#!/usr/bin/env bash
+# Preemption and requeue on a real SLURM cluster (e.g. the single-node one of the local-slurm
+# recipe: slurmctld + slurmd on this machine, SLURM_CONF exported). Three runs of the same
+# short job (the digits diffusion teacher, 1,000 updates, one thread):
+#   1. without SLURM, uninterrupted: the reference;
+#   2. through hydra-submitit-launcher (distill -m hydra/launcher=submitit_slurm), sent SIGUSR2
+#      after step 200 (what SLURM sends under submitit before a time limit or a preemption);
+#   3. an sbatch script running `srun distill ...`, sent SIGUSR1 after step 200.
+# Each interrupted job must write last.ckpt, be requeued (by submitit, or by the run's own
+# `scontrol requeue`), resume, and end with weights bit-identical to the reference.
+# Usage: bash scripts/check_slurm_requeue.sh [OUT]   (needs distillkit[slurm]; ~5 minutes, most
+# of it SLURM's delay before a requeued job starts again)
+set -euo pipefail
+OUT=${1:-/tmp/distillkit_slurm_check}
+PARTITION=${PARTITION:-debug}
+BIN=$(cd "$(dirname "${PY:-.venv/bin/python}")" && pwd)
+ARGS=(experiment=digits_diffusion_teacher trainer.max_steps=1000 eval.enabled=false callbacks.progress=plain
+      trainer.cpu_threads=1)
+rm -rf "$OUT" && mkdir -p "$OUT"
+
+wait_for() {  # wait_for FILE_GLOB PATTERN SECONDS
+    local deadline=$((SECONDS + $3))
+    until grep -qs -- "$2" $1; do
+        [ $SECONDS -lt $deadline ] || { echo "timed out waiting for '$2' in $1" >&2; exit 1; }
+        sleep 2
+    done
+}
+
+echo "1. reference (no SLURM)"
+"$BIN/distill" "${ARGS[@]}" runs_dir="$OUT/reference" > "$OUT/reference.log" 2>&1
+
+echo "2. submitit: SIGUSR2 after step 200"
+"$BIN/distill" -m hydra/launcher=submitit_slurm hydra.launcher.partition="$PARTITION" hydra.launcher.timeout_min=30 \
+    hydra.launcher.cpus_per_task=1 "${ARGS[@]}" runs_dir="$OUT/submitit" > "$OUT/submitit.log" 2>&1 &
+sweep=$!
+wait_for "$OUT/submitit/digits_diffusion_teacher/*/cli.log" " step 200 " 300
+job=$(basename "$(ls -d "$OUT"/submitit/digits_diffusion_teacher/.submitit/*/ | head -1)")
+scancel --signal=USR2 "$job"
+wait "$sweep"
+
+echo "3. sbatch + srun: SIGUSR1 after step 200"
+cat > "$OUT/job.sh" <<EOF
+#!/bin/bash
+#SBATCH --job-name=distillkit-check
+#SBATCH --output=$OUT/sbatch-%j.out
+#SBATCH --requeue
+#SBATCH --cpus-per-task=1
+srun "$BIN/distill" ${ARGS[*]} runs_dir="$OUT/sbatch"
+EOF
+job=$(sbatch --parsable --partition="$PARTITION" "$OUT/job.sh")
+wait_for "$OUT/sbatch/digits_diffusion_teacher/*/cli.log" " step 200 " 300
+scancel --signal=USR1 "$job"
+wait_for "$OUT/sbatch/digits_diffusion_teacher/*/cli.log" "results:" 600
+
+"$BIN/python" - "$OUT" <<'EOF'
+import glob, sys
+import torch
+from safetensors.torch import load_file
+
+out = sys.argv[1]
+ref = load_file(glob.glob(f"{out}/reference/*/*/student.safetensors")[0])
+ok = True
+for how in ("submitit", "sbatch"):
+    log = open(glob.glob(f"{out}/{how}/*/*/cli.log")[0]).read()
+    stopped = [l for l in log.splitlines() if "stopped by signal" in l]
+    resumed = "resuming from" in log
+    same = all(torch.equal(ref[k], v) for k, v in load_file(glob.glob(f"{out}/{how}/*/*/student.safetensors")[0]).items())
+    print(f"{how}: {stopped[0].split(' - ')[-1][:60] if stopped else 'never stopped'}; resumed: {resumed}; "
+          f"weights bit-identical to the reference: {same}")
+    ok &= bool(stopped) and resumed and same
+sys.exit(0 if ok else 1)
+EOF
