@@ -5,11 +5,13 @@
 #   1. without SLURM, uninterrupted: the reference;
 #   2. through hydra-submitit-launcher (distill -m hydra/launcher=submitit_slurm), sent SIGUSR2
 #      after step 200 (what SLURM sends under submitit before a time limit or a preemption);
-#   3. an sbatch script running `srun distill ...`, sent SIGUSR1 after step 200.
+#   3. an sbatch script running `srun distill ...`, sent SIGUSR1 after step 200;
+#   4. DDP over two SLURM tasks through submitit (gloo on CPU), sent SIGUSR2 after step 200,
+#      against the same DDP run without SLURM (two local processes).
 # Each interrupted job must write last.ckpt, be requeued (by submitit, or by the run's own
-# `scontrol requeue`), resume, and end with weights bit-identical to the reference.
-# Usage: bash scripts/check_slurm_requeue.sh [OUT]   (needs distillkit[slurm]; ~5 minutes, most
-# of it SLURM's delay before a requeued job starts again)
+# `scontrol requeue`), resume, and end with weights bit-identical to its reference.
+# Usage: bash scripts/check_slurm_requeue.sh [OUT]   (needs distillkit[slurm] and 2 CPUs; ~13
+# minutes on 2 cores, most of it SLURM's delay before a requeued job starts again)
 set -euo pipefail
 OUT=${1:-/tmp/distillkit_slurm_check}
 PARTITION=${PARTITION:-debug}
@@ -52,15 +54,27 @@ wait_for "$OUT/sbatch/digits_diffusion_teacher/*/cli.log" " step 200 " 300
 scancel --signal=USR1 "$job"
 wait_for "$OUT/sbatch/digits_diffusion_teacher/*/cli.log" "results:" 600
 
+echo "4. DDP, 2 SLURM tasks through submitit: SIGUSR2 after step 200"
+DDP=(trainer.devices=2 trainer.strategy=ddp trainer.accelerator=cpu trainer.max_steps=600)
+"$BIN/distill" "${ARGS[@]}" "${DDP[@]}" runs_dir="$OUT/ddp_reference" > "$OUT/ddp_reference.log" 2>&1
+"$BIN/distill" -m hydra/launcher=submitit_slurm hydra.launcher.partition="$PARTITION" hydra.launcher.timeout_min=30 \
+    hydra.launcher.cpus_per_task=1 hydra.launcher.tasks_per_node=2 "${ARGS[@]}" "${DDP[@]}" runs_dir="$OUT/ddp" \
+    > "$OUT/ddp.log" 2>&1 &
+sweep=$!
+wait_for "$OUT/ddp/digits_diffusion_teacher/*/cli.log" " step 200 " 300
+job=$(basename "$(ls -d "$OUT"/ddp/digits_diffusion_teacher/.submitit/*/ | head -1)")
+scancel --signal=USR2 "$job"
+wait "$sweep"
+
 "$BIN/python" - "$OUT" <<'EOF'
 import glob, sys
 import torch
 from safetensors.torch import load_file
 
 out = sys.argv[1]
-ref = load_file(glob.glob(f"{out}/reference/*/*/student.safetensors")[0])
 ok = True
-for how in ("submitit", "sbatch"):
+for how, reference in (("submitit", "reference"), ("sbatch", "reference"), ("ddp", "ddp_reference")):
+    ref = load_file(glob.glob(f"{out}/{reference}/*/*/student.safetensors")[0])
     log = open(glob.glob(f"{out}/{how}/*/*/cli.log")[0]).read()
     stopped = [l for l in log.splitlines() if "stopped by signal" in l]
     resumed = "resuming from" in log
