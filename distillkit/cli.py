@@ -309,7 +309,8 @@ def is_compile_failure(e: BaseException) -> bool:
     return isinstance(e, kinds)
 
 
-def build_trainer(cfg: DictConfig, accelerator: str, callbacks: list, loggers: list, progress_bar: bool) -> Any:
+def build_trainer(cfg: DictConfig, run_dir: Path, accelerator: str, callbacks: list, loggers: list,
+                  progress_bar: bool) -> Any:
     """Lightning's Trainer from ``trainer.*``; settings it refuses (a strategy or precision it does
     not know, a GPU that is not there) become one message naming the trainer overrides given."""
     import lightning as L
@@ -322,8 +323,7 @@ def build_trainer(cfg: DictConfig, accelerator: str, callbacks: list, loggers: l
             max_epochs=t.max_epochs, max_steps=t.max_steps, accelerator=accelerator, devices=t.devices,
             num_nodes=t.num_nodes, strategy=t.strategy, precision=_precision(cfg, accelerator),
             logger=loggers or False, callbacks=callbacks,
-            default_root_dir=str(HydraConfig.get().runtime.output_dir), enable_checkpointing=False,
-            enable_progress_bar=progress_bar,
+            default_root_dir=str(run_dir), enable_checkpointing=False, enable_progress_bar=progress_bar,
             enable_model_summary=False, num_sanity_val_steps=0, use_distributed_sampler=False,
             log_every_n_steps=t.log_every_n_steps, check_val_every_n_epoch=t.check_val_every_n_epoch,
             val_check_interval=t.val_check_interval, gradient_clip_val=t.gradient_clip_val,
@@ -424,7 +424,7 @@ def run(cfg: DictConfig) -> dict:
         callbacks.append(evaluation)
     ckpt, write_config = check_run_dir(run_dir, config, config["resume"], resume_safe_keys())
     accelerator = str(cfg.trainer.accelerator)
-    trainer = build_trainer(cfg, accelerator, callbacks, build_loggers(cfg, run_dir), progress_bar=rich)
+    trainer = build_trainer(cfg, run_dir, accelerator, callbacks, build_loggers(cfg, run_dir), progress_bar=rich)
     if write_config and rank == 0:
         write_run_config(run_dir, config)
     if ckpt is not None:
