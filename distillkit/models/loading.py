@@ -107,8 +107,9 @@ def build_model(cfg: DictConfig | Mapping, key: str = "model") -> nn.Module:
     try:
         net = instantiate(c, _convert_="all")
     except Exception as e:
-        if isinstance(root_cause(e), DistillError):
-            raise root_cause(e) from None
+        inner = root_cause(e)
+        if isinstance(inner, DistillError):
+            raise inner from None
         cause = e.__cause__ or e  # what the target raised, inside Hydra's InstantiationException
         raise DistillError(f"{key}: cannot build {c.get('_target_')}: {type(cause).__name__}: {cause}") from None
     if ckpt:
