@@ -153,3 +153,37 @@ def test_unet_compile_probe_runs_and_writes_a_row_per_variant(tmp_path):
     assert all(r["s_per_update"] > 0 and r["images_per_s"] > 0 and r["batch"] == 2 for r in rows)
     table = readme_tables.render("probe_unet_compile", json.loads(out.read_text()))
     assert table.count("| `eager` | 2 |") == 1 and "Machine: " in table
+
+
+def test_plain_loop_maths_agree_with_distillkit():
+    """The independent plain loop (scripts/plain_progressive_digits.py: DDIM written out from
+    diffusers' DDIMScheduler.alphas_cumprod and its trailing timesteps) and distillkit's progressive
+    target and sampler grid agree, so comparing the two on one teacher compares the recipes alone."""
+    import torch
+    from diffusers import DDIMScheduler
+
+    import plain_progressive_digits as plain
+    from distillkit.diffusion import NoiseSchedule
+    from distillkit.methods.progressive import progressive_target
+
+    T = 1024
+    scheduler = DDIMScheduler(num_train_timesteps=T, beta_schedule="squaredcos_cap_v2", set_alpha_to_one=True,
+                              timestep_spacing="trailing", prediction_type="v_prediction")
+    ours = NoiseSchedule("cosine", T)
+    for n in (64, 8, 2):
+        assert plain.grid(scheduler, n).tolist() == ours.grid(n).tolist()
+    w = torch.randn(1, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+
+    def v_net(z, t):  # any smooth function of (z, t) will do as the teacher
+        return torch.tanh(z * w + t.view(-1, 1, 1, 1).float() / T)
+
+    z = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    g = ours.grid(8)
+    for i in (0, 2, 6):  # the first, a middle and the last student step (t'' = -1, the clean end)
+        t, t1, t2 = (torch.full((4,), int(g[k])) for k in (i, i + 1, i + 2))
+        mine = plain.plain_target(v_net, scheduler.alphas_cumprod.float(), z, t, t1, t2)
+        theirs = progressive_target(v_net, z, t, t1, t2, ours, "v")
+        assert torch.allclose(mine, theirs.float(), atol=1e-4), (i, (mine - theirs).abs().max())
+    # a perturbed teacher moves the target: the comparison can fail
+    assert not torch.allclose(plain.plain_target(lambda z_, t_: v_net(z_, t_) * 1.01, scheduler.alphas_cumprod.float(),
+                                                 z, t, t1, t2), theirs.float(), atol=1e-4)
