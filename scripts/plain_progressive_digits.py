@@ -80,19 +80,13 @@ def sample(unet, scheduler, n_steps: int, num: int = 700) -> torch.Tensor:
     return z.clamp(-1, 1)  # images in the data range, as distillkit's sampler and a uint8 export give them
 
 
-def distil(teacher_dir: Path, seed: int, lr: float, anneal: bool, updates: int, batch: int, log) -> list[dict]:
-    from diffusers import DDIMScheduler, UNet2DModel
-
-    from distillkit.data.base import split_indices
-    from distillkit.data.digits import load_digits_tensors
-
+def distil(teacher, scheduler, data: torch.Tensor, seed: int, lr: float, anneal: bool, updates: int, batch: int,
+           log) -> list[dict]:
+    """Rounds 64 -> 32 -> ... -> 1 from ``teacher`` on the training images ``data``; after each
+    round, its step count, cost so far and 700 samples of its student."""
     torch.manual_seed(seed)
-    x_all, _ = load_digits_tensors()
-    tr, _, _ = split_indices(len(x_all), 0.15, 0.25, 0)  # the benchmark's training split
-    data = x_all[tr]
-    scheduler = DDIMScheduler.from_pretrained(teacher_dir / "scheduler")
     ac = scheduler.alphas_cumprod.float()
-    teacher = UNet2DModel.from_pretrained(teacher_dir / "unet").eval().requires_grad_(False)
+    teacher = copy.deepcopy(teacher).eval().requires_grad_(False)
     rows, n, spent, t0 = [], 64, 0, time.time()
     student = copy.deepcopy(teacher)
     opt = None
@@ -155,7 +149,7 @@ def main() -> None:
     from distillkit.metrics.fid import SampleScorer
     from distillkit.metrics.images import split_images
 
-    dm = DigitsDataModule()
+    dm = DigitsDataModule()  # the benchmark's training split: the loop's data and FID's reference
     dm.setup("fit")
     scorer = SampleScorer("digits")
     stats = scorer.reference(split_images(dm, "train"), "digits", "train")
@@ -166,8 +160,8 @@ def main() -> None:
     rows = [{"recipe": "teacher (plain DDIM)", "seed": a.seed, "steps": k, "updates": 0, "nfe": 0,
              **{m: scorer.score(sample(teacher, sch, k), stats)[m] for m in ("fid", "is")}} for k in (64, 1)]
     print(f"teacher at 64 / 1 steps: FID {rows[0]['fid']:.3f} / {rows[1]['fid']:.3f}", flush=True)
-    for r in distil(a.teacher, a.seed, a.lr, a.anneal, a.updates_per_round, a.batch_size,
-                    lambda m: print(m, flush=True)):
+    for r in distil(teacher, sch, dm.train_set.tensors[0], a.seed, a.lr, a.anneal, a.updates_per_round,
+                    a.batch_size, lambda m: print(m, flush=True)):
         s = scorer.score(r.pop("images"), stats)
         rows.append({"recipe": recipe, "seed": a.seed, **r, "fid": s["fid"], "is": s["is"]})
         print(f"{recipe} seed {a.seed}: {r['steps']} steps FID {s['fid']:.3f}", flush=True)
