@@ -1,5 +1,6 @@
 """Progressive distillation as a plain loop, outside distillkit: the issue's "plain loops tried as a
-new user would", run on the benchmark's own teacher, so the two can be compared at one teacher.
+new user would", run on our own teachers (the benchmark's, and the weaker 800- and 1,600-update
+teachers of docs/step_distillation_probes.md), so that loop and distillkit compare at one teacher.
 
 Nothing of distillkit's training code is used. The teacher is the diffusers folder that
 ``distill-export`` writes (``UNet2DModel`` + ``DDIMScheduler``), the DDIM steps are written out
