@@ -182,7 +182,9 @@ def write_rows(a, recipe: str, rows: list[dict]) -> None:
                 date=time.strftime("%Y-%m-%d"))
     done["rows"] = [r for r in done["rows"] if not (r["seed"] == a.seed and r["recipe"] in (recipe, rows[0]["recipe"]))]
     done["rows"] += [{**r, "teacher": str(a.teacher)} for r in rows]
-    a.out.write_text(json.dumps(done, indent=1) + "\n")
+    tmp = a.out.with_name(f".{a.out.name}.tmp{os.getpid()}")  # a kill mid-write leaves the file whole
+    tmp.write_text(json.dumps(done, indent=1) + "\n")
+    os.replace(tmp, a.out)
 
 
 if __name__ == "__main__":
