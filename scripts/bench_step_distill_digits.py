@@ -535,15 +535,15 @@ def main(argv: Optional[list[str]] = None) -> dict:
         """Merge with the rows another process may have written meanwhile, then write atomically."""
         import fcntl
 
+        from distillkit.runs import atomic_write_text
+
         nonlocal rows
         out.parent.mkdir(parents=True, exist_ok=True)
         with open(out.with_name(out.name + ".lock"), "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             bench.update(merge_into(json.loads(out.read_text()) if out.is_file() else {}, rows, command, today))
             rows = bench["rows"]
-            tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
-            tmp.write_text(json.dumps(bench, indent=1) + "\n")
-            os.replace(tmp, out)
+            atomic_write_text(out, json.dumps(bench, indent=1) + "\n")
 
     run = Runner((ROOT / args.runs_dir).resolve())
     print(f"{name}: runs in {run.runs_dir}; {len(rows)} rows already in {out}", flush=True)

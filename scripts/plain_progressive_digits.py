@@ -41,17 +41,17 @@ import torch
 
 def ddim_step(ac: torch.Tensor, v: torch.Tensor, z: torch.Tensor, t: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
     """One deterministic DDIM step t -> s from a v-prediction; s = -1 is the clean end (alpha = 1)."""
-    a_t, a_s = at(ac, t), at(ac, s)
-    sig_t, sig_s = (1 - a_t ** 2).sqrt(), (1 - a_s ** 2).sqrt()
+    (a_t, sig_t), (a_s, sig_s) = alpha_sigma(ac, t), alpha_sigma(ac, s)
     x0 = a_t * z - sig_t * v
     eps = sig_t * z + a_t * v
     return a_s * x0 + sig_s * eps
 
 
-def at(ac: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """alpha_t = sqrt(alphas_cumprod[t]) as (B, 1, 1, 1); alphas_cumprod[-1] := 1 (set_alpha_to_one)."""
-    a = torch.where(t >= 0, ac[t.clamp(min=0)], torch.ones_like(ac[0]))
-    return a.sqrt().view(-1, 1, 1, 1)
+def alpha_sigma(ac: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """alpha_t = sqrt(alphas_cumprod[t]) and sigma_t = sqrt(1 - alpha_t^2), each (B, 1, 1, 1);
+    alphas_cumprod[-1] := 1 (set_alpha_to_one)."""
+    a = torch.where(t >= 0, ac[t.clamp(min=0)], torch.ones_like(ac[0])).sqrt().view(-1, 1, 1, 1)
+    return a, (1 - a ** 2).sqrt()
 
 
 def plain_target(teacher_fn, ac: torch.Tensor, z: torch.Tensor, t, t1, t2) -> torch.Tensor:
@@ -59,8 +59,8 @@ def plain_target(teacher_fn, ac: torch.Tensor, z: torch.Tensor, t, t1, t2) -> to
     DDIM step t -> t2 from z."""
     z1 = ddim_step(ac, teacher_fn(z, t), z, t, t1)
     z2 = ddim_step(ac, teacher_fn(z1, t1), z1, t1, t2)
-    a_t, a_2 = at(ac, t), at(ac, t2)
-    ratio = (1 - a_2 ** 2).sqrt() / (1 - a_t ** 2).sqrt()
+    (a_t, sig_t), (a_2, sig_2) = alpha_sigma(ac, t), alpha_sigma(ac, t2)
+    ratio = sig_2 / sig_t
     return (z2 - ratio * z) / (a_2 - ratio * a_t)
 
 
@@ -105,8 +105,7 @@ def distil(teacher, scheduler, data: torch.Tensor, seed: int, lr: float, anneal:
             pos += batch
             j = torch.randint(0, n // 2, (batch,))
             t, t1, t2 = g[2 * j], g[2 * j + 1], g[2 * j + 2]
-            a_t = at(ac, t)
-            sig_t = (1 - a_t ** 2).sqrt()
+            a_t, sig_t = alpha_sigma(ac, t)
             z = a_t * x + sig_t * torch.randn_like(x)
             with torch.no_grad():
                 x_tilde = plain_target(lambda z_, t_: teacher(z_, t_).sample, ac, z, t, t1, t2)
@@ -149,6 +148,7 @@ def main() -> None:
     from distillkit.data.digits import DigitsDataModule
     from distillkit.metrics.fid import SampleScorer
     from distillkit.metrics.images import split_images
+    from distillkit.runs import atomic_write_text
 
     dm = DigitsDataModule()  # the benchmark's training split: the loop's data and FID's reference
     dm.setup("fit")
@@ -169,11 +169,12 @@ def main() -> None:
     # runs in parallel processes share the file: re-read and write it under a lock
     with open(str(a.out) + ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        write_rows(a, recipe, rows)
+        atomic_write_text(a.out, json.dumps(merged_rows(a, recipe, rows), indent=1) + "\n")
     print(f"wrote {a.out}")
 
 
-def write_rows(a, recipe: str, rows: list[dict]) -> None:
+def merged_rows(a, recipe: str, rows: list[dict]) -> dict:
+    """--out's record with this run's rows in place of any earlier ones of its recipe and seed."""
     done = json.loads(a.out.read_text()) if a.out.exists() else {"rows": []}
     done.update(name="progressive distillation as a plain loop (diffusers UNet2DModel + DDIMScheduler) "
                      "on the benchmark's teacher (a distill-export folder)",
@@ -182,9 +183,7 @@ def write_rows(a, recipe: str, rows: list[dict]) -> None:
                 date=time.strftime("%Y-%m-%d"))
     done["rows"] = [r for r in done["rows"] if not (r["seed"] == a.seed and r["recipe"] in (recipe, rows[0]["recipe"]))]
     done["rows"] += [{**r, "teacher": str(a.teacher)} for r in rows]
-    tmp = a.out.with_name(f".{a.out.name}.tmp{os.getpid()}")  # a kill mid-write leaves the file whole
-    tmp.write_text(json.dumps(done, indent=1) + "\n")
-    os.replace(tmp, a.out)
+    return done
 
 
 if __name__ == "__main__":
