@@ -163,7 +163,8 @@ def check_data_range(method, dm) -> None:
 
     from distillkit.methods.diffusion import DiffusionMethod
 
-    if isinstance(method, DiffusionMethod) and method.is_image and dm.data_range != (-1.0, 1.0):
+    if (isinstance(method, DiffusionMethod) and method.is_image and not method.student.is_latent
+            and dm.data_range != (-1.0, 1.0)):
         choice = HydraConfig.get().runtime.choices.get("dataset")
         raise DistillError(f"dataset={choice} gives images normalised for classifiers (mean/std), but method="
                            f"{method.method_name} models images in [-1, 1]: add dataset.normalize=minus_one_one "
@@ -283,6 +284,14 @@ def reported_as(key: str) -> Iterator[None]:
         raise
 
 
+def setup_data(dm: Any) -> None:
+    """Read the dataset's files (a damaged or foreign one is named) and check the batch size."""
+    with reported_as("dataset"):
+        dm.prepare_data()
+        dm.setup("fit")
+    dm.check_batch_size()
+
+
 def build(node: DictConfig, key: str, **kwargs: Any) -> Any:
     """``hydra.utils.instantiate`` with :func:`reported_as`."""
     from hydra.utils import instantiate
@@ -375,12 +384,21 @@ def run(cfg: DictConfig) -> dict:
     # Build everything that can fail on bad input before touching the run dir.
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     dm = build(cfg.dataset, "dataset", seed=cfg.seed, _convert_="all")
-    with reported_as("dataset"):  # reads the files: a damaged or foreign one is named here
-        dm.prepare_data()
-        dm.setup("fit")
-    dm.check_batch_size()
+    # Latent text-to-image data is encoded by the model's own VAE and text encoders (and cached):
+    # those datasets are read once the model is built.
+    encoded = callable(getattr(dm, "attach_encoder", None))
+    if not encoded:
+        setup_data(dm)
     student = build_model(cfg.model, key="model")
     teacher = build_teacher(cfg.teacher)
+    if encoded:
+        codec = getattr(student, "codec", None)
+        if codec is None:
+            choice = HydraConfig.get().runtime.choices
+            raise DistillError(f"dataset={choice.get('dataset')} is encoded by a latent text-to-image model's VAE and "
+                               f"text encoders; model={choice.get('model')} has none: use model=sd15 or model=sdxl")
+        dm.attach_encoder(codec)
+        setup_data(dm)
     if cfg.teacher.get("self_distill"):  # teacher=self: only a method that is its own teacher takes it
         from hydra.utils import get_class
 

@@ -100,6 +100,58 @@ class Toy2DConfig(DatasetConfig):
     std: float = 0.1
 
 
+@dataclass
+class TextImageConfig(DatasetConfig):
+    """Latent text-to-image data (distillkit.data.text_image): prompts (and images) encoded once by
+    the model's text encoders (and VAE), which the method attaches, and cached in cache_dir."""
+
+    batch_size: int = bounded(16, at_least=1)
+    eval_batch_size: int = bounded(16, at_least=1)
+    # side of the square images: shorter side resized to it (bilinear), then centre-cropped; also
+    # SDXL's original_size for prompts without images
+    resolution: int = bounded(512, at_least=8)
+    val_fraction: float = bounded(0.05, at_least=0, at_most=1)
+    test_fraction: float = bounded(0.0, at_least=0, at_most=1)
+    # encoded prompts and latents, one safetensors file per dataset keyed by model and data
+    # (None: $DISTILLKIT_CACHE/latents or ~/.cache/distillkit/latents)
+    cache_dir: Optional[str] = None
+    # prompts / images per encoder call while the cache is built
+    encode_batch_size: int = bounded(16, at_least=1)
+
+
+@dataclass
+class PromptsConfig(TextImageConfig):
+    """`dataset=prompts`: a UTF-8 text file, one prompt a line (no images)."""
+
+    path: str = MISSING
+
+
+class CaptionChoice(str, Enum):
+    first = "first"  # one item per image: its first caption
+    all = "all"  # one item per caption
+
+
+@dataclass
+class CocoCaptionsConfig(TextImageConfig):
+    """`dataset=coco_captions`: COCO's captions JSON, with the images of image_dir or prompts only."""
+
+    captions_file: str = MISSING
+    # the folder of the jpgs (e.g. train2014/); None: captions only, no images
+    image_dir: Optional[str] = None
+    caption_choice: CaptionChoice = CaptionChoice.first
+    # the first max_items items by image id (None: all)
+    max_items: Optional[int] = bounded(None, at_least=1)
+
+
+@dataclass
+class ImageTextFolderConfig(TextImageConfig):
+    """`dataset=image_text_folder`: images with <stem>.txt captions or a metadata.jsonl."""
+
+    data_dir: str = MISSING
+    # metadata.jsonl's caption key
+    caption_column: str = "text"
+
+
 # --------------------------------------------------------------------------- models
 @dataclass
 class ModelConfig:
@@ -156,6 +208,9 @@ class UNetConfig(DenoiserConfig):
     dropout: float = 0.0
     # self-attention in the middle block
     add_attention: bool = True
+    # class-conditional: a class embedding of num_classes + 1 entries (the last is the null class of
+    # classifier-free guidance); None: unconditional
+    num_classes: Optional[int] = bounded(None, at_least=1)
 
 
 @dataclass
@@ -165,6 +220,27 @@ class PretrainedUNetConfig(DenoiserConfig):
     _target_: str = "distillkit.models.pretrained.pretrained_unet"
     # folder with config.json + weights (or a pipeline folder with unet/); nothing is downloaded
     pretrained: str = MISSING
+
+
+@dataclass
+class StableDiffusionModelConfig(DenoiserConfig):
+    """SD1.5 / SDXL from a local diffusers pipeline folder (distillkit.models.stable_diffusion): the
+    UNet, VAE, text encoders and tokenizers, and the folder's scheduler_config.json."""
+
+    _target_: str = "distillkit.models.stable_diffusion.stable_diffusion"
+    # a local StableDiffusionPipeline / StableDiffusionXLPipeline folder; nothing is downloaded
+    pretrained: str = MISSING
+    variant: str = "sd15"
+    # VAE and text encoders (and a teacher's UNet): auto = bfloat16 on a GPU, float32 on a CPU
+    frozen_dtype: str = "auto"
+    gradient_checkpointing: bool = False
+    # train a LoRA adapter of this rank on a frozen UNet instead of the whole UNet (None: full)
+    lora_rank: Optional[int] = bounded(None, at_least=1)
+    # LoRA's alpha (None: the rank, a scale of 1)
+    lora_alpha: Optional[float] = bounded(None, above=0)
+    lora_target_modules: List[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
+    # image side in pixels (None: the UNet's sample_size times the VAE's downsampling)
+    resolution: Optional[int] = bounded(None, at_least=8)
 
 
 @dataclass
@@ -254,10 +330,14 @@ class DiffusionConfig(MethodConfig):
     """Denoising training (distillkit.methods.diffusion): the network predicts prediction_type;
     the MSE is taken in loss_space (None: the prediction type) with weighting w(t)."""
 
-    prediction_type: PredictionType = PredictionType.v
+    # None: the model's own (a pretrained folder's scheduler_config.json), else v
+    prediction_type: Optional[PredictionType] = None
     loss_space: Optional[PredictionType] = None
     weighting: Weighting = Weighting.none
     min_snr_gamma: float = bounded(5.0, above=0)
+    # classifier-free guidance training: each sample's condition (class, prompt) is replaced by the
+    # unconditional one with this probability (conditional models only)
+    cond_dropout: float = bounded(0.1, at_least=0, at_most=0.99)
 
 
 class StepWeighting(str, Enum):
@@ -531,6 +611,8 @@ class EvalConfig:
     batch_size: int = bounded(256, at_least=1)
     # The sampling noise seed, the same at every evaluation so numbers are comparable.
     seed: int = 0
+    # Classifier-free guidance of conditional models' samples: uncond + w (cond - uncond), 1: none
+    guidance: float = bounded(1.0, at_least=0)
 
 
 # --------------------------------------------------------------------------- top level
@@ -558,9 +640,11 @@ class Config:
 
 SCHEMAS: dict[str, dict[str, type]] = {
     "dataset": {"digits": DigitsConfig, "cifar": CifarConfig, "image_folder": ImageFolderConfig,
-                "toy2d": Toy2DConfig},
+                "toy2d": Toy2DConfig, "prompts": PromptsConfig, "coco_captions": CocoCaptionsConfig,
+                "image_text_folder": ImageTextFolderConfig},
     "model": {"classifier": ModelConfig, "digits_cnn": DigitsCNNConfig, "timm": TimmConfig,
-              "unet": UNetConfig, "mlp": MLPDenoiserConfig, "unet_pretrained": PretrainedUNetConfig},
+              "unet": UNetConfig, "mlp": MLPDenoiserConfig, "unet_pretrained": PretrainedUNetConfig,
+              "stable_diffusion": StableDiffusionModelConfig},
     "teacher": {"none": NoTeacherConfig, "self": SelfTeacherConfig},
     "method": {
         "supervised": SupervisedConfig,
@@ -583,11 +667,17 @@ REQUIRED_HINTS = {
     "teacher.checkpoint": "the teacher's weights: a distillkit run's last.ckpt, a state dict "
     "(.pt/.pth) or a .safetensors file, e.g. teacher.checkpoint=runs/digits_teacher/default/last.ckpt",
     "dataset.data_dir": "the folder holding the dataset files, e.g. dataset.data_dir=/data/cifar-100-python",
+    "dataset.path": "a UTF-8 text file with one prompt a line, e.g. dataset.path=/data/prompts.txt",
+    "dataset.captions_file": "COCO's captions JSON, e.g. dataset.captions_file=/data/coco/annotations/captions_val2014.json",
     "method.student_layer": "the module path of the student's hint layer, e.g. method.student_layer=layer2",
     "method.teacher_layer": "the module path of the teacher's hint layer, e.g. method.teacher_layer=layer2",
     "model.model_name": "a timm model name, e.g. model.model_name=resnet18",
-    "model.pretrained": "a local diffusers UNet folder (config.json + weights), e.g. model.pretrained=/models/ddpm-celebahq-256",
-    "teacher.pretrained": "a local diffusers UNet folder (config.json + weights), e.g. teacher.pretrained=/models/ddpm-celebahq-256",
+    "model.pretrained": "a local diffusers folder: a UNet (config.json + weights) for unet_pretrained, e.g. "
+    "model.pretrained=/models/ddpm-celebahq-256, or a pipeline (unet/, vae/, text_encoder/, tokenizer/, scheduler/) "
+    "for sd15 / sdxl, e.g. model.pretrained=/models/stable-diffusion-v1-5",
+    "teacher.pretrained": "a local diffusers folder: a UNet (config.json + weights) for unet_pretrained, e.g. "
+    "teacher.pretrained=/models/ddpm-celebahq-256, or a pipeline (unet/, vae/, text_encoder/, tokenizer/, scheduler/) "
+    "for sd15 / sdxl, e.g. teacher.pretrained=/models/stable-diffusion-v1-5",
 }
 
 

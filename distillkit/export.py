@@ -15,6 +15,17 @@ prediction type in diffusers' names, eps -> epsilon, v -> v_prediction, x0 -> sa
 t = -1; ``clip_sample=False`` and no thresholding, as our sampler) and ``distillkit.json``
 (where it came from).
 
+Text-to-image runs (``model=sd15`` / ``sdxl``) are written as a ``StableDiffusionPipeline`` /
+``StableDiffusionXLPipeline`` folder: the student's UNet, the VAE, text encoders and tokenizers of its
+pretrained folder, and the same ``DDIMScheduler`` as above; ``pipe(prompt, num_inference_steps=N,
+guidance_scale=w, generator=torch.Generator().manual_seed(seed))`` draws the images ``distill-sample
+prompts=... guidance=w steps=N seed=seed`` draws. A LoRA run (``model.lora_rank``) writes only its
+adapter, ``pytorch_lora_weights.safetensors`` (with its rank and alpha), which
+``pipe.load_lora_weights(out)`` adds to the base pipeline; ``lora=false`` writes the whole pipeline
+with the adapter fused instead. Class-conditional pixel runs write ``unet/`` and ``scheduler/``:
+diffusers has no class-conditional ``UNet2DModel`` pipeline, so ``DDIMPipeline`` cannot call it
+(``distill-sample class=...`` can).
+
 Limitation. diffusers' ``DDIMScheduler.step`` always steps from t to t - T // N, while our
 samplers step along ``schedule.grid(N, spacing)`` (see ``distillkit.diffusion.samplers``). The
 two agree, and the pipeline reproduces ``distill-sample``'s images for the same seed (up to
@@ -43,6 +54,7 @@ ARGS = [
     Arg("checkpoint", str, help="a diffusion run's last.ckpt, or a round_<r>.ckpt / level_<r>.ckpt"),
     Arg("out", str, help="output folder (a diffusers DDIMPipeline)"),
     Arg("use_ema", parse_bool, True, "export the EMA weights (when the run kept an EMA)"),
+    Arg("lora", parse_bool, True, "LoRA runs: write the adapter alone (false: the pipeline with it fused)"),
 ]
 
 
@@ -52,7 +64,9 @@ def ddim_scheduler(method):
 
     from distillkit.diffusion.schedules import DEFAULT_BETAS
 
-    sch, cfg = method.schedule, method.schedule_cfg
+    sch = method.schedule
+    # a pretrained model's schedule comes from its folder's scheduler_config.json, others' from schedule=
+    cfg = getattr(sch, "scheduler_config", None) or method.schedule_cfg
     start, end = DEFAULT_BETAS.get(sch.beta_schedule, (1e-4, 0.02))
     scheduler = DDIMScheduler(
         num_train_timesteps=sch.num_train_timesteps, beta_schedule=sch.beta_schedule,
@@ -66,30 +80,74 @@ def ddim_scheduler(method):
     return scheduler
 
 
-def export_pipeline(method, out: str | Path, use_ema: bool = True, source: str = "") -> Path:
-    """Write ``method``'s network and schedule as a diffusers DDIMPipeline folder at ``out``."""
+def export_text_to_image(method, net, out: Path, lora: bool = True) -> str:
+    """A text-to-image denoiser as a StableDiffusion(XL)Pipeline folder, or its LoRA adapter alone."""
+    import copy
+
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    cls = StableDiffusionXLPipeline if getattr(net, "variant", "sd15") == "sdxl" else StableDiffusionPipeline
+    if getattr(net, "lora", None) and lora:
+        from peft.utils import get_peft_model_state_dict
+
+        layers = get_peft_model_state_dict(net.unet)
+        meta = net.unet.peft_config["default"].to_dict()
+        kw = {"unet_lora_adapter_metadata": meta}
+        out.mkdir(parents=True, exist_ok=True)
+        cls.save_lora_weights(str(out), unet_lora_layers=layers, safe_serialization=True, **kw)
+        return "LoRA weights (pipe.load_lora_weights)"
+    unet = net.unet
+    if getattr(net, "lora", None):
+        unet = copy.deepcopy(unet)
+        unet.fuse_lora()
+        unet.unload_lora()
+    pipe = cls.from_pretrained(net.pretrained, unet=unet.float(), scheduler=ddim_scheduler(method),
+                               local_files_only=True, **({} if cls is StableDiffusionXLPipeline else
+                                                          {"safety_checker": None, "requires_safety_checker": False}))
+    pipe.save_pretrained(str(out), safe_serialization=True)
+    return cls.__name__
+
+
+def export_pipeline(method, out: str | Path, use_ema: bool = True, source: str = "", lora: bool = True) -> Path:
+    """Write ``method``'s network and schedule as a diffusers pipeline folder at ``out`` (DDIMPipeline
+    for pixel models, StableDiffusion(XL)Pipeline for text-to-image ones, or a LoRA adapter)."""
     from diffusers import DDIMPipeline, UNet2DModel
 
     if method.is_edm:
         raise DistillError("distill-export writes a DDIMPipeline, which has no EDM sampler: runs with "
                            "schedule=edm cannot be exported this way")
     net = method.eval_network() if use_ema else method.student
+    out = Path(out).expanduser()
+    if out.exists() and not out.is_dir():
+        raise DistillError(f"out={out}: exists and is not a folder")
+    if net.condition == "text":
+        what = export_text_to_image(method, net, out, lora)
+        write_provenance(method, out, use_ema, source, what)
+        return out
     unet = getattr(net, "unet", None)
     if not isinstance(unet, UNet2DModel):
         model = (method.run_config.get("model") or {}).get("_target_", type(net).__name__)
         raise DistillError(f"distill-export needs a diffusers UNet student (model=unet_digits or model=unet); "
                            f"this run's network is {model}")
-    out = Path(out).expanduser()
-    if out.exists() and not out.is_dir():
-        raise DistillError(f"out={out}: exists and is not a folder")
     pipe = DDIMPipeline(unet=unet, scheduler=ddim_scheduler(method))
     pipe.save_pretrained(str(out), safe_serialization=True)
-    (out / "distillkit.json").write_text(json.dumps({
-        "checkpoint": source, "method": method.method_name, "use_ema": bool(use_ema and method.ema is not None),
-        "prediction_type": method.prediction_type, "num_inference_steps": method.num_steps,
-        "timestep_spacing": method.spacing, "eta": method.eta,
-    }, indent=2) + "\n")
+    write_provenance(method, out, use_ema, source, "DDIMPipeline")
     return out
+
+
+def write_provenance(method, out: Path, use_ema: bool, source: str, what: str) -> None:
+    """``distillkit.json``: where the export came from and how distillkit samples it."""
+    net = method.eval_network() if use_ema else method.student
+    info = {"checkpoint": source, "method": method.method_name, "exported": what,
+            "use_ema": bool(use_ema and method.ema is not None), "prediction_type": method.prediction_type,
+            "num_inference_steps": method.num_steps, "timestep_spacing": method.spacing, "eta": method.eta,
+            "condition": net.condition,
+            "guidance": float(((method.run_config or {}).get("eval") or {}).get("guidance") or 1.0)}
+    if net.condition == "class":
+        info.update({"num_classes": net.num_classes, "null_class": net.num_classes})
+    if getattr(net, "lora", None):
+        info["lora"] = net.lora
+    (out / "distillkit.json").write_text(json.dumps(info, indent=2) + "\n")
 
 
 def run(argv: Sequence[str]) -> Path:
@@ -100,8 +158,9 @@ def run(argv: Sequence[str]) -> Path:
     if not hasattr(method, "is_edm"):
         raise DistillError(f"checkpoint={args.checkpoint}: method={method.method_name} is not a diffusion model; "
                            "distill-export needs a diffusion run")
-    out = export_pipeline(method, args.out, args.use_ema, source=str(args.checkpoint))
-    print(f"{PROG}: wrote {out} (DDIMPipeline, {'EMA' if args.use_ema and method.ema is not None else 'raw'} weights)")
+    out = export_pipeline(method, args.out, args.use_ema, source=str(args.checkpoint), lora=args.lora)
+    what = json.loads((out / "distillkit.json").read_text())["exported"]
+    print(f"{PROG}: wrote {out} ({what}, {'EMA' if args.use_ema and method.ema is not None else 'raw'} weights)")
     return out
 
 

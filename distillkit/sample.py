@@ -13,6 +13,12 @@ DDIM (VP schedules) or Heun / Euler (EDM), with the EMA weights unless ``use_ema
 A round/level file of step distillation (``<run dir>/round_<r>.ckpt``, ``level_<r>.ckpt``) is
 read the same way: that round's network, sampled by default with the steps it was trained for.
 
+Conditions (the model boundary, :mod:`distillkit.models.denoiser`): ``class=3`` or ``class=0,1,2``
+(repeated over the samples) for a class-conditional model, whose classes are otherwise drawn
+uniformly from the seed; ``prompts=FILE`` (one prompt a line) or ``prompts="a cat|a dog"`` for a
+text-to-image model (repeated over the samples); ``guidance=W`` in diffusers' convention
+(``uncond + W (cond - uncond)``, 1: none; default: the run's ``eval.guidance``).
+
 Noise, so that results are reproducible and comparable with diffusers: the starting noise of all
 N samples is drawn first, in one call ``torch.randn((N, *image_shape),
 generator=torch.Generator().manual_seed(seed))`` on the CPU, which is the draw diffusers'
@@ -49,6 +55,9 @@ ARGS = [
     Arg("use_ema", parse_bool, True, "sample with the EMA weights (when the run kept an EMA)"),
     Arg("spacing", str, None, "timestep grid (default: the run's schedule.spacing)", SPACINGS),
     Arg("device", str, "auto", "auto (cuda when available), cpu, cuda, cuda:1, ..."),
+    Arg("class", str, None, "class-conditional models: a class, or a comma list repeated over the samples"),
+    Arg("prompts", str, None, "text-to-image models: a file (one prompt a line) or prompts separated by |"),
+    Arg("guidance", float, None, "classifier-free guidance w, uncond + w (cond - uncond) (default: eval.guidance)"),
 ]
 
 
@@ -81,15 +90,56 @@ def check_steps(method, steps: int, key: str = "steps") -> None:
                            f"({method.schedule.num_train_timesteps})")
 
 
+def read_prompts(text: str) -> list[str]:
+    """``prompts=``: a file with one prompt a line, or prompts separated by ``|``."""
+    p = Path(text).expanduser()
+    prompts = p.read_text(encoding="utf-8").splitlines() if p.is_file() else text.split("|")
+    prompts = [q.strip() for q in prompts if q.strip()]
+    if not prompts:
+        raise DistillError(f"prompts={text}: no prompts (a file with one prompt a line, or prompts separated by |)")
+    return prompts
+
+
+def sampling_condition(method, num_samples: int, generator: torch.Generator, classes: Optional[str] = None,
+                       prompts: Optional[list[str]] = None) -> dict:
+    """The conditions of ``num_samples`` samples, drawn after the noise from the same generator (as
+    the evaluation does): given classes or prompts repeated over the samples, else classes drawn
+    uniformly. Errors name the argument."""
+    den = method.student
+    if classes is not None and den.condition != "class":
+        raise DistillError(f"class={classes}: this model is not class-conditional")
+    if prompts is not None and den.condition != "text":
+        raise DistillError("prompts=...: this model is not a text-to-image model")
+    if den.condition == "text":
+        if prompts is None:
+            raise DistillError("this model is a text-to-image model: give prompts=FILE or prompts='a cat|a dog'")
+        reps = (num_samples + len(prompts) - 1) // len(prompts)
+        return den.encode_prompts((prompts * reps)[:num_samples])
+    if classes is not None:
+        try:
+            labels = [int(c) for c in str(classes).split(",") if c.strip()]
+        except ValueError:
+            raise DistillError(f"class={classes}: expected a class index or a comma list of them") from None
+        return den.draw_condition(num_samples, classes=labels)
+    return den.draw_condition(num_samples, generator)
+
+
 def generate(method, num_samples: int, steps: int, seed: int = 0, batch_size: int = 500, use_ema: bool = True,
-             spacing: Optional[str] = None) -> torch.Tensor:
+             spacing: Optional[str] = None, classes: Optional[str] = None, prompts: Optional[list[str]] = None,
+             guidance: Optional[float] = None, return_cond: bool = False):
     """``num_samples`` samples (on CPU): one noise draw from ``seed`` (see the module docstring),
-    sampled in slices of ``batch_size``."""
-    z = method.draw_noise(num_samples, torch.Generator().manual_seed(seed)).cpu()
+    then the conditions, sampled in slices of ``batch_size``."""
+    from distillkit.models.denoiser import map_cond
+
+    g0 = torch.Generator().manual_seed(seed)
+    z = method.draw_noise(num_samples, g0).cpu()
+    cond = map_cond(sampling_condition(method, num_samples, g0, classes, prompts), lambda v: v.cpu())
     g = torch.Generator().manual_seed(seed + 1)  # only used by stochastic samplers (eta > 0)
-    out = [method.sample_from_noise(z[i:i + batch_size], steps, use_ema=use_ema, spacing=spacing, generator=g).cpu()
+    out = [method.sample_from_noise(z[i:i + batch_size], steps, use_ema=use_ema, spacing=spacing, generator=g,
+                                    cond=map_cond(cond, lambda v: v[i:i + batch_size]), guidance=guidance).cpu()
            for i in range(0, num_samples, batch_size)]
-    return torch.cat(out)
+    x = torch.cat(out)
+    return (x, cond) if return_cond else x
 
 
 def run(argv: Sequence[str]) -> Path:
@@ -111,7 +161,12 @@ def run(argv: Sequence[str]) -> Path:
     steps = args.steps if args.steps is not None else method.num_steps
     check_steps(method, steps)
     method.to(device)
-    x = generate(method, args.num_samples, steps, args.seed, args.batch_size, args.use_ema, args.spacing)
+    guidance = args.guidance
+    if guidance is None:
+        guidance = float(((method.run_config or {}).get("eval") or {}).get("guidance") or 1.0)
+    prompts = read_prompts(args.prompts) if args.prompts is not None else None
+    x = generate(method, args.num_samples, steps, args.seed, args.batch_size, args.use_ema, args.spacing,
+                 getattr(args, "class"), prompts, guidance)
     out.parent.mkdir(parents=True, exist_ok=True)
     if method.is_image:
         arr = to_uint8_nhwc(x)

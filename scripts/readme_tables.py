@@ -139,6 +139,28 @@ def teacher_digits_table(bench: dict) -> str:
 FORMATTERS["teacher_digits_quick"] = teacher_digits_table
 
 
+@formatter("cond_teacher_digits")
+def cond_teacher_digits_table(bench: dict) -> str:
+    """steps | guidance | digits-FID | IS | class accuracy | nfe; the floor first."""
+    body = []
+    for r in bench["rows"]:
+        if r["method"] == "floor":
+            body.append(["floor (held-out real digits)", "", "", _num(r["fid"], 3), _num(r["is"], 2),
+                         f"{100 * r['class_acc']:.1f}%", ""])
+        else:
+            body.append(["class-conditional teacher", str(r["steps"]), f"{r['guidance']:g}", _num(r["fid"], 3),
+                         _num(r["is"], 2), f"{100 * r['class_acc']:.1f}%", str(r["nfe"])])
+    table = md_table(["", "DDIM steps", "guidance", f"digits-FID ({bench['rows'][0]['num_samples']} samples)", "IS",
+                      "class accuracy", "nfe"], body, ["---", "--:", "--:", "--:", "--:", "--:", "--:"])
+    notes = [provenance(bench)]
+    if bench.get("verdict"):
+        notes.append(bench["verdict"] + ".")
+    return table + "\n\n" + " ".join(notes)
+
+
+FORMATTERS["cond_teacher_digits_quick"] = cond_teacher_digits_table
+
+
 @formatter("gpu_check_paper_settings")
 def gpu_check_table(bench: dict) -> str:
     """experiment | code (the commit measured) | s per update | updates logged | validations | peak MiB | mean utilisation."""

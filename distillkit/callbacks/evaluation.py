@@ -9,6 +9,10 @@ logged as ``fid/{k}step`` and ``is/{k}step`` to every logger, appended to
 ``<run dir>/eval.jsonl`` with the feature network's hash, and a PNG grid
 ``<run dir>/samples/step{global_step}_{k}step.png`` (also to TensorBoard / W&B when on).
 
+Conditional models sample with ``guidance`` (diffusers' convention, 1: none). A class-conditional
+model draws its classes uniformly (from the same seed, after the noise), and the feature network's
+classifier scores whether each sample shows the class asked for: ``class_acc/{k}step``, a fraction.
+
 Every evaluation draws the same noise (``seed``; ranks get their own offset), so numbers are
 comparable across evaluations, and the global RNG streams of training are left untouched.
 Under DDP each rank samples its share of ``num_samples`` and torchmetrics sums the states.
@@ -43,7 +47,8 @@ class SampleEvaluation(Callback):
                  num_samples: int = DIGITS_NUM_SAMPLES, feature_net: str = "digits",
                  inception_weights: Optional[str] = None, cache_dir: Optional[str] = None,
                  batch_size: int = 256, seed: int = 0, dataset_name: Optional[str] = None,
-                 sample_dir: Optional[str] = None, grid_size: int = 64, real_images: Optional[torch.Tensor] = None):
+                 sample_dir: Optional[str] = None, grid_size: int = 64, real_images: Optional[torch.Tensor] = None,
+                 guidance: float = 1.0):
         # an int, or a list of lengths: at the end of each round of unequal rounds (distillkit.cycles)
         self.every_n_steps = cycle_lengths(every_n_steps, "eval.every_n_steps")
         self.steps = [int(k) for k in steps]
@@ -59,6 +64,7 @@ class SampleEvaluation(Callback):
         self.sample_dir = Path(sample_dir) if sample_dir else None
         self.grid_size = int(grid_size)
         self.real_images = real_images
+        self.guidance = float(guidance)
         # Loads (and so checks) the feature network now, before any training.
         self.scorer = SampleScorer(feature_net, inception_weights, batch_size=self.batch_size)
         self._real_stats: Optional[dict[str, torch.Tensor]] = None
@@ -70,7 +76,7 @@ class SampleEvaluation(Callback):
         """From the ``eval`` config group (see ``distillkit.config.EvalConfig``)."""
         return cls(every_n_steps=cfg.every_n_steps, steps=list(cfg.steps), num_samples=cfg.num_samples,
                    feature_net=cfg.feature_net, inception_weights=cfg.inception_weights, cache_dir=cfg.cache_dir,
-                   batch_size=cfg.batch_size, seed=cfg.seed, **kw)
+                   batch_size=cfg.batch_size, seed=cfg.seed, guidance=cfg.get("guidance", 1.0), **kw)
 
     # ------------------------------------------------------------------ no checkpoint state
     def state_dict(self) -> dict:
@@ -146,11 +152,19 @@ class SampleEvaluation(Callback):
                 for k in self.steps:
                     # The same noise at every evaluation and for every step count.
                     g = torch.Generator(device=device).manual_seed(self.seed + 1_000_003 * rank)
-                    chunks = []
+                    chunks, labels = [], []
                     for i in range(0, n_local, self.batch_size):
-                        chunks.append(pl_module.sample(min(self.batch_size, n_local - i), k, generator=g).float())
+                        x, cond = self._sample(pl_module, min(self.batch_size, n_local - i), k, g)
+                        chunks.append(x.float())
+                        if "class_labels" in cond:
+                            labels.append(cond["class_labels"])
                     x = torch.cat(chunks) if chunks else torch.empty(0, *pl_module.image_shape, device=device)
                     res = self.scorer.score(x, stats, seed=self.seed, device=device)
+                    if labels:
+                        res["class_acc"] = self.scorer.class_accuracy(x, torch.cat(labels), device=device)
+                        metrics[f"class_acc/{k}step"] = res["class_acc"]
+                    if getattr(pl_module.student, "is_conditional", False):
+                        res["guidance"] = self.guidance
                     metrics[f"fid/{k}step"] = res["fid"]
                     metrics[f"is/{k}step"] = res["is"]
                     rows.append({"step": step, "sampling_steps": k, **res})
@@ -169,6 +183,12 @@ class SampleEvaluation(Callback):
                      " ".join(f"{k}={v:.4g}" for k, v in metrics.items()), self.scorer.net_id, self.num_samples,
                      time.time() - t0)
         return metrics
+
+    def _sample(self, pl_module: "L.LightningModule", n: int, k: int, g: torch.Generator):
+        """``n`` samples in ``k`` steps and their conditions ({} for unconditional models)."""
+        if getattr(getattr(pl_module, "student", None), "is_conditional", False):
+            return pl_module.sample(n, k, generator=g, guidance=self.guidance, return_cond=True)
+        return pl_module.sample(n, k, generator=g), {}
 
     def _write(self, trainer: "L.Trainer", rows: list[dict], grids: dict[int, Any], step: int) -> None:
         from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger

@@ -49,6 +49,7 @@ from distillkit.diffusion import (EDMPrecond, KarrasSchedule, NoiseSchedule, can
 from distillkit.diffusion.from_config import plain, schedule_from_config
 from distillkit.errors import DistillError
 from distillkit.methods.base import DistillMethod
+from distillkit.models.denoiser import Cond, Denoiser, Guidance, as_denoiser, map_cond
 
 WEIGHTINGS = ("none", "min_snr", "edm")
 # Validation / test noise (t and eps) come from this seed plus the batch index, so the val/test
@@ -100,22 +101,45 @@ class DiffusionMethod(DistillMethod):
 
     method_name = "diffusion"
 
-    def __init__(self, student: nn.Module, schedule_cfg: Optional[dict] = None, prediction_type: str = "v",
+    def __init__(self, student: nn.Module, schedule_cfg: Optional[dict] = None, prediction_type: Optional[str] = None,
                  loss_space: Optional[str] = None, weighting: str = "none", min_snr_gamma: float = 5.0,
-                 input_shape: Sequence[int] = (1, 8, 8), **kw: Any):
-        super().__init__(student, **kw)
-        self.schedule_cfg = {k: plain(v) for k, v in dict(schedule_cfg or {}).items()}
-        schedule = schedule_from_config(self.schedule_cfg)
+                 input_shape: Sequence[int] = (1, 8, 8), cond_dropout: float = 0.1, teacher: Optional[nn.Module] = None,
+                 teacher_prediction_type: Optional[str] = None, **kw: Any):
+        schedule_cfg = {k: plain(v) for k, v in dict(schedule_cfg or {}).items()}
+        for net in (student, teacher):
+            if net is not None and not isinstance(net, Denoiser):
+                self._check_signature(net)
+        owned = student.schedule if isinstance(student, Denoiser) and student.owns_schedule else None
+        schedule = owned if owned is not None else schedule_from_config(schedule_cfg)
         if schedule is None:
             raise DistillError(f"method={self.method_name} needs a diffusion noise schedule: choose one, e.g. "
                                "schedule=cosine (options: linear, cosine, scaled_linear, edm)")
+        try:
+            own = student.prediction_type if isinstance(student, Denoiser) else None
+            pred = canonical_pred_type(plain(prediction_type)) if prediction_type is not None else (own or "v")
+            tp = plain(teacher_prediction_type)
+            teacher_pred = canonical_pred_type(tp) if tp is not None else (
+                teacher.prediction_type if isinstance(teacher, Denoiser) and teacher.prediction_type else pred)
+        except ValueError as e:
+            raise DistillError(f"method.prediction_type / method.loss_space: {e}") from None
+        # The model boundary (distillkit.models.denoiser): student and teacher are denoisers that own
+        # the network, its prediction type, schedule, condition and codec.
+        student = as_denoiser(student, schedule, pred)
+        student.prediction_type = pred
+        if teacher is not None:
+            teacher = as_denoiser(teacher, schedule, teacher_pred)
+        super().__init__(student, teacher=teacher, **kw)
+        self.schedule_cfg = schedule_cfg
         self.schedule = schedule  # NoiseSchedule is a module (follows the device); KarrasSchedule is not
         self.is_edm = isinstance(schedule, KarrasSchedule)
         try:
-            self.prediction_type = canonical_pred_type(plain(prediction_type))
+            self.prediction_type = pred
             self.loss_space = canonical_pred_type(plain(loss_space)) if loss_space is not None else self.prediction_type
         except ValueError as e:
             raise DistillError(f"method.prediction_type / method.loss_space: {e}") from None
+        self.cond_dropout = float(cond_dropout)
+        if not 0 <= self.cond_dropout < 1:
+            raise DistillError(f"method.cond_dropout={cond_dropout}: must lie in [0, 1)")
         self.weighting = plain(weighting)
         self.min_snr_gamma = float(min_snr_gamma)
         if self.weighting not in WEIGHTINGS:
@@ -131,12 +155,6 @@ class DiffusionMethod(DistillMethod):
         elif self.weighting == "edm":
             raise DistillError("method.weighting=edm is the weighting of the EDM schedule: use it with schedule=edm, "
                                "or choose method.weighting=none or min_snr")
-        try:
-            inspect.signature(student.forward).bind(None, None)
-        except (TypeError, ValueError):
-            raise DistillError(f"the network {type(student).__name__} is not a denoiser net(x_t, t): method="
-                               f"{self.method_name} needs one of the data's shape, e.g. model=unet_digits (digits), "
-                               "model=unet (images), model=mlp2d (toy2d)") from None
         self.image_shape = tuple(int(s) for s in input_shape)
         self.num_steps = int(self.schedule_cfg.get("num_steps") or 50)
         self.spacing = str(self.schedule_cfg.get("spacing") or "trailing")
@@ -150,6 +168,14 @@ class DiffusionMethod(DistillMethod):
             if self.clip_sample <= 0:
                 raise DistillError(f"schedule.clip_sample_range={r}: must be > 0 (1 for images in [-1, 1])")
         self.solver = str(self.schedule_cfg.get("solver") or "heun")
+
+    def _check_signature(self, net: nn.Module) -> None:
+        try:
+            inspect.signature(net.forward).bind(None, None)
+        except (TypeError, ValueError):
+            raise DistillError(f"the network {type(net).__name__} is not a denoiser net(x_t, t): method="
+                               f"{self.method_name} needs one of the data's shape, e.g. model=unet_digits (digits), "
+                               "model=unet (images), model=mlp2d (toy2d)") from None
 
     # ------------------------------------------------------------------ the denoising loss
     def loss_weight(self, t: torch.Tensor) -> torch.Tensor:
@@ -166,19 +192,22 @@ class DiffusionMethod(DistillMethod):
         target = regression_target(self.loss_space, x0, eps, alpha, sigma)
         return self.loss_weight(t).to(x0.device) * mean_flat((out - target) ** 2)
 
-    def denoiser(self, net: nn.Module) -> EDMPrecond:
-        """EDM's D(x; sigma) around ``net`` (not registered: the student's keys stay ``student.*``)."""
-        return EDMPrecond(net, self.schedule.sigma_data)
+    def denoiser(self, net: nn.Module, cond: Optional[Cond] = None, guidance: Guidance = None) -> EDMPrecond:
+        """EDM's D(x; sigma) around the denoiser ``net`` for the condition ``cond`` (not registered:
+        the student's keys stay ``student.*``)."""
+        if not cond and guidance is None:
+            return EDMPrecond(net, self.schedule.sigma_data)
+        return EDMPrecond(lambda x, c: net.guided(x, c, cond, guidance), self.schedule.sigma_data)
 
-    def denoising_loss(self, net: nn.Module, x0: torch.Tensor,
-                       generator: Optional[torch.Generator] = None) -> torch.Tensor:
-        """The per-example denoising loss of ``net`` on clean data x0, with fresh noise (from
-        ``generator`` when given, else the global RNG)."""
+    def denoising_loss(self, net: nn.Module, x0: torch.Tensor, generator: Optional[torch.Generator] = None,
+                       cond: Optional[Cond] = None) -> torch.Tensor:
+        """The per-example denoising loss of ``net`` on clean data x0 with condition ``cond``, with
+        fresh noise (from ``generator`` when given, else the global RNG)."""
         B = x0.shape[0]
         if self.is_edm:
             sigma = self.schedule.sample_sigma(B, generator, device=x0.device).to(x0.dtype)
             x = self.schedule.add_noise(x0, _randn(x0.shape, generator, x0.device), sigma)
-            D = self._checked(self.denoiser(net)(x, sigma), x0)
+            D = self._checked(self.denoiser(net, cond)(x, sigma), x0)
             return self.schedule.loss_weight(sigma) * mean_flat((D.float() - x0) ** 2)
         T = self.schedule.num_train_timesteps
         if generator is None:
@@ -187,7 +216,7 @@ class DiffusionMethod(DistillMethod):
             t = torch.randint(0, T, (B,), generator=generator, device=generator.device).to(x0.device)
         eps = _randn(x0.shape, generator, x0.device)
         x_t = self.schedule.add_noise(x0, eps, t)
-        return self.vp_loss(self._checked(net(x_t, t), x0), x_t, x0, eps, t)
+        return self.vp_loss(self._checked(net(x_t, t, cond) if cond else net(x_t, t), x0), x_t, x0, eps, t)
 
     def _checked(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         if out.shape != x.shape:
@@ -198,10 +227,20 @@ class DiffusionMethod(DistillMethod):
         return out
 
     # ------------------------------------------------------------------ evaluation
+    def split_batch(self, batch: Any) -> tuple[torch.Tensor, Cond]:
+        """(x0, cond) of a training batch, read by the student denoiser (labels only for
+        class-conditional models; text embeddings for text-to-image ones)."""
+        x0, cond = self.student.split_batch(batch)
+        if x0 is None:
+            raise DistillError(f"method={self.method_name} trains on data: the dataset gives prompts only; use a "
+                               "dataset with images (e.g. dataset=image_text_folder or dataset=coco_captions with "
+                               "dataset.image_dir)")
+        return x0, map_cond(cond, lambda v: v.to(x0.device))
+
     def _evaluate(self, batch: Any, batch_idx: int, stage: str) -> None:
-        x0 = batch[0] if isinstance(batch, (list, tuple)) else batch
+        x0, cond = self.split_batch(batch)
         g = torch.Generator().manual_seed(EVAL_NOISE_SEED + batch_idx)
-        loss = self.denoising_loss(self.eval_network(), x0, generator=g).mean()
+        loss = self.denoising_loss(self.eval_network(), x0, generator=g, cond=cond).mean()
         self.log(f"{stage}/loss", loss, prog_bar=stage == "val", sync_dist=True, batch_size=len(x0))
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
@@ -223,33 +262,44 @@ class DiffusionMethod(DistillMethod):
 
     @torch.no_grad()
     def sample_from_noise(self, z: torch.Tensor, num_steps: Optional[int] = None, use_ema: bool = True,
-                          spacing: Optional[str] = None, generator: Optional[torch.Generator] = None) -> torch.Tensor:
-        """Samples from the starting noise z ~ N(0, I): DDIM from x_T = z over
+                          spacing: Optional[str] = None, generator: Optional[torch.Generator] = None,
+                          cond: Optional[Cond] = None, guidance: Guidance = None) -> torch.Tensor:
+        """Samples from the starting noise z ~ N(0, I) for the condition ``cond`` with guidance
+        ``guidance`` (a number or per-sample tensor; default 1: none): DDIM from x_T = z over
         ``schedule.grid(num_steps, spacing)`` (VP), or Heun / Euler from sigma_max z over Karras'
-        sigmas (EDM). Images are clipped to [-1, 1]."""
+        sigmas (EDM). Latent models' samples are decoded by their VAE. Images are clipped to [-1, 1]."""
         num_steps = int(num_steps or self.num_steps)
         net = self.eval_network() if use_ema else self.student
         was_training = net.training
         net.eval()
         z = z.to(self.device)
+        cond = map_cond(cond, lambda v: v.to(z.device))
         try:
             if self.is_edm:
                 sigmas = self.schedule.sigmas(num_steps).to(z.device)
                 solve = heun_sample if self.solver == "heun" else euler_sample
-                x = solve(self.denoiser(net), z * sigmas[0].to(z.dtype), sigmas)
+                x = solve(self.denoiser(net, cond, guidance), z * sigmas[0].to(z.dtype), sigmas)
             else:
-                x = ddim_sample(lambda x_t, t: net(x_t, t), z, self.schedule, num_steps, spacing or self.spacing,
+                x = ddim_sample(net.model_fn(cond, guidance), z, self.schedule, num_steps, spacing or self.spacing,
                                 eta=self.eta, generator=generator, pred_type=self.prediction_type,
                                 clip=self.clip_sample)
+            x = net.decode(x)
         finally:
             net.train(was_training)
         return x.clamp(-1, 1) if self.is_image else x
 
     def sample(self, n: int, num_steps: Optional[int] = None, generator: Optional[torch.Generator] = None,
-               use_ema: bool = True, spacing: Optional[str] = None) -> torch.Tensor:
-        """``n`` samples of shape (n, *image_shape) (images in [-1, 1]) in ``num_steps`` sampler steps
-        (default ``schedule.num_steps``), with the EMA network when EMA is on and ``use_ema``."""
-        return self.sample_from_noise(self.draw_noise(n, generator), num_steps, use_ema, spacing, generator)
+               use_ema: bool = True, spacing: Optional[str] = None, cond: Optional[Cond] = None,
+               guidance: Guidance = None, return_cond: bool = False):
+        """``n`` samples (images in [-1, 1]) in ``num_steps`` sampler steps (default
+        ``schedule.num_steps``), with the EMA network when EMA is on and ``use_ema``. A
+        class-conditional model draws its classes uniformly from ``generator`` after the noise unless
+        ``cond`` is given; with ``return_cond`` the conditions come back too."""
+        z = self.draw_noise(n, generator)
+        if cond is None:
+            cond = self.student.draw_condition(n, generator)
+        x = self.sample_from_noise(z, num_steps, use_ema, spacing, generator, cond, guidance)
+        return (x, cond) if return_cond else x
 
     # ------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict) -> None:
@@ -263,8 +313,9 @@ class Diffusion(DiffusionMethod):
     method_name = "diffusion"
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        x0 = batch[0] if isinstance(batch, (list, tuple)) else batch
-        loss = self.denoising_loss(self.train_student, x0).mean()
+        x0, cond = self.split_batch(batch)
+        cond = self.student.drop_condition(cond, self.cond_dropout)  # classifier-free guidance training
+        loss = self.denoising_loss(self.train_student, x0, cond=cond).mean()
         self.count_nfe(1)
         self.log("train/loss", loss.detach(), prog_bar=True, on_step=True, batch_size=len(x0))
         return loss

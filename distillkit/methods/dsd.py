@@ -146,6 +146,9 @@ class SweepDistillation(StepDistillation):
             log.warning("method.updates_per_level=%d is not a multiple of the %d pairs of steps at N = %d: some "
                         "pairs get one update more than others; %d or %d gives every pair the same number",
                         upl, pairs, int(teacher_steps), max(pairs, upl // pairs * pairs), (upl // pairs + 1) * pairs)
+        if self.student.is_conditional:
+            raise DistillError(f"method={self.method_name} distils unconditional models (its latents start from "
+                               "noise, with no condition to follow); for a conditional model use method=progressive")
         self.latent_source = str(plain(latents))
         if self.latent_source not in LATENTS:
             raise DistillError(f"method.latents={self.latent_source!r}: allowed values are {', '.join(LATENTS)}")

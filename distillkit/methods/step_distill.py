@@ -114,7 +114,8 @@ class StepDistillation(DiffusionMethod):
                  fresh_optimizer: bool = False, prediction_type: str = "v", **kw: Any):
         # The denoising loss of the base (anchors, from-scratch training) stays the plain MSE on
         # the prediction; ``weighting`` here is the step-distillation loss's.
-        super().__init__(student, teacher=teacher, prediction_type=prediction_type, weighting="none", **kw)
+        super().__init__(student, teacher=teacher, prediction_type=prediction_type, weighting="none",
+                         teacher_prediction_type=teacher_prediction_type, **kw)
         if self.is_edm:
             raise DistillError(f"method={self.method_name} distils DDIM steps on a discrete VP grid: use a VP schedule "
                                "(schedule=cosine | linear | scaled_linear), not schedule=edm")
@@ -262,9 +263,10 @@ class StepDistillation(DiffusionMethod):
         """The configured teacher predicts teacher_prediction_type; later round teachers are students."""
         return self._first_teacher_pred_type if self._teacher_round == 1 else self.prediction_type
 
-    def teacher_fn(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def teacher_fn(self, x: torch.Tensor, t: torch.Tensor, cond: Optional[dict] = None) -> torch.Tensor:
         assert self.teacher is not None
-        return self.compiled("teacher", self.teacher)(x, t).float()
+        teacher = self.compiled("teacher", self.teacher)
+        return (teacher(x, t, cond) if cond else teacher(x, t)).float()
 
     def round_path(self, r: int) -> Optional[Path]:
         return None if self.run_dir is None else Path(self.run_dir) / f"{self.round_name}_{r}.ckpt"

@@ -133,6 +133,11 @@ class SampleScorer:
         self.batch_size = int(batch_size)
         self.is_splits = int(is_splits)
 
+    def class_accuracy(self, images: torch.Tensor, labels: torch.Tensor,
+                       device: Union[str, torch.device, None] = None) -> float:
+        """:func:`class_accuracy` with this scorer's feature network."""
+        return class_accuracy(self.net, images, labels, self.batch_size, device)
+
     def reference(self, images: torch.Tensor, dataset: str, split: str = "train",
                   cache_dir: Optional[PathLike] = None, device: Union[str, torch.device] = "cpu") -> dict[str, torch.Tensor]:
         return real_statistics(images, self.net, dataset=dataset, split=split, net_hash=self.net_hash,
@@ -164,6 +169,19 @@ class SampleScorer:
             is_mean, is_std = isc.compute()
         return {"fid": fid_value, "is": float(is_mean), "is_std": float(is_std),
                 "num_samples": _world_sum(len(fake), device), "feature_net": self.net_id}
+
+
+def class_accuracy(net: FeatureNet, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 256,
+                   device: Union[str, torch.device, None] = None) -> float:
+    """The fraction of ``images`` that the feature network's classifier assigns to the class in
+    ``labels`` (all ranks together under DDP): how well a class-conditional model draws the class asked for."""
+    device = torch.device(device) if device is not None else images.device
+    correct = 0
+    with torch.no_grad(), torch.autocast(device_type=device.type, enabled=False):
+        for b, y in zip(_batches(images, batch_size), _batches(labels, batch_size)):
+            correct += int((net.logits(b.to(device).float()).argmax(1) == y.to(device)).sum())
+    total = _world_sum(len(images), device)
+    return _world_sum(correct, device) / max(1, total)
 
 
 def heldout_images(datamodule: Any, num_samples: int) -> torch.Tensor:

@@ -84,7 +84,7 @@ def _unwrap(obj: Any, key: str, path: Any) -> dict[str, torch.Tensor]:
 
 
 def load_weights(net: nn.Module, path: str | Path, key: str) -> None:
-    sd = read_state_dict(path, key)
+    sd = _bare_network_keys(net, read_state_dict(path, key))
     own = net.state_dict()
     missing = [k for k in own if k not in sd]
     unexpected = [k for k in sd if k not in own]
@@ -109,12 +109,28 @@ def build_model(cfg: DictConfig | Mapping, key: str = "model") -> nn.Module:
     except Exception as e:
         inner = root_cause(e)
         if isinstance(inner, DistillError):
-            raise inner from None
+            # builders name their own argument ("pretrained=..."); the user typed "<key>.pretrained=..."
+            msg = str(inner)
+            raise DistillError(f"{key}.{msg}" if msg.startswith("pretrained=") else msg) from None
         cause = e.__cause__ or e  # what the target raised, inside Hydra's InstantiationException
         raise DistillError(f"{key}: cannot build {c.get('_target_')}: {type(cause).__name__}: {cause}") from None
     if ckpt:
         load_weights(net, ckpt, f"{key}.checkpoint")
     return net
+
+
+def _bare_network_keys(net: nn.Module, sd: dict) -> dict:
+    """A denoiser's file (keys ``unet.*``) for a bare network, or the other way round: a checkpoint of
+    a run whose student is a denoiser loads into the same network built alone, and a network's own
+    state dict into a denoiser around it."""
+    own = net.state_dict()
+    if set(sd) == set(own):
+        return sd
+    if all(k.startswith("unet.") for k in sd) and {k[5:] for k in sd} == set(own):
+        return {k[5:]: v for k, v in sd.items()}
+    if all(k.startswith("unet.") for k in own) and {f"unet.{k}" for k in sd} == set(own):
+        return {f"unet.{k}": v for k, v in sd.items()}
+    return sd
 
 
 def build_teacher(cfg: DictConfig) -> nn.Module | None:
@@ -123,6 +139,9 @@ def build_teacher(cfg: DictConfig) -> nn.Module | None:
         return None
     teacher = build_model(cfg, key="teacher")
     teacher.eval().requires_grad_(False)
+    dtype = getattr(teacher, "frozen_dtype", None)
+    if dtype is not None:  # a pretrained denoiser: the frozen teacher is held in model.frozen_dtype
+        teacher.to(dtype)
     return teacher
 
 

@@ -29,7 +29,7 @@ class DiffusersUNet(nn.Module):
                  down_block_types: Optional[Sequence[str]] = None,
                  up_block_types: Optional[Sequence[str]] = None,
                  attention_head_dim: Optional[int] = None, norm_num_groups: int = 32,
-                 dropout: float = 0.0, add_attention: bool = True):
+                 dropout: float = 0.0, add_attention: bool = True, num_classes: Optional[int] = None):
         super().__init__()
         from diffusers import UNet2DModel
 
@@ -49,10 +49,13 @@ class DiffusersUNet(nn.Module):
             block_out_channels=tuple(block_out_channels), layers_per_block=layers_per_block,
             down_block_types=down, up_block_types=up, attention_head_dim=attention_head_dim,
             norm_num_groups=norm_num_groups, dropout=dropout, add_attention=add_attention,
+            # class-conditional: one embedding per class and a last one, the null class of
+            # classifier-free guidance (distillkit.models.denoiser)
+            num_class_embeds=None if num_classes is None else int(num_classes) + 1,
         )
 
-    def forward(self, x: torch.Tensor, t) -> torch.Tensor:
-        return self.unet(x, t).sample
+    def forward(self, x: torch.Tensor, t, class_labels: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return self.unet(x, t, class_labels=class_labels).sample
 
     @property
     def config(self):

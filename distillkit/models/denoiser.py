@@ -1,0 +1,308 @@
+"""The model boundary: one :class:`Denoiser` for pixel, class-conditional and latent text-to-image models.
+
+A denoiser owns everything that turns a noisy sample into a prediction, so that methods, samplers'
+callers, evaluation, ``distill-sample`` and ``distill-export`` never call a bare ``net(x_t, t)``:
+
+    unet             the network: diffusers' UNet2DModel (pixels, optional class embedding),
+                     UNet2DConditionModel (text: SD1.5, SDXL), or any ``net(x_t, t)`` (e.g. the toy2d MLP)
+    prediction_type  what the network outputs: eps, v or x0
+    schedule         the noise schedule: a pretrained folder's scheduler_config.json, else the
+                     ``schedule=`` group
+    condition        none, class labels, or text (prompt embeddings; for SDXL the pooled embedding and
+                     the added time ids: original size, crop top-left, target size)
+    codec            optional frozen latent codec (VAE) and text encoders, shared by every copy
+    guidance         classifier-free guidance in diffusers' convention, for every method:
+
+                         out = out_uncond + w * (out_cond - out_uncond),     w = 1: no guidance
+
+                     ``w`` a number or a per-sample tensor of shape (B,) (LCM draws w per sample);
+                     the unconditional branch is built as the pipeline builds it: the null class,
+                     the empty prompt's embeddings (SD1.5), zero embeddings (SDXL's
+                     ``force_zeros_for_empty_prompt``).
+
+Conditions travel as a dict of batch-first tensors (``cond``): ``{}`` (none),
+``{"class_labels": (B,)}``, ``{"encoder_hidden_states": (B, L, D)}`` plus, for SDXL,
+``"text_embeds": (B, D2)``, ``"original_size": (B, 2)`` and ``"crop_top_left": (B, 2)``. A batch
+of a dataset is ``(x0, labels)`` (digits), ``{"x": latents, "cond": {...}}`` or ``{"cond": {...}}``
+(prompts only); :meth:`Denoiser.split_batch` reads all three.
+
+The frozen codec and the schedule are not submodules: they never enter a state dict, an optimizer
+or an EMA copy (``copy.deepcopy`` of a denoiser shares them), and follow the network's device.
+State-dict keys are ``unet.*``: the layout distillkit's pixel checkpoints have always had.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Any, Callable, Mapping, Optional, Union
+
+import torch
+from torch import nn
+
+from distillkit.diffusion.parameterization import canonical_pred_type
+from distillkit.errors import DistillError
+
+Cond = dict  # dict[str, torch.Tensor], batch-first
+Guidance = Union[float, torch.Tensor, None]
+CONDITION_KINDS = ("none", "class", "text")
+
+
+def _is_unet2d(net: nn.Module) -> bool:
+    from diffusers import UNet2DModel
+
+    return isinstance(net, UNet2DModel)
+
+
+def _is_unet2d_condition(net: nn.Module) -> bool:
+    from diffusers import UNet2DConditionModel
+
+    return isinstance(net, UNet2DConditionModel)
+
+
+def cond_batch_size(cond: Optional[Cond]) -> Optional[int]:
+    for v in (cond or {}).values():
+        if isinstance(v, torch.Tensor) and v.ndim > 0:
+            return int(v.shape[0])
+    return None
+
+
+def map_cond(cond: Optional[Cond], fn: Callable[[torch.Tensor], torch.Tensor]) -> Cond:
+    """``fn`` applied to every tensor of a condition dict (slicing, moving, repeating)."""
+    return {k: fn(v) if isinstance(v, torch.Tensor) else v for k, v in (cond or {}).items()}
+
+
+def cat_cond(a: Cond, b: Cond) -> Cond:
+    return {k: torch.cat([a[k], b[k]]) for k in a}
+
+
+def where_cond(keep: torch.Tensor, cond: Cond, other: Cond) -> Cond:
+    """Per sample: ``cond`` where ``keep`` (B,) is true, else ``other`` (label dropout)."""
+    out = {}
+    for k, v in cond.items():
+        m = keep.to(v.device).reshape(keep.shape + (1,) * (v.ndim - 1))
+        out[k] = torch.where(m, v, other[k].to(v.dtype))
+    return out
+
+
+def guidance_tensor(w: Guidance, like: torch.Tensor) -> Union[float, torch.Tensor]:
+    """A number, or a (B,) tensor shaped to broadcast against ``like``."""
+    if isinstance(w, torch.Tensor):
+        w = w.to(like.device, like.dtype)
+        return w.reshape(w.shape + (1,) * (like.ndim - w.ndim))
+    return 1.0 if w is None else float(w)
+
+
+def apply_guidance(out_uncond: torch.Tensor, out_cond: torch.Tensor, w: Guidance) -> torch.Tensor:
+    """diffusers' convention, out_u + w (out_c - out_u), computed as w out_c + (1 - w) out_u so that
+    w = 1 and w = 0 are exact; ``w`` a number or a per-sample (B,) tensor."""
+    w = guidance_tensor(w, out_cond)
+    return w * out_cond + (1 - w) * out_uncond
+
+
+def no_guidance(w: Guidance) -> bool:
+    return w is None or (not isinstance(w, torch.Tensor) and float(w) == 1.0)
+
+
+class Denoiser(nn.Module):
+    """Network + prediction type + schedule + condition + optional codec + guidance (see the module
+    docstring). ``forward(x_t, t, cond)`` is the network's raw output (of ``prediction_type``);
+    :meth:`guided` and :meth:`model_fn` add guidance; samplers take :meth:`model_fn`'s closure."""
+
+    def __init__(self, unet: nn.Module, prediction_type: Optional[str] = None, schedule: Any = None,
+                 condition: str = "none", num_classes: int = 0, codec: Any = None,
+                 sample_shape: Optional[tuple] = None, pretrained: Optional[str] = None):
+        super().__init__()
+        unet = getattr(unet, "unet", unet) if type(unet).__name__ == "DiffusersUNet" else unet
+        self.unet = unet
+        self.prediction_type = canonical_pred_type(prediction_type) if prediction_type else None
+        object.__setattr__(self, "schedule", schedule)
+        if condition not in CONDITION_KINDS:
+            raise DistillError(f"condition={condition!r}: allowed values are {', '.join(CONDITION_KINDS)}")
+        self.condition = condition
+        self.num_classes = int(num_classes)
+        object.__setattr__(self, "codec", codec)
+        self.sample_shape = tuple(sample_shape) if sample_shape else None
+        # the local folder this denoiser was loaded from (None: built from a config)
+        self.pretrained = pretrained
+        # the schedule came with the network (a pretrained folder's scheduler_config.json)
+        self.owns_schedule = schedule is not None
+
+    # ------------------------------------------------------------------ completion by the method
+    def configure(self, schedule: Any, prediction_type: str) -> "Denoiser":
+        """Give a denoiser built from a config the schedule and prediction type of the run (the
+        ``schedule=`` group, ``method.prediction_type``); one loaded from a folder keeps its own."""
+        if self.schedule is None:
+            object.__setattr__(self, "schedule", schedule)
+        if self.prediction_type is None:
+            self.prediction_type = canonical_pred_type(prediction_type)
+        return self
+
+    def __deepcopy__(self, memo: dict) -> "Denoiser":
+        # The frozen codec and the schedule are shared by every copy (EMA, targets, round teachers).
+        shared = {id(self.codec): self.codec, id(self.schedule): self.schedule}
+        memo.update({k: v for k, v in shared.items() if v is not None})
+        cls = self.__class__
+        new = cls.__new__(cls)
+        memo[id(self)] = new
+        for k, v in self.__dict__.items():
+            object.__setattr__(new, k, copy.deepcopy(v, memo))
+        return new
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        device = self.device
+        if self.schedule is not None and isinstance(self.schedule, nn.Module):
+            self.schedule.to(device)
+        if self.codec is not None:
+            self.codec.to(device)
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        for p in self.unet.parameters():
+            return p.device
+        return torch.device("cpu")
+
+    @property
+    def dtype(self) -> torch.dtype:
+        for p in self.unet.parameters():
+            return p.dtype
+        return torch.float32
+
+    # ------------------------------------------------------------------ conditions
+    @property
+    def is_conditional(self) -> bool:
+        return self.condition != "none"
+
+    def split_batch(self, batch: Any) -> tuple[Optional[torch.Tensor], Cond]:
+        """(x0 or None, cond) of a dataset batch: ``(x, labels)``, ``x``, ``{"x": ..., "cond": ...}``
+        or ``{"cond": ...}``. Labels become ``class_labels`` for class-conditional models only."""
+        if isinstance(batch, Mapping):
+            x, raw = batch.get("x"), batch.get("cond") or {}
+        elif isinstance(batch, (list, tuple)):
+            x, raw = batch[0], (batch[1] if len(batch) > 1 else None)
+        else:
+            x, raw = batch, None
+        if self.condition == "none":
+            return x, {}
+        if self.condition == "class":
+            labels = raw.get("class_labels") if isinstance(raw, Mapping) else raw
+            if labels is None:
+                raise DistillError("a class-conditional model needs labelled data (the dataset gives none)")
+            return x, {"class_labels": labels.long()}
+        if not isinstance(raw, Mapping) or "encoder_hidden_states" not in raw:
+            raise DistillError("a text-conditional model needs a dataset of prompts or captions, e.g. "
+                               "dataset=prompts dataset.path=prompts.txt or dataset=image_text_folder")
+        return x, dict(raw)
+
+    def null_condition(self, cond: Cond) -> Cond:
+        """The unconditional branch for a batch of conditions, as the pipelines build it."""
+        if self.condition == "none":
+            return {}
+        if self.condition == "class":
+            return {"class_labels": torch.full_like(cond["class_labels"], self.num_classes)}
+        assert self.codec is not None
+        return self.codec.null_condition(cond)
+
+    def drop_condition(self, cond: Cond, p: float, generator: Optional[torch.Generator] = None) -> Cond:
+        """Classifier-free guidance training (Ho & Salimans 2021): each sample's condition replaced by
+        the unconditional one with probability ``p``."""
+        B = cond_batch_size(cond)
+        if not self.is_conditional or p <= 0 or B is None:
+            return cond
+        dev = generator.device if generator is not None else None
+        keep = torch.rand(B, generator=generator, device=dev) >= p
+        return where_cond(keep, cond, self.null_condition(cond))
+
+    def draw_condition(self, n: int, generator: Optional[torch.Generator] = None,
+                       classes: Optional[Any] = None) -> Cond:
+        """Conditions to sample with: class labels drawn uniformly (from ``generator``) unless
+        ``classes`` gives them (one label for all, or one per sample, repeated to ``n``)."""
+        if self.condition == "none":
+            return {}
+        if self.condition == "class":
+            if classes is not None:
+                labels = torch.as_tensor(classes, dtype=torch.long).flatten()
+                bad = labels[(labels < 0) | (labels >= self.num_classes)]
+                if len(bad):
+                    raise DistillError(f"class={bad[0].item()}: this model has classes 0..{self.num_classes - 1}")
+                labels = labels.repeat((n + len(labels) - 1) // len(labels))[:n]
+            else:
+                dev = generator.device if generator is not None else torch.device("cpu")
+                labels = torch.randint(0, self.num_classes, (n,), generator=generator, device=dev)
+            return {"class_labels": labels.to(self.device)}
+        raise DistillError("a text-conditional model samples from prompts: give prompts (a file or a list)")
+
+    def encode_prompts(self, prompts: list[str]) -> Cond:
+        if self.condition != "text" or self.codec is None:
+            raise DistillError("prompts are for text-conditional models (model=sd15, model=sdxl)")
+        return self.codec.encode_prompts(prompts)
+
+    # ------------------------------------------------------------------ the network
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond: Optional[Cond] = None) -> torch.Tensor:
+        """The network's output (of ``prediction_type``) at (x_t, t) for the condition ``cond``."""
+        cond = cond or {}
+        net = self.unet
+        x = x_t.to(self.dtype) if x_t.dtype != self.dtype and x_t.is_floating_point() else x_t
+        if _is_unet2d_condition(net):
+            return net(x, t, **self.codec.unet_inputs(cond, x_t), return_dict=False)[0]
+        if _is_unet2d(net):
+            labels = cond.get("class_labels")
+            return net(x, t, class_labels=labels, return_dict=False)[0]
+        return net(x, t)
+
+    def guided(self, x_t: torch.Tensor, t: torch.Tensor, cond: Optional[Cond] = None,
+               guidance: Guidance = None) -> torch.Tensor:
+        """Classifier-free guidance: one batched call on [x; x] with [uncond; cond] (as the pipelines
+        make it), then ``uncond + w (cond - uncond)``; at w = 1 only the conditional half runs."""
+        if not self.is_conditional or no_guidance(guidance):
+            return self(x_t, t, cond)
+        both = cat_cond(self.null_condition(cond), cond)
+        out_u, out_c = self(torch.cat([x_t, x_t]), torch.cat([t, t]), both).chunk(2)
+        return apply_guidance(out_u, out_c, guidance)
+
+    def model_fn(self, cond: Optional[Cond] = None, guidance: Guidance = None) -> Callable:
+        """A closure ``fn(x_t, t)`` for the samplers, its output in float32."""
+        return lambda x_t, t: self.guided(x_t, t, cond, guidance).float()
+
+    # ------------------------------------------------------------------ latents
+    @property
+    def is_latent(self) -> bool:
+        return self.codec is not None and getattr(self.codec, "vae", None) is not None
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """Samples of the network's space -> images in [-1, 1] (VAE decode for latent models)."""
+        return self.codec.decode(z) if self.is_latent else z
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        return self.codec.encode_images(x) if self.is_latent else x
+
+    # ------------------------------------------------------------------ files
+    def save_pretrained(self, path, **kw: Any) -> None:
+        """The network in diffusers' format (``config.json`` + safetensors) at ``path``."""
+        if not hasattr(self.unet, "save_pretrained"):
+            raise DistillError(f"save_pretrained needs a diffusers network; this one is {type(self.unet).__name__}")
+        kw.setdefault("safe_serialization", True)
+        self.unet.save_pretrained(str(path), **kw)
+
+    def extra_repr(self) -> str:
+        return f"prediction_type={self.prediction_type}, condition={self.condition}, latent={self.is_latent}"
+
+
+def as_denoiser(net: nn.Module, schedule: Any, prediction_type: str, condition: Optional[str] = None,
+                num_classes: int = 0) -> Denoiser:
+    """``net`` as a :class:`Denoiser` completed with the run's schedule and prediction type. A
+    class-conditional diffusers UNet (``num_class_embeds``) is class-conditional with the last
+    embedding as the null class."""
+    if not isinstance(net, Denoiser):
+        inner = getattr(net, "unet", net) if type(net).__name__ == "DiffusersUNet" else net
+        n_embeds = getattr(getattr(inner, "config", None), "num_class_embeds", None) if _is_unet2d(inner) else None
+        if condition is None:
+            condition = "class" if n_embeds else "none"
+        if condition == "class" and not n_embeds:
+            raise DistillError("a class-conditional model needs a class embedding: set model.num_classes")
+        net = Denoiser(net, condition=condition, num_classes=(int(n_embeds) - 1) if n_embeds else num_classes)
+    return net.configure(schedule, prediction_type)
+
+
+__all__ = ["Denoiser", "as_denoiser", "apply_guidance", "guidance_tensor", "no_guidance", "map_cond", "cat_cond",
+           "where_cond", "cond_batch_size", "CONDITION_KINDS"]
