@@ -460,7 +460,7 @@ def run(cfg: DictConfig) -> dict:
                            f"forward ({type(e).__name__}: {first[:300]}); train eagerly with trainer.compile=null "
                            "(the run resumes from its last checkpoint either way)") from None
     results: dict[str, Any] = {k: float(v) for k, v in trainer.callback_metrics.items()
-                                 if k.startswith(("val/", "fid/", "is/"))}
+                                 if k.startswith(("val/", "fid/", "is/", "class_acc/", "clip_score/"))}
     if evaluation is not None:
         results["feature_net"] = evaluation.scorer.net_id
     if cfg.trainer.test_after_fit and not trainer.interrupted:

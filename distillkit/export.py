@@ -60,19 +60,24 @@ ARGS = [
 
 def ddim_scheduler(method):
     """The ``DDIMScheduler`` equivalent to ``method``'s schedule and sampler settings."""
+    return ddim_scheduler_for(method.schedule, method.prediction_type, method.spacing, method.schedule_cfg)
+
+
+def ddim_scheduler_for(sch, prediction_type: str, spacing: str = "trailing", schedule_cfg: Optional[dict] = None):
+    """The ``DDIMScheduler`` of a NoiseSchedule, prediction type and timestep spacing, stepping as
+    distillkit's DDIM does (``set_alpha_to_one``: the last step lands on the clean end)."""
     from diffusers import DDIMScheduler
 
     from distillkit.diffusion.schedules import DEFAULT_BETAS
 
-    sch = method.schedule
     # a pretrained model's schedule comes from its folder's scheduler_config.json, others' from schedule=
-    cfg = getattr(sch, "scheduler_config", None) or method.schedule_cfg
+    cfg = getattr(sch, "scheduler_config", None) or schedule_cfg or {}
     start, end = DEFAULT_BETAS.get(sch.beta_schedule, (1e-4, 0.02))
     scheduler = DDIMScheduler(
         num_train_timesteps=sch.num_train_timesteps, beta_schedule=sch.beta_schedule,
         beta_start=float(cfg.get("beta_start") or start), beta_end=float(cfg.get("beta_end") or end),
         rescale_betas_zero_snr=bool(cfg.get("rescale_betas_zero_snr", False)),
-        prediction_type=DIFFUSERS_PREDICTION[method.prediction_type], timestep_spacing=method.spacing,
+        prediction_type=DIFFUSERS_PREDICTION[prediction_type], timestep_spacing=spacing,
         set_alpha_to_one=True, clip_sample=False, thresholding=False, steps_offset=0,
     )
     if not torch.allclose(scheduler.alphas_cumprod.double(), sch.alphas_cumprod.cpu(), rtol=0, atol=1e-6):
@@ -95,6 +100,8 @@ def export_text_to_image(method, net, out: Path, lora: bool = True) -> str:
         kw = {"unet_lora_adapter_metadata": meta}
         out.mkdir(parents=True, exist_ok=True)
         cls.save_lora_weights(str(out), unet_lora_layers=layers, safe_serialization=True, **kw)
+        # the sampler distill-sample uses, for pipe.scheduler = DDIMScheduler.from_pretrained(out, subfolder="scheduler")
+        ddim_scheduler(method).save_pretrained(str(out / "scheduler"))
         return "LoRA weights (pipe.load_lora_weights)"
     unet = net.unet
     if getattr(net, "lora", None):

@@ -140,7 +140,8 @@ def test_diffusion_on_latents_with_text_through_the_cli(folders, tmp_path, cli):
 def test_lora_run_keeps_the_adapter_alone_and_resumes_exactly(folders, tmp_path, cli):
     from safetensors.torch import load_file
 
-    lora = ["model.lora_rank=4", "optim.optimizer.lr=1e-2", "callbacks.checkpoint_every_n_steps=1"]
+    lora = ["model.lora_rank=4", "model.lora_alpha=8", "model.gradient_checkpointing=true", "optim.optimizer.lr=1e-2",
+            "callbacks.checkpoint_every_n_steps=1"]
     _train(cli, folders, tmp_path / "whole", *lora, "trainer.max_steps=4")
     _train(cli, folders, tmp_path / "split", *lora, "trainer.max_steps=2")
     _train(cli, folders, tmp_path / "split", *lora, "trainer.max_steps=4")  # the same command resumes it
@@ -155,3 +156,22 @@ def test_lora_run_keeps_the_adapter_alone_and_resumes_exactly(folders, tmp_path,
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     start = load_file(str(whole / "student.safetensors"))
     assert any("lora_B" in k and v.abs().sum() > 0 for k, v in start.items())  # the adapter trained
+
+    # the adapter alone, exported: diffusers' load_lora_weights on the base pipeline draws distill-sample's images
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    from distillkit.export import main as export_main
+    from distillkit.models.loading import load_run_checkpoint
+    from distillkit.sample import generate
+
+    out = tmp_path / "lora_export"
+    export_main([f"checkpoint={split / 'last.ckpt'}", f"out={out}"])
+    assert (out / "pytorch_lora_weights.safetensors").is_file() and not (out / "unet").exists()
+    pipe = StableDiffusionPipeline.from_pretrained(str(folders["sd15"]), local_files_only=True,
+                                                   scheduler=DDIMScheduler.from_pretrained(str(out / "scheduler")))
+    pipe.load_lora_weights(str(out))
+    theirs = pipe(PROMPTS, num_inference_steps=4, guidance_scale=2.0, generator=torch.Generator().manual_seed(0),
+                  height=TINY_RESOLUTION, width=TINY_RESOLUTION, output_type="np").images
+    ours = generate(load_run_checkpoint(split / "last.ckpt"), 2, 4, seed=0, prompts=PROMPTS, guidance=2.0)
+    theirs = torch.from_numpy(theirs).permute(0, 3, 1, 2) * 2 - 1
+    assert torch.allclose(ours, theirs, atol=2e-4), (ours - theirs).abs().max()

@@ -164,8 +164,10 @@ class Denoiser(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        for p in self.unet.parameters():
-            return p.dtype
+        """The network's input dtype: its (frozen) base weights' (a LoRA adapter stays float32)."""
+        for name, p in self.unet.named_parameters():
+            if "lora_" not in name:
+                return p.dtype
         return torch.float32
 
     # ------------------------------------------------------------------ conditions
@@ -244,7 +246,10 @@ class Denoiser(nn.Module):
         net = self.unet
         x = x_t.to(self.dtype) if x_t.dtype != self.dtype and x_t.is_floating_point() else x_t
         if _is_unet2d_condition(net):
-            return net(x, t, **self.codec.unet_inputs(cond, x_t), return_dict=False)[0]
+            from distillkit.models.stable_diffusion import text_unet_inputs
+
+            scale = self.codec.latent_scale if self.codec is not None else 8
+            return net(x, t, **text_unet_inputs(cond, x, scale), return_dict=False)[0]
         if _is_unet2d(net):
             labels = cond.get("class_labels")
             return net(x, t, class_labels=labels, return_dict=False)[0]
@@ -277,12 +282,54 @@ class Denoiser(nn.Module):
         return self.codec.encode_images(x) if self.is_latent else x
 
     # ------------------------------------------------------------------ files
-    def save_pretrained(self, path, **kw: Any) -> None:
-        """The network in diffusers' format (``config.json`` + safetensors) at ``path``."""
+    def save_pretrained(self, path, spacing: str = "trailing") -> None:
+        """A diffusers-style folder: ``unet/`` (config.json + safetensors), ``scheduler/`` (the
+        DDIMScheduler of this schedule and prediction type, stepping as distillkit's DDIM) and
+        ``denoiser.json`` (condition, null class). Text-to-image denoisers are written whole by
+        ``distill-export`` (with their VAE and text encoders)."""
+        import json
+        from pathlib import Path
+
+        from distillkit.export import ddim_scheduler_for
+
         if not hasattr(self.unet, "save_pretrained"):
             raise DistillError(f"save_pretrained needs a diffusers network; this one is {type(self.unet).__name__}")
-        kw.setdefault("safe_serialization", True)
-        self.unet.save_pretrained(str(path), **kw)
+        path = Path(path)
+        self.unet.save_pretrained(str(path / "unet"), safe_serialization=True)
+        ddim_scheduler_for(self.schedule, self.prediction_type, spacing).save_pretrained(str(path / "scheduler"))
+        info = {"prediction_type": self.prediction_type, "condition": self.condition}
+        if self.condition == "class":
+            info.update({"num_classes": self.num_classes, "null_class": self.num_classes})
+        (path / "denoiser.json").write_text(json.dumps(info, indent=2) + "\n")
+
+    @classmethod
+    def from_pretrained(cls, path, **kw: Any) -> "Denoiser":
+        """The denoiser of a local folder: a Stable Diffusion (XL) pipeline folder (``text_encoder/``
+        there: :func:`distillkit.models.stable_diffusion.stable_diffusion`, ``kw`` its options), or one
+        written by :meth:`save_pretrained` / ``distill-export`` (``unet/`` + ``scheduler/``). Nothing is
+        downloaded."""
+        import json
+        from pathlib import Path
+
+        from diffusers import UNet2DModel
+
+        from distillkit.models.stable_diffusion import schedule_from_folder, stable_diffusion
+
+        p = Path(path).expanduser()
+        if (p / "text_encoder").is_dir():
+            return stable_diffusion(str(p), variant="sdxl" if (p / "text_encoder_2").is_dir() else "sd15", **kw)
+        if not (p / "unet" / "config.json").is_file() or not (p / "scheduler" / "scheduler_config.json").is_file():
+            raise DistillError(f"pretrained={path}: no unet/config.json and scheduler/scheduler_config.json there")
+        schedule, prediction_type = schedule_from_folder(p)
+        info = {}
+        for name in ("denoiser.json", "distillkit.json"):
+            if (p / name).is_file():
+                info = json.loads((p / name).read_text())
+                break
+        unet = UNet2DModel.from_pretrained(str(p / "unet"), local_files_only=True)
+        n = unet.config.num_class_embeds
+        return cls(unet, prediction_type, schedule, condition=info.get("condition", "class" if n else "none"),
+                   num_classes=int(n) - 1 if n else 0, pretrained=str(p))
 
     def extra_repr(self) -> str:
         return f"prediction_type={self.prediction_type}, condition={self.condition}, latent={self.is_latent}"

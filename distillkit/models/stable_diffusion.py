@@ -197,23 +197,7 @@ class TextImageCodec(nn.Module):
         return out
 
     def unet_inputs(self, cond: Cond, x: torch.Tensor) -> dict:
-        """UNet2DConditionModel's keyword arguments for ``cond`` at samples ``x`` (latents)."""
-        dtype = next(p.dtype for p in self.text_encoders.parameters())
-        kw: dict[str, Any] = {"encoder_hidden_states": cond["encoder_hidden_states"]}
-        if self.variant == "sdxl":
-            B, (h, w) = x.shape[0], x.shape[-2:]
-            target = torch.tensor([h * self.latent_scale, w * self.latent_scale], device=x.device)
-            orig = cond.get("original_size")
-            orig = target.expand(B, 2) if orig is None else orig.to(x.device)
-            crop = cond.get("crop_top_left")
-            crop = torch.zeros(B, 2, device=x.device) if crop is None else crop.to(x.device)
-            time_ids = torch.cat([orig.float(), crop.float(), target.expand(B, 2).float()], dim=1)
-            kw["added_cond_kwargs"] = {"text_embeds": cond["text_embeds"], "time_ids": time_ids}
-        net_dtype = x.dtype if x.is_floating_point() else dtype
-        kw["encoder_hidden_states"] = kw["encoder_hidden_states"].to(net_dtype)
-        if "added_cond_kwargs" in kw:
-            kw["added_cond_kwargs"] = {k: v.to(net_dtype) for k, v in kw["added_cond_kwargs"].items()}
-        return kw
+        return text_unet_inputs(cond, x, self.latent_scale)
 
     # ------------------------------------------------------------------ images
     @torch.no_grad()
@@ -228,6 +212,25 @@ class TextImageCodec(nn.Module):
         """Latents -> images in [-1, 1] (the VAE's decoder; the pipelines' ``vae.decode(z / scale + shift)``)."""
         x = self.vae.decode((z / self.scale + self.shift).to(self.device, self.vae_dtype)).sample
         return x.float().clamp(-1, 1)
+
+
+def text_unet_inputs(cond: Cond, x: torch.Tensor, latent_scale: int = 8) -> dict:
+    """UNet2DConditionModel's keyword arguments for ``cond`` at latents ``x``: the text embeddings and,
+    when ``cond`` has SDXL's pooled ``text_embeds``, the added time ids (original size, crop top-left,
+    target size in pixels; the target is the latents' size times ``latent_scale``, and a missing
+    original size or crop defaults to the target and (0, 0), as the pipeline's defaults)."""
+    dtype = x.dtype
+    kw: dict[str, Any] = {"encoder_hidden_states": cond["encoder_hidden_states"].to(dtype)}
+    if "text_embeds" in cond:
+        B, (h, w) = x.shape[0], x.shape[-2:]
+        target = torch.tensor([h * latent_scale, w * latent_scale], device=x.device, dtype=torch.float32)
+        orig = cond.get("original_size")
+        orig = target.expand(B, 2) if orig is None else orig.to(x.device).float()
+        crop = cond.get("crop_top_left")
+        crop = torch.zeros(B, 2, device=x.device) if crop is None else crop.to(x.device).float()
+        time_ids = torch.cat([orig, crop, target.expand(B, 2)], dim=1)
+        kw["added_cond_kwargs"] = {"text_embeds": cond["text_embeds"].to(dtype), "time_ids": time_ids.to(dtype)}
+    return kw
 
 
 _CODECS: dict[tuple, TextImageCodec] = {}
@@ -267,6 +270,10 @@ def stable_diffusion(pretrained: str, variant: str = "sd15", frozen_dtype: str =
     den.lora = None
     if lora_rank:
         add_lora(den, int(lora_rank), float(lora_alpha or lora_rank), list(lora_target_modules))
+        if dtype != torch.float32:  # the frozen base in frozen_dtype; the adapter stays float32 (master weights)
+            for name, p in den.unet.named_parameters():
+                if "lora_" not in name:
+                    p.data = p.data.to(dtype)
     return den
 
 
