@@ -589,9 +589,11 @@ class CallbacksConfig:
 # --------------------------------------------------------------------------- eval
 @dataclass
 class EvalConfig:
-    """Sample quality (FID/IS) during training; `eval=none` turns it off.
+    """Sample quality (FID/IS, and the CLIP score of text-to-image models) during training;
+    `eval=none` turns it off; `eval=coco` is DMD2's COCO-2014 protocol (docs/coco_evaluation.md).
 
-    See distillkit.callbacks.evaluation.SampleEvaluation and distillkit.metrics.fid."""
+    See distillkit.callbacks.evaluation.SampleEvaluation, distillkit.metrics.fid and
+    distillkit.metrics.clip_score."""
 
     enabled: bool = False
     # Evaluate every this many optimizer steps (0: only at the end of training), or at the end
@@ -613,6 +615,28 @@ class EvalConfig:
     seed: int = 0
     # Classifier-free guidance of conditional models' samples: uncond + w (cond - uncond), 1: none
     guidance: float = bounded(1.0, at_least=0)
+    # Text-to-image models (model=sd15 / sdxl; see distillkit.callbacks.evaluation). feature_net may
+    # also be none there (no FID / IS: the CLIP score alone).
+    # The prompts sampled: a UTF-8 file, one prompt a line, or COCO's captions JSON (the first caption
+    # of each image, images in id order); the first num_samples, repeated if fewer. None: the
+    # datamodule's validation prompts (else its training prompts).
+    prompts: Optional[str] = None
+    # A local transformers CLIPModel folder (e.g. a download of openai/clip-vit-large-patch14): logs
+    # clip_score/{k}step, 100 * mean cos(image, prompt) (torchmetrics' CLIPScore). None: no CLIP score.
+    clip_weights: Optional[str] = None
+    # Put before every prompt for the CLIP score only (DMD2's code uses "A photo depicts ").
+    clip_prefix: str = ""
+    # Images are centre-cropped and resized (Lanczos) to resolution x resolution before FID / IS / CLIP
+    # (COCO protocols score at 256 or 512); None: as generated.
+    resolution: Optional[int] = bounded(None, at_least=1)
+    # FID reference of text-to-image models: a folder of image files (e.g. COCO's val2014/), resized
+    # like the samples; the text-image datasets hold latents, not images.
+    reference_images: Optional[str] = None
+    # The first this many reference images (sorted by path); None: all.
+    num_reference: Optional[int] = bounded(None, at_least=2)
+    # coco (set by eval=coco): prompts, reference_images and inception_weights are required and
+    # checked before training. None: no protocol.
+    protocol: Optional[str] = None
 
 
 # --------------------------------------------------------------------------- top level

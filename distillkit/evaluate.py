@@ -20,6 +20,26 @@ evaluation convention; ``distill-sample`` writes it). Arguments (key=value):
   seed               seed of IS's random split (default 0)
   out                also write the result as JSON here
 
+Text-to-image samples (``distill-sample prompts=...`` writes sample i with prompt i, the prompts
+repeated over the samples) are scored against real images from files and their prompts:
+
+    distill-eval samples=s.npz reference_images=/data/coco/val2014 resolution=256 \
+        inception_weights=/models/pt_inception-2015-12-05-6726825d.pth \
+        prompts=/data/coco/annotations/captions_val2014.json clip_weights=/models/clip-vit-large-patch14
+
+  reference_images   a folder of image files: the FID reference instead of a dataset's split
+                     (each centre-cropped and resized with Lanczos to the evaluation resolution)
+  num_reference      the first this many reference images, sorted by path (default: all)
+  resolution         centre-crop and resize the samples (and the reference) to this (default:
+                     the samples' size)
+  prompts            the samples' prompts: a file with one a line, or COCO's captions JSON (the
+                     first caption of each image, in id order), repeated over the samples
+  clip_weights       a local transformers CLIPModel folder: adds clip_score (needs prompts)
+  clip_prefix        put before every prompt for the CLIP score (DMD2: "A photo depicts ")
+  feature_net=none   no FID / IS (the CLIP score alone)
+
+See distillkit.callbacks.evaluation and docs/coco_evaluation.md.
+
 Errors print one line naming the argument and exit with status 2.
 """
 from __future__ import annotations
@@ -33,7 +53,10 @@ from typing import Any, Optional
 from distillkit.errors import DistillError
 
 KEYS = ("samples", "dataset", "split", "num_samples", "feature_net", "inception_weights", "cache_dir",
-        "batch_size", "seed", "out")
+        "batch_size", "seed", "out", "reference_images", "num_reference", "resolution", "prompts", "clip_weights",
+        "clip_prefix")
+# the arguments of text-to-image evaluation (real images from files, CLIP score)
+TEXT_KEYS = ("reference_images", "num_reference", "resolution", "prompts", "clip_weights", "clip_prefix")
 
 
 def fail(message: str) -> None:
@@ -139,6 +162,9 @@ def evaluate(argv: list[str]) -> dict[str, Any]:
             raise DistillError(f"num_samples={n}: the file has {len(a)} samples (at least 2 are needed)")
         a = a[:n]
 
+    if any(k in args for k in TEXT_KEYS) or args.get("feature_net") == "none":
+        return evaluate_files(args, overrides, a)
+
     import torch
 
     from distillkit.metrics.fid import DIGITS_NUM_SAMPLES, SampleScorer
@@ -169,6 +195,97 @@ def evaluate(argv: list[str]) -> dict[str, Any]:
     if feature_net == "digits" and res["num_samples"] != DIGITS_NUM_SAMPLES:
         print(f"note: digits-FID is reported at {DIGITS_NUM_SAMPLES} samples (the floor's count); "
               f"FID at {res['num_samples']} samples is not comparable to it")
+    if args.get("out"):
+        out = Path(args["out"])
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(res, indent=2) + "\n")
+    return res
+
+
+def _rekey(e: DistillError) -> DistillError:
+    """Messages of the shared code name the eval.* config keys; here they are arguments."""
+    return DistillError(str(e).replace("eval.", ""))
+
+
+def evaluate_files(args: dict[str, str], overrides: list[str], a: Any) -> dict[str, Any]:
+    """Text-to-image samples: FID / IS against ``reference_images``, CLIP score against ``prompts``,
+    batch by batch (see the module docstring)."""
+    import torch
+
+    from distillkit.callbacks.evaluation import folder_statistics, read_eval_prompts, repeat_to, resize_uint8
+    from distillkit.metrics.fid import _batches, fid_metric, is_metric
+
+    if "dataset" in args or overrides:
+        raise DistillError("give either dataset= (FID against a dataset's split) or reference_images= (against image "
+                           "files), not both")
+    feature_net = args.get("feature_net", "inception")
+    if feature_net != "none" and "reference_images" not in args:
+        raise DistillError("reference_images=DIR is needed for FID with prompts / clip_weights / resolution (or "
+                           "feature_net=none for the CLIP score alone)")
+    if "clip_weights" in args and "prompts" not in args:
+        raise DistillError("clip_weights=... needs prompts=FILE (the samples' prompts, in the samples' order)")
+    if feature_net == "none" and "clip_weights" not in args:
+        raise DistillError("feature_net=none and no clip_weights: nothing to score")
+    resolution = _int(args, "resolution", None)
+    if resolution is not None and resolution < 1:
+        raise DistillError(f"resolution={resolution}: must be at least 1")
+    size = (resolution, resolution) if resolution else (int(a.shape[1]), int(a.shape[2]))
+    batch_size = _int(args, "batch_size", 256) or 256
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    prompts = None
+    if "prompts" in args:
+        try:
+            prompts = repeat_to(read_eval_prompts(args["prompts"], key="prompts"), len(a))
+        except DistillError as e:
+            raise _rekey(e) from None
+    res: dict[str, Any] = {"samples": str(args["samples"])}
+    scorer = clip = None
+    try:
+        if feature_net != "none":
+            from distillkit.metrics.fid import SampleScorer
+
+            scorer = SampleScorer(feature_net, args.get("inception_weights"), batch_size=batch_size)
+            stats = folder_statistics(scorer, args["reference_images"], size, _int(args, "num_reference", None),
+                                      args.get("cache_dir"), device=device, key="reference_images")
+            fid = fid_metric(scorer.net).to(device)
+            isc = is_metric(scorer.net, scorer.is_splits).to(device)
+            fid.real_features_sum = stats["features_sum"].to(device, torch.float64)
+            fid.real_features_cov_sum = stats["features_cov_sum"].to(device, torch.float64)
+            fid.real_features_num_samples = stats["num_samples"].to(device, torch.long)
+            res.update(reference_images=args["reference_images"], reference_size=int(stats["num_samples"]))
+        if "clip_weights" in args:
+            from distillkit.metrics.clip_score import ClipScorer
+
+            clip = ClipScorer(args["clip_weights"], prefix=args.get("clip_prefix", ""), key="clip_weights")
+            clip_metric = clip.metric(device)
+    except DistillError as e:
+        raise _rekey(e) from None
+    for i, chunk in enumerate(_batches(a, batch_size)):
+        u8 = resize_uint8(torch.from_numpy(chunk).permute(0, 3, 1, 2).contiguous(), size).to(device)
+        if scorer is not None:
+            xf = u8.float() / 127.5 - 1.0
+            fid.update(xf, real=False)
+            isc.update(xf)
+        if clip is not None:
+            start = i * batch_size
+            clip.update(clip_metric, u8, prompts[start:start + len(u8)])  # type: ignore[index]
+    if scorer is not None:
+        res["fid"] = float(fid.compute())
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(_int(args, "seed", 0) or 0)
+            is_mean, is_std = isc.compute()
+        res.update({"is": float(is_mean), "is_std": float(is_std), "feature_net": scorer.net_id})
+    if clip is not None:
+        res.update(clip_score=float(clip_metric.compute()), clip_model=clip.net_id, prompts=args["prompts"],
+                   clip_prefix=clip.prefix)
+    res.update(num_samples=len(a), resolution=list(size))
+    print(f"{args['samples']}: {len(a)} samples at {size[0]}x{size[1]}"
+          + (f" vs {args['reference_images']} ({res['reference_size']} images), feature net {res['feature_net']}"
+             if scorer is not None else ""))
+    if scorer is not None:
+        print(f"fid {res['fid']:.4f}  is {res['is']:.4f} +- {res['is_std']:.4f}")
+    if clip is not None:
+        print(f"clip_score {res['clip_score']:.4f} ({res['clip_model']})")
     if args.get("out"):
         out = Path(args["out"])
         out.parent.mkdir(parents=True, exist_ok=True)
