@@ -101,21 +101,34 @@ def test_sdxl_added_conditioning_reaches_the_unet(folders):
 def test_missing_or_incomplete_folder_is_one_error(folders, tmp_path, cli):
     import shutil
 
-    base = ["method=diffusion", "dataset=prompts", f"dataset.path={tmp_path / 'p.txt'}", f"runs_dir={tmp_path}"]
+    from omegaconf import OmegaConf
+
+    from distillkit.errors import DistillError
+    from distillkit.models.loading import build_model
+
     (tmp_path / "p.txt").write_text("a cat\n")
-    r = cli(*base, "model=sd15", f"model.pretrained={tmp_path / 'nowhere'}")
+    r = cli("method=diffusion", "dataset=prompts", f"dataset.path={tmp_path / 'p.txt'}", f"runs_dir={tmp_path}",
+            "model=sd15", f"model.pretrained={tmp_path / 'nowhere'}")
     assert r.returncode == 2 and "model.pretrained=" in r.stderr and "no such folder" in r.stderr, r.output
     assert "Traceback" not in r.output
+
+    def error(key: str, variant: str, folder) -> str:
+        cfg = OmegaConf.create({"_target_": "distillkit.models.stable_diffusion.stable_diffusion",
+                                "pretrained": str(folder), "variant": variant})
+        with pytest.raises(DistillError) as e:
+            build_model(cfg, key=key)
+        return str(e.value)
+
     broken = tmp_path / "broken"
     shutil.copytree(folders["sd15"], broken)
     (broken / "vae" / "config.json").unlink()
-    r = cli(*base, "model=sd15", f"model.pretrained={broken}")
-    assert r.returncode == 2 and "vae/config.json is missing" in r.stderr, r.output
-    r = cli(*base, "model=sdxl", f"model.pretrained={folders['sd15']}")
-    assert r.returncode == 2 and "no text_encoder_2/ subfolder" in r.stderr, r.output
-    r = cli(*base, "method=progressive", "model=sd15", f"model.pretrained={folders['sd15']}", "teacher=sd15",
-            f"teacher.pretrained={tmp_path / 'nowhere'}")
-    assert r.returncode == 2 and "teacher.pretrained=" in r.stderr, r.output
+    assert error("model", "sd15", broken) == f"model.pretrained={broken}: vae/config.json is missing"
+    (broken / "vae" / "config.json").write_text("{}")
+    for w in (broken / "unet").glob("*.safetensors"):
+        w.unlink()
+    assert "unet/ holds no weights" in error("model", "sd15", broken)
+    msg = error("teacher", "sdxl", folders["sd15"])
+    assert msg.startswith("teacher.pretrained=") and "no text_encoder_2/ subfolder" in msg
 
 
 def _train(cli, folders, runs: Path, *extra: str):

@@ -179,7 +179,7 @@ def folder_statistics(scorer: SampleScorer, folder: str, size: tuple[int, int], 
     all), each :func:`center_crop_resize`-d to ``size``: read in batches (never all in memory), and
     cached as :func:`distillkit.metrics.fid.real_statistics` caches, under a key of the files' names,
     sizes and mtimes, the size and the resize."""
-    from distillkit.metrics.fid import _batches, fid_metric, real_stats_path
+    from distillkit.metrics.fid import _batches, fid_metric, real_stats_path, save_real_state
 
     files = list_images(folder, key)
     if num_reference is not None:
@@ -218,13 +218,7 @@ def folder_statistics(scorer: SampleScorer, folder: str, size: tuple[int, int], 
     if bad:
         raise DistillError(f"{key}={folder}: {len(bad)} files cannot be read as images: {'; '.join(bad[:5])}"
                            f"{' ...' if len(bad) > 5 else ''}")
-    stats = {"features_sum": fid.real_features_sum.cpu(), "features_cov_sum": fid.real_features_cov_sum.cpu(),
-             "num_samples": fid.real_features_num_samples.cpu()}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    torch.save(stats, tmp)
-    os.replace(tmp, path)
-    return stats
+    return save_real_state(fid, path)
 
 
 class NoScorer:

@@ -97,6 +97,11 @@ def real_statistics(images: torch.Tensor, net: FeatureNet, *, dataset: str, spli
     with torch.autocast(device_type=torch.device(device).type, enabled=False):
         for b in _batches(images, batch_size):
             fid.update(b.to(device), real=True)
+    return save_real_state(fid, path)
+
+
+def save_real_state(fid: Any, path: Path) -> dict[str, torch.Tensor]:
+    """The real-side state of a FID metric, written to the cache file ``path`` atomically."""
     stats = {"features_sum": fid.real_features_sum.cpu(), "features_cov_sum": fid.real_features_cov_sum.cpu(),
              "num_samples": fid.real_features_num_samples.cpu()}
     path.parent.mkdir(parents=True, exist_ok=True)
