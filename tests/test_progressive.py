@@ -158,7 +158,7 @@ def test_convert_updates_regress_onto_the_teachers_own_x_prediction(monkeypatch)
     x = data.sample(32).float()
     assert m.training_step(x, 0).item() < 1e-6 and teacher.calls == 1 and m.nfe == 2
     with torch.no_grad():
-        m.student.bias.fill_(0.3)
+        m.student.unet.bias.fill_(0.3)
     assert m.training_step(x, 0).item() > 1e-3 and teacher.calls == 2 and m.nfe == 4
     step["n"] = 2   # conversion over: two teacher steps per update
     m.training_step(x, 0)
@@ -237,17 +237,17 @@ def test_round_switch_saves_the_student_and_makes_it_the_teacher(tmp_path, monke
     step = {"n": 0}
     monkeypatch.setattr(Progressive, "global_step", property(lambda self: step["n"]))
     m.sync_round()
-    assert m.round == 1 and m.student.bias.item() == 0.0  # the student starts as the teacher
+    assert m.round == 1 and m.student.unet.bias.item() == 0.0  # the student starts as the teacher
     with torch.no_grad():
-        m.student.bias.fill_(0.7)
+        m.student.unet.bias.fill_(0.7)
     m.update_ema()
     step["n"] = 5
     m.sync_round()
     assert m.round == 2 and m.teacher_steps_now == 4
     saved = torch.load(tmp_path / "round_1.ckpt", weights_only=True)
     assert saved["round"] == 1 and saved["teacher_steps"] == 8 and saved["student_steps"] == 4
-    assert saved["state_dict"]["bias"].item() == pytest.approx(0.7)
-    assert m.teacher.bias.item() == pytest.approx(0.7) and m.student.bias.item() == pytest.approx(0.7)
+    assert saved["state_dict"]["unet.bias"].item() == pytest.approx(0.7)  # the denoiser's keys
+    assert m.teacher.unet.bias.item() == pytest.approx(0.7) and m.student.unet.bias.item() == pytest.approx(0.7)
     ckpt = {"distillkit": {}}
     m.on_save_checkpoint(ckpt)
     assert ckpt["distillkit"]["step_distill"]["round"] == 2
@@ -257,7 +257,7 @@ def test_round_switch_saves_the_student_and_makes_it_the_teacher(tmp_path, monke
     fresh.run_dir = tmp_path
     fresh.on_load_checkpoint(ckpt)
     fresh.sync_round()  # step 5: round 2, teacher from round_1.ckpt; the student is left alone
-    assert fresh.teacher.bias.item() == pytest.approx(0.7) and fresh.student.bias.item() == 0.0
+    assert fresh.teacher.unet.bias.item() == pytest.approx(0.7) and fresh.student.unet.bias.item() == 0.0
     (tmp_path / "round_1.ckpt").unlink()
     again = progressive(Oracle(data, sched), Oracle(data, sched), updates_per_round=5)
     again.run_dir = tmp_path
@@ -280,20 +280,20 @@ def test_a_round_finished_again_after_a_requeue_replaces_the_earlier_file(tmp_pa
         m.run_dir, m.round, step["n"] = tmp_path, round_, start
         m.sync_round()
         with torch.no_grad():
-            m.student.bias.fill_(bias_at_round_end)
+            m.student.unet.bias.fill_(bias_at_round_end)
         step["n"] = 5
         m.sync_round()
         return m
 
     attempt(0.7, start=0, round_=0)
-    assert torch.load(tmp_path / "round_1.ckpt", weights_only=True)["state_dict"]["bias"].item() == pytest.approx(0.7)
+    assert torch.load(tmp_path / "round_1.ckpt", weights_only=True)["state_dict"]["unet.bias"].item() == pytest.approx(0.7)
     second = attempt(0.71, start=3, round_=1)   # resumed at update 3 of round 1
-    assert second.round == 2 and second.teacher.bias.item() == pytest.approx(0.71)
-    assert torch.load(tmp_path / "round_1.ckpt", weights_only=True)["state_dict"]["bias"].item() == pytest.approx(0.71)
+    assert second.round == 2 and second.teacher.unet.bias.item() == pytest.approx(0.71)
+    assert torch.load(tmp_path / "round_1.ckpt", weights_only=True)["state_dict"]["unet.bias"].item() == pytest.approx(0.71)
     third = progressive(Oracle(data, sched), Oracle(data, sched), updates_per_round=5)
     third.run_dir, third.round, step["n"] = tmp_path, 2, 7
     third.sync_round()   # requeued in round 2: the teacher from round_1.ckpt
-    assert third.teacher.bias.item() == pytest.approx(0.71)
+    assert third.teacher.unet.bias.item() == pytest.approx(0.71)
 
 
 def test_the_last_round_finished_again_replaces_its_file(tmp_path, monkeypatch):
@@ -309,10 +309,10 @@ def test_the_last_round_finished_again_replaces_its_file(tmp_path, monkeypatch):
         m.run_dir, step["n"] = tmp_path, 0
         m.sync_round()
         with torch.no_grad():
-            m.student.bias.fill_(bias)
+            m.student.unet.bias.fill_(bias)
         step["n"] = 5
         m.on_train_end()
-        saved = torch.load(tmp_path / "round_1.ckpt", weights_only=True)["state_dict"]["bias"].item()
+        saved = torch.load(tmp_path / "round_1.ckpt", weights_only=True)["state_dict"]["unet.bias"].item()
         assert saved == pytest.approx(bias)
 
 
@@ -335,10 +335,10 @@ def test_fresh_optimizer_clears_the_state_at_a_round_boundary(fresh, monkeypatch
         if n == 3:
             assert m.round == 2 and (len(opt.state) == 0) == fresh
         opt.zero_grad()
-        m.student.bias.square().backward()
+        m.student.unet.bias.square().backward()
         opt.step()
         assert len(opt.state) == 1
-    assert int(opt.state[m.student.bias]["step"]) == (1 if fresh else 4)
+    assert int(opt.state[m.student.unet.bias]["step"]) == (1 if fresh else 4)
 
 
 def test_linear_lr_restarts_every_cycle():

@@ -84,7 +84,7 @@ def _unwrap(obj: Any, key: str, path: Any) -> dict[str, torch.Tensor]:
 
 
 def load_weights(net: nn.Module, path: str | Path, key: str) -> None:
-    sd = _bare_network_keys(net, read_state_dict(path, key))
+    sd = matching_keys(net, read_state_dict(path, key))
     own = net.state_dict()
     missing = [k for k in own if k not in sd]
     unexpected = [k for k in sd if k not in own]
@@ -119,7 +119,7 @@ def build_model(cfg: DictConfig | Mapping, key: str = "model") -> nn.Module:
     return net
 
 
-def _bare_network_keys(net: nn.Module, sd: dict) -> dict:
+def matching_keys(net: nn.Module, sd: dict) -> dict:
     """A denoiser's file (keys ``unet.*``) for a bare network, or the other way round: a checkpoint of
     a run whose student is a denoiser loads into the same network built alone, and a network's own
     state dict into a denoiser around it."""
@@ -228,7 +228,7 @@ def _load_network(method, ckpt: Mapping, key: str, path) -> None:
     becomes the sampler's default."""
     for net in [method.student] + ([method.ema.module] if method.ema is not None else []):
         try:
-            net.load_state_dict(ckpt["state_dict"], strict=True)
+            net.load_state_dict(matching_keys(net, ckpt["state_dict"]), strict=True)
         except RuntimeError as e:
             raise DistillError(f"{key}={path}: the weights do not fit the network built from the file's config "
                                f"({str(e).splitlines()[0][:200]})") from None
