@@ -103,6 +103,11 @@ def explain_compose_error(e: BaseException) -> str:
     text = str(cause).split("\n")[0]
     if full_key and obj_type is not None and ("not in" in text or "not a" in text.lower()):
         schema = obj_type if isinstance(obj_type, type) else _schema_by_name(str(obj_type))
+        if full_key.startswith("teacher.") and getattr(schema, "__name__", "") in ("NoTeacherConfig", "SelfTeacherConfig"):
+            which = "none" if schema.__name__ == "NoTeacherConfig" else "self"
+            return (f"unknown key '{full_key}': teacher={which} has no {full_key.split('.', 1)[1]}. Choose the "
+                    f"teacher's architecture first, then its weights, e.g. teacher=cnn_digits {full_key}=PATH "
+                    "(options: the model names, e.g. unet_digits, resnet32x4, sd15)")
         allowed = [f for f in field_names(schema) if not f.startswith("_")] if schema else []
         leaf = full_key.split(".")[-1]
         close = difflib.get_close_matches(leaf, allowed, n=1)

@@ -549,9 +549,11 @@ class TrainerConfig:
     log_every_n_steps: int = bounded(10, at_least=1)
     check_val_every_n_epoch: int = bounded(1, at_least=1)
     val_check_interval: Optional[float] = None
-    limit_train_batches: Optional[float] = None
-    limit_val_batches: Optional[float] = None
-    limit_test_batches: Optional[float] = None
+    # Lightning's meaning: an int is a number of batches (1: one batch), a float in [0, 1] a fraction
+    # (1.0: all); None: all. Typed Any so that an int stays an int (a float field made 1 into 1.0).
+    limit_train_batches: Any = bounded(None, at_least=0)
+    limit_val_batches: Any = bounded(None, at_least=0)
+    limit_test_batches: Any = bounded(None, at_least=0)
     deterministic: bool = False
     # torch's intra-op threads on CPU (None: torch's default). Small networks run fastest
     # with 1, and DDP processes on one CPU should share the cores, not oversubscribe them.

@@ -27,6 +27,9 @@ def _clean_error(r, *needles):
     (["method=kd", "teacher=cnn_digits"], ["teacher.checkpoint"]),               # missing required value
     (["dataset=cifar100"], ["dataset.data_dir"]),                                   # missing required value
     (["method=kd"], ["method=kd needs a teacher", "teacher.checkpoint"]),        # method needs a teacher
+    # weights without an architecture: teacher=none has no checkpoint key
+    (["method=kd", "teacher.checkpoint=x.pt"], ["teacher=none has no checkpoint", "teacher=cnn_digits"]),
+    (["trainer.limit_val_batches=-1"], ["trainer.limit_val_batches=-1: must be at least 0"]),
     (["callbacks.ema.enabled=true", "callbacks.ema.decay=1.5"], ["callbacks.ema.decay=1.5", "[0, 1]"]),  # out of range
     (["trainer.compile=fast"], ["trainer.compile='fast'", "max-autotune-no-cudagraphs"]),  # lists the modes
     (["trainer.compile=reduce-overhead"], ["trainer.compile=reduce-overhead", "CUDA-graph", "default"]),

@@ -77,3 +77,17 @@ def test_annealed_experiments_are_the_measured_recipe(base, key, updates):
     assert overlay != resolved([f"experiment={base}"])
     longer = resolved([f"experiment={base}_annealed", f"method.{key}=8000"])
     assert longer["optim"]["scheduler"]["cycle_steps"] == 8000
+
+
+def test_limit_batches_int_is_a_count_float_a_fraction(cli, runs_dir):
+    """Lightning's meaning: trainer.limit_train_batches=1 is one batch an epoch (the schema once made it
+    1.0, all of them), 0.5 half of them."""
+    r = cli("experiment=digits_teacher", f"runs_dir={runs_dir}", "trainer.max_epochs=2", "trainer.limit_train_batches=1",
+            "trainer.limit_val_batches=1", "trainer.test_after_fit=false", "callbacks.progress=none", "name=one")
+    assert r.returncode == 0, r.output
+    assert json.loads((runs_dir / "digits_teacher" / "one" / "results.json").read_text())["global_step"] == 2
+    r = cli("experiment=digits_teacher", f"runs_dir={runs_dir}", "trainer.max_epochs=1", "trainer.limit_train_batches=0.5",
+            "trainer.limit_val_batches=1", "trainer.test_after_fit=false", "callbacks.progress=none", "name=half")
+    assert r.returncode == 0, r.output
+    # 1,078 training digits in batches of 64 (the last incomplete batch dropped): 16, half of it 8
+    assert json.loads((runs_dir / "digits_teacher" / "half" / "results.json").read_text())["global_step"] == 8
