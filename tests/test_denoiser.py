@@ -117,3 +117,21 @@ def test_save_and_from_pretrained_round_trip(tmp_path):
         assert torch.equal(back.guided(x, t, cond, 2.0), den.guided(x, t, cond, 2.0))
     with pytest.raises(DistillError, match="no unet/config.json"):
         Denoiser.from_pretrained(tmp_path)
+
+
+def test_a_bare_networks_state_dict_loads_into_its_denoiser():
+    """Checkpoints of students that were not diffusers UNets (toy2d's MLP) held the network's keys
+    without "unet.": they load, and resume, into the denoiser around that network."""
+    from distillkit.methods.ema import EMA
+    from distillkit.models.mlp import MLPDenoiser
+
+    torch.manual_seed(0)
+    old = MLPDenoiser(hidden=16, depth=1)
+    den = as_denoiser(MLPDenoiser(hidden=16, depth=1), NoiseSchedule("cosine", 1024), "v")
+    holder = torch.nn.Module()
+    holder.student, holder.ema = den, EMA(den, 0.9)
+    legacy = {f"student.{k}": v for k, v in old.state_dict().items()}
+    legacy.update({f"ema.module.{k}": v for k, v in old.state_dict().items()}, **{"ema.n_averaged": torch.tensor(3)})
+    holder.load_state_dict(legacy, strict=True)
+    assert all(torch.equal(a, b) for a, b in zip(den.unet.state_dict().values(), old.state_dict().values()))
+    assert all(torch.equal(a, b) for a, b in zip(holder.ema.module.unet.state_dict().values(), old.state_dict().values()))

@@ -147,6 +147,15 @@ class Denoiser(nn.Module):
             object.__setattr__(new, k, copy.deepcopy(v, memo))
         return new
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kw):
+        # Networks other than diffusers UNets (toy2d's MLP) were once the student itself: their keys in
+        # checkpoints written before this boundary lack "unet."; they load (and resume) as they are.
+        own = self.unet.state_dict().keys()
+        for k in [k for k in state_dict if k.startswith(prefix) and not k.startswith(prefix + "unet.")]:
+            if k[len(prefix):] in own:
+                state_dict[prefix + "unet." + k[len(prefix):]] = state_dict.pop(k)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kw)
+
     def _apply(self, fn, recurse=True):
         super()._apply(fn, recurse)
         device = self.device
