@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
-import os
 import shlex
 import sys
 import time
@@ -32,6 +31,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_kd_digits import Runner, machine  # noqa: E402
+from bench_teacher_digits import digits_scoring  # noqa: E402
 
 STEPS = [1, 4, 16, 64]
 GUIDANCE = [1.0, 2.0, 4.0]
@@ -43,20 +43,12 @@ TARGET_RATIO = 2.0
 def score(ckpt: Path, steps: list[int], guidance: list[float], grid_dir: Optional[Path], seed: int = 0) -> list[dict]:
     import torch
 
-    from distillkit.data.digits import DigitsDataModule
-    from distillkit.metrics.fid import DIGITS_NUM_SAMPLES, SampleScorer, floor_scores, heldout_images
-    from distillkit.metrics.images import image_grid, save_png, split_images
-    from distillkit.models.loading import load_run_checkpoint
+    from distillkit.metrics.fid import DIGITS_NUM_SAMPLES, heldout_images
+    from distillkit.metrics.images import image_grid, save_png
     from distillkit.sample import generate
 
     n = DIGITS_NUM_SAMPLES
-    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
-    method = load_run_checkpoint(ckpt)
-    dm = DigitsDataModule()
-    dm.setup("fit")
-    scorer = SampleScorer("digits")
-    stats = scorer.reference(split_images(dm, "train"), "digits", "train")
-    floor = floor_scores(dm, "digits", n, scorer=scorer)
+    method, dm, scorer, stats, floor = digits_scoring(ckpt)
     held_labels = torch.cat([dm.val_set.tensors[1], dm.test_set.tensors[1]])[:n]
     floor_acc = scorer.class_accuracy(heldout_images(dm, n), held_labels)
     rows = [{"method": "floor", "fid": floor["fid"], "is": floor["is"], "is_std": floor["is_std"],

@@ -36,23 +36,32 @@ GRID_STEPS = (1, 4, 64)
 TARGET_RATIO = 3.0
 
 
-def score_teacher(ckpt: Path, steps: list[int], grid_dir: Optional[Path], seed: int = 0) -> tuple[list[dict], dict]:
+def digits_scoring(ckpt: Path):
+    """(method of the run, digits datamodule, scorer, the training split's FID statistics, the floor's
+    scores): what every digits teacher benchmark scores its samples with (700 samples)."""
     import torch
 
     from distillkit.data.digits import DigitsDataModule
     from distillkit.metrics.fid import DIGITS_NUM_SAMPLES, SampleScorer, floor_scores
-    from distillkit.metrics.images import image_grid, save_png, split_images
+    from distillkit.metrics.images import split_images
     from distillkit.models.loading import load_run_checkpoint
-    from distillkit.sample import generate
 
-    n = DIGITS_NUM_SAMPLES
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     method = load_run_checkpoint(ckpt)
     dm = DigitsDataModule()
     dm.setup("fit")
     scorer = SampleScorer("digits")
     stats = scorer.reference(split_images(dm, "train"), "digits", "train")
-    floor = floor_scores(dm, "digits", n, scorer=scorer)
+    return method, dm, scorer, stats, floor_scores(dm, "digits", DIGITS_NUM_SAMPLES, scorer=scorer)
+
+
+def score_teacher(ckpt: Path, steps: list[int], grid_dir: Optional[Path], seed: int = 0) -> tuple[list[dict], dict]:
+    from distillkit.metrics.fid import DIGITS_NUM_SAMPLES
+    from distillkit.metrics.images import image_grid, save_png
+    from distillkit.sample import generate
+
+    n = DIGITS_NUM_SAMPLES
+    method, dm, scorer, stats, floor = digits_scoring(ckpt)
     rows = []
     for k in steps:
         t0 = time.time()
