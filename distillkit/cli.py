@@ -28,22 +28,12 @@ from omegaconf import DictConfig, OmegaConf
 
 from distillkit.config import REQUIRED_HINTS, SCHEMAS, field_names, out_of_bounds, register_configs
 from distillkit.errors import DistillError, root_cause
+from distillkit.paths import CONF_DIR, find_conf_dir  # noqa: F401  (CONF_DIR is also imported from here)
 from distillkit.runs import run_name
 
 log = logging.getLogger("distillkit")
 
 
-def find_conf_dir() -> str:
-    """The Hydra config root: ``distillkit/conf`` inside an installed wheel, else the
-    repository's top-level ``conf/``."""
-    here = Path(__file__).resolve().parent
-    for cand in (here / "conf", here.parent / "conf"):
-        if (cand / "config.yaml").is_file():
-            return str(cand)
-    raise RuntimeError(f"distillkit's config folder is missing (looked in {here / 'conf'} and {here.parent / 'conf'})")
-
-
-CONF_DIR = find_conf_dir()
 
 
 def register_resolvers() -> None:

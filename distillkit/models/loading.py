@@ -53,7 +53,7 @@ def _written_by(path: Path) -> str:
     """The command that writes a missing ``<runs_dir>/<experiment>/<name>/last.ckpt``, as a hint:
     the experiments' teacher paths point at other experiments' runs (digits_kd at digits_teacher's),
     which a new user may not have trained yet."""
-    from distillkit.cli import CONF_DIR  # the CLI imports this module
+    from distillkit.paths import CONF_DIR
 
     experiment, name = path.parent.parent.name, path.parent.name
     if path.name != "last.ckpt" or not (Path(CONF_DIR) / "experiment" / f"{experiment}.yaml").is_file():
