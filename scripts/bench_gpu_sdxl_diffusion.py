@@ -13,8 +13,7 @@ Variants (``--variants``, default all):
     full            the whole UNet trains (fp32 weights, fp32 gradients, AdamW's two fp32 moments)
     lora            a LoRA adapter (Hu et al. 2021; rank 64 on to_q, to_k, to_v, to_out.0 of every
                     attention layer, distillkit's ``add_lora``) trains; the frozen base is held in bf16
-                    (as ``frozen_dtype`` holds frozen weights; distillkit's LoRA student itself keeps
-                    its base in fp32 for now, about 5 GB more than this row)
+                    (as distillkit's LoRA student holds it: ``frozen_dtype``, bf16 on a GPU)
     full_gc, lora_gc  the same with ``unet.enable_gradient_checkpointing()``
     frozen_forward  no update: one no-grad forward of the UNet held in bf16 (a frozen teacher's call)
 
