@@ -212,7 +212,8 @@ def evaluate_files(args: dict[str, str], overrides: list[str], a: Any) -> dict[s
     batch by batch (see the module docstring)."""
     import torch
 
-    from distillkit.callbacks.evaluation import folder_statistics, read_eval_prompts, repeat_to, resize_uint8
+    from distillkit.callbacks.evaluation import folder_statistics, read_eval_prompts, resize_uint8
+    from distillkit.data.text_image import repeat_to
     from distillkit.metrics.fid import _batches, fid_metric, is_metric
 
     if "dataset" in args or overrides:

@@ -129,7 +129,7 @@ def export_pipeline(method, out: str | Path, use_ema: bool = True, source: str =
         raise DistillError(f"out={out}: exists and is not a folder")
     if net.condition == "text":
         what = export_text_to_image(method, net, out, lora)
-        write_provenance(method, out, use_ema, source, what)
+        write_provenance(method, net, out, use_ema, source, what)
         return out
     unet = getattr(net, "unet", None)
     if not isinstance(unet, UNet2DModel):
@@ -138,13 +138,12 @@ def export_pipeline(method, out: str | Path, use_ema: bool = True, source: str =
                            f"this run's network is {model}")
     pipe = DDIMPipeline(unet=unet, scheduler=ddim_scheduler(method))
     pipe.save_pretrained(str(out), safe_serialization=True)
-    write_provenance(method, out, use_ema, source, "DDIMPipeline")
+    write_provenance(method, net, out, use_ema, source, "DDIMPipeline")
     return out
 
 
-def write_provenance(method, out: Path, use_ema: bool, source: str, what: str) -> None:
-    """``distillkit.json``: where the export came from and how distillkit samples it."""
-    net = method.eval_network() if use_ema else method.student
+def write_provenance(method, net, out: Path, use_ema: bool, source: str, what: str) -> None:
+    """``distillkit.json``: where the export ``net`` came from and how distillkit samples it."""
     info = {"checkpoint": source, "method": method.method_name, "exported": what,
             "use_ema": bool(use_ema and method.ema is not None), "prediction_type": method.prediction_type,
             "num_inference_steps": method.num_steps, "timestep_spacing": method.spacing, "eta": method.eta,

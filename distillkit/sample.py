@@ -91,10 +91,16 @@ def check_steps(method, steps: int, key: str = "steps") -> None:
 
 
 def read_prompts(text: str) -> list[str]:
-    """``prompts=``: a file with one prompt a line, or prompts separated by ``|``."""
-    p = Path(text).expanduser()
-    prompts = p.read_text(encoding="utf-8").splitlines() if p.is_file() else text.split("|")
-    prompts = [q.strip() for q in prompts if q.strip()]
+    """``prompts=``: a file with one prompt a line (read as ``dataset=prompts`` reads its file), or
+    prompts separated by ``|``."""
+    from distillkit.data import text_image
+
+    if Path(text).expanduser().is_file():
+        try:
+            return text_image.read_prompts(text, key="prompts")
+        except ValueError as e:
+            raise DistillError(str(e)) from None
+    prompts = [q.strip() for q in text.split("|") if q.strip()]
     if not prompts:
         raise DistillError(f"prompts={text}: no prompts (a file with one prompt a line, or prompts separated by |)")
     return prompts
@@ -113,8 +119,9 @@ def sampling_condition(method, num_samples: int, generator: torch.Generator, cla
     if den.condition == "text":
         if prompts is None:
             raise DistillError("this model is a text-to-image model: give prompts=FILE or prompts='a cat|a dog'")
-        reps = (num_samples + len(prompts) - 1) // len(prompts)
-        return den.encode_prompts((prompts * reps)[:num_samples])
+        from distillkit.data.text_image import repeat_to
+
+        return den.encode_prompts(repeat_to(prompts, num_samples))
     if classes is not None:
         try:
             labels = [int(c) for c in str(classes).split(",") if c.strip()]

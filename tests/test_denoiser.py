@@ -9,9 +9,9 @@ import json
 import pytest
 import torch
 
-from distillkit.diffusion import NoiseSchedule, ddim_sample
+from distillkit.diffusion import NoiseSchedule, ddim_sample, guided
 from distillkit.errors import DistillError
-from distillkit.models.denoiser import Denoiser, apply_guidance, as_denoiser
+from distillkit.models.denoiser import Denoiser, as_denoiser
 from distillkit.models.unet import DiffusersUNet
 
 
@@ -23,10 +23,10 @@ def class_unet(num_classes=3):
 
 def test_guidance_convention_scalar_and_per_sample():
     u, c = torch.randn(4, 1, 8, 8), torch.randn(4, 1, 8, 8)
-    assert torch.equal(apply_guidance(u, c, 1.0), c) and torch.equal(apply_guidance(u, c, 0.0), u)
-    assert torch.allclose(apply_guidance(u, c, 7.5), u + 7.5 * (c - u), atol=1e-5)
+    assert torch.equal(guided(u, c, 1.0), c) and torch.equal(guided(u, c, 0.0), u)
+    assert torch.allclose(guided(u, c, 7.5), u + 7.5 * (c - u), atol=1e-5)
     w = torch.tensor([1.0, 2.0, 4.0, 0.0])  # LCM draws w per sample
-    out = apply_guidance(u, c, w)
+    out = guided(u, c, w)
     for i in range(4):
         assert torch.allclose(out[i], u[i] + w[i] * (c[i] - u[i]), atol=1e-6)
 

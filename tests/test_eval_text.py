@@ -27,7 +27,8 @@ from torch import nn
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from tiny_sd import TINY_RESOLUTION, make_tiny_sd15, make_tokenizer, write_tokenizer_files  # noqa: E402
+from tiny_sd import (TINY_RESOLUTION, make_tiny_sd15, make_tokenizer, write_image_text_folder,  # noqa: E402
+                     write_tokenizer_files)
 
 from distillkit.errors import DistillError  # noqa: E402
 from distillkit.metrics.features import FeatureNet  # noqa: E402
@@ -91,15 +92,8 @@ class StubScorer:
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> dict:
-    from PIL import Image
-
     root = tmp_path_factory.mktemp("tiny_eval")
-    images = root / "images"
-    images.mkdir()
-    rng = np.random.default_rng(0)
-    for i in range(8):  # non-square, as COCO's: centre-cropped and resized
-        Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(images / f"img{i}.png")
-        (images / f"img{i}.txt").write_text(f"picture number {i}")
+    images = write_image_text_folder(root / "images")  # non-square, as COCO's: centre-cropped and resized
     prompts = root / "prompts.txt"
     prompts.write_text("a cat\n\na red dog\nthe house of the king\n")
     return {"root": root, "images": images, "prompts": prompts, "clip": make_tiny_clip(root / "clip"),

@@ -12,13 +12,12 @@ import json
 import os
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from tiny_sd import TINY_RESOLUTION, make_tiny_sd15, make_tiny_sdxl  # noqa: E402
+from tiny_sd import TINY_RESOLUTION, make_tiny_sd15, make_tiny_sdxl, write_image_text_folder  # noqa: E402
 
 PROMPTS = ["a cat", "a red dog"]
 
@@ -26,14 +25,7 @@ PROMPTS = ["a cat", "a red dog"]
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("tiny_sd")
-    images = root / "images"
-    images.mkdir()
-    rng = np.random.default_rng(0)
-    from PIL import Image
-
-    for i in range(8):  # non-square: resized to 32 on the short side and centre-cropped
-        Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(images / f"img{i}.png")
-        (images / f"img{i}.txt").write_text(f"picture number {i}")
+    images = write_image_text_folder(root / "images")  # non-square: resized to 32 on the short side and cropped
     return {"sd15": make_tiny_sd15(root / "sd15"), "sdxl": make_tiny_sdxl(root / "sdxl"), "images": images,
             "root": root}
 

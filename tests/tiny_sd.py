@@ -117,6 +117,21 @@ def _unet(seed: int, **kwargs) -> UNet2DConditionModel:
     )
 
 
+def write_image_text_folder(folder: Path, n: int = 8, size: tuple[int, int] = (40, 48)) -> Path:
+    """``n`` random non-square RGB images (``size`` = height, width: centre-cropped and resized by the
+    datasets and the evaluation) with a ``<stem>.txt`` caption each, as ``dataset=image_text_folder`` reads."""
+    import numpy as np
+    from PIL import Image
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 255, (*size, 3), dtype=np.uint8)).save(folder / f"img{i}.png")
+        (folder / f"img{i}.txt").write_text(f"picture number {i}")
+    return folder
+
+
 def make_tiny_sd15(path, seed: int = 0, prediction_type: str = "epsilon") -> Path:
     """Write a tiny random SD1.5-style pipeline (unet, vae, text_encoder, tokenizer, DDIM scheduler) to ``path``."""
     path = Path(path)

@@ -62,6 +62,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from distillkit.cycles import cycle_lengths, ends_cycle
+from distillkit.data.text_image import repeat_to
 from distillkit.errors import DistillError
 from distillkit.metrics.fid import DIGITS_NUM_SAMPLES, SampleScorer
 from distillkit.metrics.images import image_grid, save_png, split_images, to_uint8
@@ -101,20 +102,15 @@ def read_eval_prompts(path: str, key: str = "eval.prompts") -> list[str]:
         except (FileNotFoundError, ValueError) as e:
             raise DistillError(f"{key}={path}: {str(e).replace('dataset.captions_file', key)}") from None
     else:
+        from distillkit.data.text_image import read_prompts
+
         try:
-            text = p.read_text(encoding="utf-8-sig")
-        except UnicodeDecodeError as e:
-            raise DistillError(f"{key}={path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
-        prompts = [line.strip() for line in text.splitlines() if line.strip()]
+            prompts = read_prompts(str(p), key)
+        except ValueError as e:
+            raise DistillError(str(e)) from None
     if not prompts:
         raise DistillError(f"{key}={path} holds no prompts")
     return prompts
-
-
-def repeat_to(items: Sequence[Any], n: int) -> list[Any]:
-    """The first ``n`` of ``items``, repeated from the start when there are fewer."""
-    items = list(items)
-    return (items * ((n + len(items) - 1) // len(items)))[:n]
 
 
 def center_crop_resize(img: Any, size: tuple[int, int]) -> Any:

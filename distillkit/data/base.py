@@ -92,6 +92,13 @@ class UInt8Images(Dataset):
         raise NotImplementedError
 
 
+def check_split_fractions(val_fraction: float, test_fraction: float) -> None:
+    """The held-out fractions of a dataset's fixed split: each at least 0, together below 1."""
+    if val_fraction < 0 or test_fraction < 0 or val_fraction + test_fraction >= 1:
+        raise ValueError("dataset.val_fraction + dataset.test_fraction must be below 1, both at least 0 "
+                         f"(got {val_fraction} + {test_fraction})")
+
+
 def split_indices(n: int, val_fraction: float, test_fraction: float, split_seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """A fixed random train/val/test partition of range(n), determined by split_seed alone."""
     g = torch.Generator().manual_seed(split_seed)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch.utils.data import TensorDataset
 
-from distillkit.data.base import DistillDataModule, split_indices
+from distillkit.data.base import DistillDataModule, check_split_fractions, split_indices
 
 
 def load_digits_tensors() -> tuple[torch.Tensor, torch.Tensor]:
@@ -32,8 +32,7 @@ class DigitsDataModule(DistillDataModule):
         super().__init__(**kwargs)
         if not 0.0 < train_fraction <= 1.0:
             raise ValueError(f"dataset.train_fraction must be in (0, 1], got {train_fraction}")
-        if val_fraction < 0 or test_fraction < 0 or val_fraction + test_fraction >= 1:
-            raise ValueError("dataset.val_fraction + dataset.test_fraction must be below 1")
+        check_split_fractions(val_fraction, test_fraction)
         self.val_fraction = val_fraction
         self.test_fraction = test_fraction
         self.train_fraction = train_fraction

@@ -16,7 +16,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from distillkit.data.base import DistillDataModule, UInt8Images, split_indices
+from distillkit.data.base import DistillDataModule, check_split_fractions, UInt8Images, split_indices
 from distillkit.data.transforms import random_crop_flip
 from distillkit.errors import DistillError
 
@@ -85,9 +85,7 @@ class ImageFolderDataModule(DistillDataModule):
             raise ValueError(f"dataset.channels must be 1 (grayscale) or 3 (RGB), got {channels}")
         if image_size < 1:
             raise ValueError(f"dataset.image_size must be positive, got {image_size}")
-        if val_fraction < 0 or test_fraction < 0 or val_fraction + test_fraction >= 1:
-            raise ValueError("dataset.val_fraction + dataset.test_fraction must be below 1 "
-                             f"(got {val_fraction} + {test_fraction})")
+        check_split_fractions(val_fraction, test_fraction)
         self.data_dir = data_dir
         self.image_size = image_size
         self.channels = channels

@@ -49,7 +49,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from distillkit.data.base import DistillDataModule, split_indices
+from distillkit.data.base import DistillDataModule, check_split_fractions, split_indices
 from distillkit.errors import DistillError
 
 log = logging.getLogger("distillkit")
@@ -237,9 +237,7 @@ class TextImageDataModule(DistillDataModule):
             raise ValueError(f"dataset.resolution must be positive, got {resolution}")
         if encode_batch_size < 1:
             raise ValueError(f"dataset.encode_batch_size must be positive, got {encode_batch_size}")
-        if val_fraction < 0 or test_fraction < 0 or val_fraction + test_fraction >= 1:
-            raise ValueError("dataset.val_fraction + dataset.test_fraction must be below 1, both at least 0 "
-                             f"(got {val_fraction} + {test_fraction})")
+        check_split_fractions(val_fraction, test_fraction)
         self.resolution = resolution
         self.val_fraction = val_fraction
         self.test_fraction = test_fraction
@@ -469,21 +467,27 @@ class TextImageDataModule(DistillDataModule):
 
 
 # --------------------------------------------------------------------------- prompts file
-def read_prompts(path: str) -> list[str]:
-    """The non-blank lines of a UTF-8 text file, stripped."""
+def read_prompts(path: str, key: str = "dataset.path") -> list[str]:
+    """The non-blank lines of a UTF-8 text file, stripped: the prompts file of ``dataset=prompts``,
+    ``eval.prompts`` and ``distill-sample prompts=``. Errors name ``key``."""
     p = Path(path).expanduser()
     if not p.is_file():
-        raise FileNotFoundError(f"dataset.path={path!r}: no such file: set dataset.path to a UTF-8 text file "
-                                "with one prompt a line")
+        raise FileNotFoundError(f"{key}={path!r}: no such file: set {key} to a UTF-8 text file with one prompt a line")
     try:
         text = p.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as e:
-        raise ValueError(f"dataset.path={path!r} is not UTF-8 text ({e.reason} at byte {e.start}): save it as "
+        raise ValueError(f"{key}={path!r} is not UTF-8 text ({e.reason} at byte {e.start}): save it as "
                          "UTF-8, one prompt a line") from None
     prompts = [line.strip() for line in text.splitlines() if line.strip()]
     if not prompts:
-        raise ValueError(f"dataset.path={path!r} holds no prompts (empty, or blank lines only): write one prompt a line")
+        raise ValueError(f"{key}={path!r} holds no prompts (empty, or blank lines only): write one prompt a line")
     return prompts
+
+
+def repeat_to(items: Sequence[Any], n: int) -> list[Any]:
+    """The first ``n`` of ``items``, repeated from the start when there are fewer (prompts over samples)."""
+    items = list(items)
+    return (items * ((n + len(items) - 1) // len(items)))[:n]
 
 
 class PromptsDataModule(TextImageDataModule):

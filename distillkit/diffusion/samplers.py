@@ -19,16 +19,19 @@ from typing import Callable, Optional
 import torch
 
 from distillkit.diffusion.parameterization import x0_eps
-from distillkit.diffusion.schedules import NoiseSchedule
+from distillkit.diffusion.schedules import NoiseSchedule, expand_like
 
 ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def guided(out_uncond, out_cond, w: float):
+def guided(out_uncond, out_cond, w):
     """Classifier-free guidance (Ho & Salimans 2021) in diffusers' convention:
     out = out_u + w (out_c - out_u). w = 1 returns the conditional output (no guidance), w = 0 the
     unconditional one. Papers that write (1 + w') eps_c - w' eps_u use w = 1 + w'. Computed as
-    w out_c + (1 - w) out_u, the same value, so that w = 1 and w = 0 are exact (bitwise)."""
+    w out_c + (1 - w) out_u, the same value, so that w = 1 and w = 0 are exact (bitwise). ``w`` is a
+    number or a per-sample tensor of shape (B,) (LCM draws w per sample)."""
+    if isinstance(w, torch.Tensor):
+        w = expand_like(w, out_cond)
     return w * out_cond + (1 - w) * out_uncond
 
 

@@ -69,7 +69,7 @@ class Progressive(StepDistillation):
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         x0, cond = self.split_batch(batch)  # the condition (class labels, text) goes to teacher and student alike
         x0 = x0.float()
-        teacher_fn = (lambda x, t: self.teacher_fn(x, t, cond)) if cond else self.teacher_fn
+        teacher_fn = lambda x, t: self.teacher_fn(x, t, cond)  # noqa: E731
         B, grid, g = x0.shape[0], self.round_grid(x0.device), self.noise_generator(batch_idx)
         j = torch.randint(0, self.teacher_steps_now // 2, (B,), generator=g, device=g.device).to(x0.device)
         t, t1, t2 = self.grid_times(grid, 2 * j)
@@ -84,8 +84,7 @@ class Progressive(StepDistillation):
         else:
             x_tilde = progressive_target(teacher_fn, z_t, t, t1, t2, self.schedule, self.teacher_pred_type,
                                          self.clip_sample)
-        student = self.train_student
-        out = self._checked(student(z_t, t, cond) if cond else student(z_t, t), z_t).float()
+        out = self._checked(self.train_student(z_t, t, cond), z_t).float()
         x_hat = to_x0(out, self.prediction_type, z_t, alpha, sigma)
         w = step_loss_weight(self.step_weighting, self.schedule, t, t2, like=z_t).flatten()
         loss = (w * mean_flat((x_hat - x_tilde) ** 2)).mean()

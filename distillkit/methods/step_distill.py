@@ -265,8 +265,7 @@ class StepDistillation(DiffusionMethod):
 
     def teacher_fn(self, x: torch.Tensor, t: torch.Tensor, cond: Optional[dict] = None) -> torch.Tensor:
         assert self.teacher is not None
-        teacher = self.compiled("teacher", self.teacher)
-        return (teacher(x, t, cond) if cond else teacher(x, t)).float()
+        return self.compiled("teacher", self.teacher)(x, t, cond).float()
 
     def round_path(self, r: int) -> Optional[Path]:
         return None if self.run_dir is None else Path(self.run_dir) / f"{self.round_name}_{r}.ckpt"
@@ -336,14 +335,14 @@ class StepDistillation(DiffusionMethod):
 
     def _load_round_teacher(self, r: int) -> None:
         """After a restart in round r > 1: the teacher is round r-1's student, from its file."""
-        from distillkit.models.loading import matching_keys, read_state_dict
+        from distillkit.models.loading import read_state_dict
 
         path = self.round_path(r - 1)
         if path is None or not path.is_file():
             raise DistillError(f"method={self.method_name}: this run resumes in {self.round_name} {r}, whose teacher "
                                f"{path} is missing; restore that file or start the run afresh (another name=...)")
         net = copy.deepcopy(self.eval_network())
-        net.load_state_dict(matching_keys(net, read_state_dict(path, key=f"{self.round_name} teacher")), strict=True)
+        net.load_state_dict(read_state_dict(path, key=f"{self.round_name} teacher"), strict=True)
         self._set_teacher(net, r)
         log.info("method=%s: %s %d resumes with the teacher %s", self.method_name, self.round_name, r, path)
 

@@ -39,6 +39,7 @@ import torch
 from torch import nn
 
 from distillkit.diffusion.parameterization import canonical_pred_type
+from distillkit.diffusion.samplers import guided
 from distillkit.errors import DistillError
 
 Cond = dict  # dict[str, torch.Tensor], batch-first
@@ -81,21 +82,6 @@ def where_cond(keep: torch.Tensor, cond: Cond, other: Cond) -> Cond:
         m = keep.to(v.device).reshape(keep.shape + (1,) * (v.ndim - 1))
         out[k] = torch.where(m, v, other[k].to(v.dtype))
     return out
-
-
-def guidance_tensor(w: Guidance, like: torch.Tensor) -> Union[float, torch.Tensor]:
-    """A number, or a (B,) tensor shaped to broadcast against ``like``."""
-    if isinstance(w, torch.Tensor):
-        w = w.to(like.device, like.dtype)
-        return w.reshape(w.shape + (1,) * (like.ndim - w.ndim))
-    return 1.0 if w is None else float(w)
-
-
-def apply_guidance(out_uncond: torch.Tensor, out_cond: torch.Tensor, w: Guidance) -> torch.Tensor:
-    """diffusers' convention, out_u + w (out_c - out_u), computed as w out_c + (1 - w) out_u so that
-    w = 1 and w = 0 are exact; ``w`` a number or a per-sample (B,) tensor."""
-    w = guidance_tensor(w, out_cond)
-    return w * out_cond + (1 - w) * out_uncond
 
 
 def no_guidance(w: Guidance) -> bool:
@@ -272,7 +258,7 @@ class Denoiser(nn.Module):
             return self(x_t, t, cond)
         both = cat_cond(self.null_condition(cond), cond)
         out_u, out_c = self(torch.cat([x_t, x_t]), torch.cat([t, t]), both).chunk(2)
-        return apply_guidance(out_u, out_c, guidance)
+        return guided(out_u, out_c, guidance)
 
     def model_fn(self, cond: Optional[Cond] = None, guidance: Guidance = None) -> Callable:
         """A closure ``fn(x_t, t)`` for the samplers, its output in float32."""
@@ -360,5 +346,5 @@ def as_denoiser(net: nn.Module, schedule: Any, prediction_type: str, condition: 
     return net.configure(schedule, prediction_type)
 
 
-__all__ = ["Denoiser", "as_denoiser", "apply_guidance", "guidance_tensor", "no_guidance", "map_cond", "cat_cond",
+__all__ = ["Denoiser", "as_denoiser", "no_guidance", "map_cond", "cat_cond",
            "where_cond", "cond_batch_size", "CONDITION_KINDS"]

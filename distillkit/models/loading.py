@@ -122,7 +122,8 @@ def build_model(cfg: DictConfig | Mapping, key: str = "model") -> nn.Module:
 def matching_keys(net: nn.Module, sd: dict) -> dict:
     """A denoiser's file (keys ``unet.*``) for a bare network, or the other way round: a checkpoint of
     a run whose student is a denoiser loads into the same network built alone, and a network's own
-    state dict into a denoiser around it."""
+    state dict into a denoiser around it. Only :func:`load_weights` needs it, to compare the keys
+    before loading; a denoiser's own ``load_state_dict`` maps bare keys by itself."""
     own = net.state_dict()
     if set(sd) == set(own):
         return sd
@@ -228,7 +229,7 @@ def _load_network(method, ckpt: Mapping, key: str, path) -> None:
     becomes the sampler's default."""
     for net in [method.student] + ([method.ema.module] if method.ema is not None else []):
         try:
-            net.load_state_dict(matching_keys(net, ckpt["state_dict"]), strict=True)
+            net.load_state_dict(ckpt["state_dict"], strict=True)  # a denoiser maps a bare network's keys itself
         except RuntimeError as e:
             raise DistillError(f"{key}={path}: the weights do not fit the network built from the file's config "
                                f"({str(e).splitlines()[0][:200]})") from None

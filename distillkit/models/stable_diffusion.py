@@ -223,12 +223,14 @@ def text_unet_inputs(cond: Cond, x: torch.Tensor, latent_scale: int = 8) -> dict
     kw: dict[str, Any] = {"encoder_hidden_states": cond["encoder_hidden_states"].to(dtype)}
     if "text_embeds" in cond:
         B, (h, w) = x.shape[0], x.shape[-2:]
-        target = torch.tensor([h * latent_scale, w * latent_scale], device=x.device, dtype=torch.float32)
+        # filled on the device: a tensor copied from the host would wait for the GPU's queue every call
+        target = torch.cat([torch.full((B, 1), float(h * latent_scale), device=x.device),
+                            torch.full((B, 1), float(w * latent_scale), device=x.device)], dim=1)
         orig = cond.get("original_size")
-        orig = target.expand(B, 2) if orig is None else orig.to(x.device).float()
+        orig = target if orig is None else orig.to(x.device).float()
         crop = cond.get("crop_top_left")
         crop = torch.zeros(B, 2, device=x.device) if crop is None else crop.to(x.device).float()
-        time_ids = torch.cat([orig, crop, target.expand(B, 2)], dim=1)
+        time_ids = torch.cat([orig, crop, target], dim=1)
         kw["added_cond_kwargs"] = {"text_embeds": cond["text_embeds"].to(dtype), "time_ids": time_ids.to(dtype)}
     return kw
 
