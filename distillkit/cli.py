@@ -314,23 +314,27 @@ def is_compile_failure(e: BaseException) -> bool:
 
 
 def build_trainer(cfg: DictConfig, run_dir: Path, accelerator: str, callbacks: list, loggers: list,
-                  progress_bar: bool) -> Any:
+                  progress_bar: bool, manual: bool = False) -> Any:
     """Lightning's Trainer from ``trainer.*``; settings it refuses (a strategy or precision it does
-    not know, a GPU that is not there) become one message naming the trainer overrides given."""
+    not know, a GPU that is not there) become one message naming the trainer overrides given.
+    ``manual``: the method updates several roles itself (distillkit.methods.roles): it clips their
+    gradients, and under DDP each backward reaches one role, so DDP must find unused parameters."""
     import lightning as L
     from hydra.core.hydra_config import HydraConfig
     from lightning.fabric.utilities.exceptions import MisconfigurationException
 
     t = cfg.trainer
+    strategy = "ddp_find_unused_parameters_true" if manual and t.strategy == "ddp" else t.strategy
+    clip = None if manual else (t.gradient_clip_val if t.gradient_clip_val is not None else cfg.optim.gradient_clip_val)
     try:
         return L.Trainer(
             max_epochs=t.max_epochs, max_steps=t.max_steps, accelerator=accelerator, devices=t.devices,
-            num_nodes=t.num_nodes, strategy=t.strategy, precision=_precision(cfg, accelerator),
+            num_nodes=t.num_nodes, strategy=strategy, precision=_precision(cfg, accelerator),
             logger=loggers or False, callbacks=callbacks,
             default_root_dir=str(run_dir), enable_checkpointing=False, enable_progress_bar=progress_bar,
             enable_model_summary=False, num_sanity_val_steps=0, use_distributed_sampler=False,
             log_every_n_steps=t.log_every_n_steps, check_val_every_n_epoch=t.check_val_every_n_epoch,
-            val_check_interval=t.val_check_interval, gradient_clip_val=t.gradient_clip_val,
+            val_check_interval=t.val_check_interval, gradient_clip_val=clip,
             accumulate_grad_batches=t.accumulate_grad_batches, deterministic=t.deterministic,
             limit_train_batches=t.limit_train_batches, limit_val_batches=t.limit_val_batches,
             limit_test_batches=t.limit_test_batches,
@@ -339,6 +343,33 @@ def build_trainer(cfg: DictConfig, run_dir: Path, accelerator: str, callbacks: l
         given = [o for o in HydraConfig.get().overrides.task if o.lstrip("+~").startswith("trainer.")]
         where = f" (given: {' '.join(given)})" if given else ""
         raise DistillError(f"Lightning refused the trainer settings{where}: {str(e).strip().splitlines()[0]}") from None
+
+
+def multi_role_settings(cfg: DictConfig) -> dict:
+    """The extra arguments of a method with several roles (DMD, DMD2: distillkit.methods.roles):
+    the critic's optimizer overrides and each role's gradient clipping. Refuses ``critic_optim``
+    values for methods with one role, and the trainer settings Lightning's manual optimization
+    does not take."""
+    from hydra.utils import get_class
+
+    from hydra.core.hydra_config import HydraConfig
+
+    from distillkit.methods.roles import MultiRoleMethod
+
+    critic = {k: v for k, v in OmegaConf.to_container(cfg.critic_optim, resolve=True).items() if v is not None}
+    choice = HydraConfig.get().runtime.choices.get("method")
+    if not issubclass(get_class(cfg.method._target_), MultiRoleMethod):
+        if critic:
+            raise DistillError(f"critic_optim.{next(iter(critic))}: method={choice} trains one network and has no critic; "
+                               "critic_optim is for method=dmd / dmd2")
+        return {}
+    if cfg.trainer.accumulate_grad_batches != 1:
+        raise DistillError(f"trainer.accumulate_grad_batches={cfg.trainer.accumulate_grad_batches}: method={choice} updates "
+                           "its generator and critic in turn (manual optimization) and takes no accumulation; raise "
+                           "dataset.batch_size instead")
+    clip = cfg.optim.gradient_clip_val if cfg.optim.gradient_clip_val is not None else cfg.trainer.gradient_clip_val
+    critic_clip = critic.pop("gradient_clip_val", clip)
+    return {"critic_optim_cfg": critic, "grad_clip": {"generator": clip, "critic": critic_clip}}
 
 
 def resume_safe_keys() -> list[str]:
@@ -401,10 +432,11 @@ def run(cfg: DictConfig) -> dict:
             choice = HydraConfig.get().runtime.choices.get("method")
             raise DistillError(f"teacher=self (the network distils into itself) is for method=dsd; method={choice} "
                                "needs a distinct teacher: e.g. teacher=unet_digits teacher.checkpoint=PATH")
+    roles = multi_role_settings(cfg)
     method = build(
         cfg.method, "method", student=student, teacher=teacher,
         optim_cfg=OmegaConf.to_container(cfg.optim, resolve=True),
-        ema_cfg=OmegaConf.to_container(cfg.callbacks.ema, resolve=True),
+        ema_cfg=OmegaConf.to_container(cfg.callbacks.ema, resolve=True), **roles,
         schedule_cfg=OmegaConf.to_container(cfg.schedule, resolve=True, enum_to_str=True),
         input_shape=tuple(dm.image_shape), num_classes=dm.num_classes,
         _recursive_=False, _convert_="all",
@@ -437,7 +469,8 @@ def run(cfg: DictConfig) -> dict:
         callbacks.append(evaluation)
     ckpt, write_config = check_run_dir(run_dir, config, config["resume"], resume_safe_keys())
     accelerator = str(cfg.trainer.accelerator)
-    trainer = build_trainer(cfg, run_dir, accelerator, callbacks, build_loggers(cfg, run_dir), progress_bar=rich)
+    trainer = build_trainer(cfg, run_dir, accelerator, callbacks, build_loggers(cfg, run_dir), progress_bar=rich,
+                            manual=bool(roles))
     if write_config and rank == 0:
         write_run_config(run_dir, config)
     if ckpt is not None:

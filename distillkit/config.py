@@ -479,6 +479,59 @@ class EDMScheduleConfig(ScheduleConfig):
     solver: EDMSolver = EDMSolver.heun
 
 
+class GeneratorInputs(str, Enum):
+    backward = "backward"  # backward simulation: the generator's own no-grad steps, re-noised (DMD2, Sec. 4.5)
+    real = "real"  # forward-noised real data (the training-inference mismatch DMD2 avoids)
+
+
+@dataclass
+class DMDConfig(MethodConfig):
+    """Distribution matching distillation (distillkit.methods.dmd; Yin et al., CVPR 2024): a one-step
+    (or few-step) generator, a fake-score critic trained online, the frozen teacher as real score."""
+
+    # the generator's and the fake score's prediction type (None: the teacher's own)
+    prediction_type: Optional[PredictionType] = None
+    teacher_prediction_type: Optional[PredictionType] = None
+    # the fake score's denoising loss (diffusion's loss_space / weighting)
+    loss_space: Optional[PredictionType] = None
+    weighting: Weighting = Weighting.none
+    min_snr_gamma: float = bounded(5.0, above=0)
+    # classifier-free guidance of the real score (teacher), diffusers' convention (1: none)
+    real_guidance: float = bounded(1.0, at_least=0)
+    # the generator's conditioning timesteps, descending (None: [T-1], one step); e.g. [999, 749, 499, 249]
+    timesteps: Optional[List[int]] = None
+    dm_weight: float = bounded(1.0, at_least=0)
+    # the distribution-matching loss's t ~ U[dm_t_min T, dm_t_max T] (DMD2's 0.02 / 0.98)
+    dm_t_min: float = bounded(0.02, at_least=0, at_most=1)
+    dm_t_max: float = bounded(0.98, at_least=0, at_most=1)
+    # DMD's regression loss on the teacher's noise-image pairs (written by distill-pairs); 0: none
+    regression_weight: float = bounded(0.25, at_least=0)
+    pairs: Optional[str] = None
+    # pairs per update (None: the dataset's batch size)
+    regression_batch_size: Optional[int] = bounded(None, at_least=1)
+    # two time-scale update rule: critic updates per generator update (DMD2: 5, SD1.5 10)
+    critic_updates_per_generator_update: int = bounded(1, at_least=1)
+    # DMD2's GAN on the fake score's bottleneck features: generator and critic weights (0: no GAN)
+    gan_generator_weight: float = bounded(0.0, at_least=0)
+    gan_critic_weight: float = bounded(0.0, at_least=0)
+    # the diffusion GAN's t ~ U{0, ..., gan_max_timestep - 1} (None: T)
+    gan_max_timestep: Optional[int] = bounded(None, at_least=1)
+    # multi-step generators: where the input at a later step comes from
+    generator_inputs: GeneratorInputs = GeneratorInputs.backward
+    # the generator and the fake score start as the teacher
+    init_from_teacher: bool = True
+
+
+@dataclass
+class DMD2Config(DMDConfig):
+    """DMD2 (Yin et al., NeurIPS 2024): no regression loss, TTUR, a GAN, backward simulation."""
+
+    regression_weight: float = bounded(0.0, at_least=0)
+    critic_updates_per_generator_update: int = bounded(5, at_least=1)
+    gan_generator_weight: float = bounded(1e-3, at_least=0)
+    gan_critic_weight: float = bounded(1e-2, at_least=0)
+
+
 # --------------------------------------------------------------------------- optim
 @dataclass
 class SchedulerConfig:
@@ -531,6 +584,20 @@ class AdamWConfig(AdamConfig):
 class OptimConfig:
     optimizer: Any = MISSING
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    # clip the gradient norm to this (None: trainer.gradient_clip_val, else no clipping)
+    gradient_clip_val: Optional[float] = bounded(None, at_least=0)
+
+
+@dataclass
+class CriticOptimConfig:
+    """The critic's optimizer in methods with several roles (DMD, DMD2): the generator's (``optim``)
+    with these values put in; None: the generator's value."""
+
+    lr: Optional[float] = bounded(None, at_least=0)
+    weight_decay: Optional[float] = bounded(None, at_least=0)
+    betas: Optional[List[float]] = None
+    warmup_steps: Optional[int] = bounded(None, at_least=0)
+    gradient_clip_val: Optional[float] = bounded(None, at_least=0)
 
 
 # --------------------------------------------------------------------------- trainer etc.
@@ -650,6 +717,7 @@ class Config:
     method: Any = MISSING
     schedule: Any = MISSING
     optim: OptimConfig = MISSING
+    critic_optim: CriticOptimConfig = field(default_factory=CriticOptimConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     callbacks: CallbacksConfig = field(default_factory=CallbacksConfig)
@@ -681,6 +749,8 @@ SCHEMAS: dict[str, dict[str, type]] = {
         "progressive": ProgressiveConfig,
         "dsd": DSDConfig,
         "tsd": TSDConfig,
+        "dmd": DMDConfig,
+        "dmd2": DMD2Config,
     },
     "schedule": {"none": ScheduleConfig, "vp": VPScheduleConfig, "edm": EDMScheduleConfig},
     "optim/optimizer": {"sgd": SGDConfig, "adam": AdamConfig, "adamw": AdamWConfig},
@@ -695,6 +765,8 @@ REQUIRED_HINTS = {
     "dataset.data_dir": "the folder holding the dataset files, e.g. dataset.data_dir=/data/cifar-100-python",
     "dataset.path": "a UTF-8 text file with one prompt a line, e.g. dataset.path=/data/prompts.txt",
     "dataset.captions_file": "COCO's captions JSON, e.g. dataset.captions_file=/data/coco/annotations/captions_val2014.json",
+    "method.pairs": "the teacher's noise-image pairs of DMD's regression loss, written once by distill-pairs, e.g. "
+    "method.pairs=runs/pairs.safetensors (or method.regression_weight=0)",
     "method.student_layer": "the module path of the student's hint layer, e.g. method.student_layer=layer2",
     "method.teacher_layer": "the module path of the teacher's hint layer, e.g. method.teacher_layer=layer2",
     "model.model_name": "a timm model name, e.g. model.model_name=resnet18",

@@ -156,8 +156,11 @@ class LastCheckpoint(Callback):
                 return
             self.save(trainer)
             self._stop(trainer, step)
+        # Once per update count: global_step stays put over the batches of an accumulation window
+        # and over a critic's updates between two generator updates (distillkit.methods.roles), and
+        # the first batch that shows the new count is the one whose update made it.
         if self.every_n_steps and step > 0 and step % self.every_n_steps == 0 and not last_batch:
-            self.save(trainer)
+            self.save(trainer, once_per_step=True)
 
     def _stop(self, trainer: "L.Trainer", step: int) -> None:
         signum = self._stop_signal

@@ -23,6 +23,7 @@ class PlainProgress(Callback):
     def __init__(self, every_n_steps: int = 10):
         self.every = max(1, every_n_steps)
         self._t0 = 0.0
+        self._last = -1
 
     def on_train_start(self, trainer: "L.Trainer", pl_module: Any) -> None:
         self._t0 = time.time()
@@ -31,7 +32,10 @@ class PlainProgress(Callback):
 
     def on_train_batch_end(self, trainer: "L.Trainer", pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         step = trainer.global_step
-        if trainer.is_global_zero and step % self.every == 0:
+        # once per update count (it stays put over an accumulation window, and over the critic's
+        # updates between two generator updates of distillkit.methods.roles)
+        if trainer.is_global_zero and step % self.every == 0 and step != self._last:
+            self._last = step
             metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("train/")}
             shown = " ".join(f"{k[6:]}={v:.4g}" for k, v in sorted(metrics.items()))
             log.info("epoch %d step %d %s (%.1fs)", trainer.current_epoch, step, shown, time.time() - self._t0)

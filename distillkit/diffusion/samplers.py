@@ -18,7 +18,7 @@ from typing import Callable, Optional
 
 import torch
 
-from distillkit.diffusion.parameterization import x0_eps
+from distillkit.diffusion.parameterization import to_x0, x0_eps
 from distillkit.diffusion.schedules import NoiseSchedule, expand_like
 
 ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -129,6 +129,29 @@ def ddim_sample(model_fn: ModelFn, x_T: torch.Tensor, schedule: NoiseSchedule, n
     return x
 
 
+def multistep_sample(model_fn: ModelFn, z: torch.Tensor, schedule: NoiseSchedule, timesteps,
+                     generator: Optional[torch.Generator] = None, pred_type: str = "eps",
+                     noises: Optional[list] = None) -> torch.Tensor:
+    """Multistep sampling of a few-step generator (consistency models, Song et al. 2023,
+    Algorithm 1; DMD2's multi-step generator, Yin et al. 2024, Sec. 4.5): at each of the descending
+    ``timesteps`` t_0 > t_1 > ... the network predicts x0 from its input, and the next input is that
+    x0 re-noised with fresh noise, x_{t_{i+1}} = alpha_{t_{i+1}} x0 + sigma_{t_{i+1}} eps. The first
+    input is the starting noise ``z`` itself (the generator's input at t_0, as DMD2 feeds pure
+    noise at 999). Returns the last x0. diffusers' ``LCMScheduler`` with explicit ``timesteps``
+    takes the same steps. ``noises``: the fresh noise of each later step (default: drawn from
+    ``generator``)."""
+    ts = [int(t) for t in timesteps]
+    x = z
+    for i, t in enumerate(ts):
+        tt = _batch_t(t, x)
+        x0 = to_x0(model_fn(x, tt), pred_type, x, schedule.alpha(tt, like=x), schedule.sigma(tt, like=x))
+        if i + 1 == len(ts):
+            return x0
+        eps = noises[i] if noises is not None else _randn_like(x0, generator)
+        x = schedule.add_noise(x0, eps, ts[i + 1])
+    return x
+
+
 def euler_sample(denoiser: Callable, x: torch.Tensor, sigmas) -> torch.Tensor:
     """Euler solver of the EDM probability-flow ODE dx/dsigma = (x - D(x; sigma)) / sigma (Karras et
     al. 2022, eq. 4 with s = 1, sigma(t) = t; Algorithm 1 without its second-order correction).
@@ -157,4 +180,4 @@ def heun_sample(denoiser: Callable, x: torch.Tensor, sigmas) -> torch.Tensor:
 
 
 __all__ = ["guided", "classifier_free", "ddim_step", "ddim_step_from_pred", "ddim_step_between",
-           "ddim_sample", "euler_sample", "heun_sample"]
+           "ddim_sample", "multistep_sample", "euler_sample", "heun_sample"]

@@ -166,13 +166,22 @@ class DistillMethod(L.LightningModule):
         return [p for p in self.parameters() if p.requires_grad]
 
     def configure_optimizers(self) -> Any:
+        opt, s = self.build_optimizer(self.trainable_parameters(), self.optim_cfg)
+        if s is None:
+            return opt
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": s, "interval": "step"}}
+
+    def build_optimizer(self, params: list, optim_cfg: dict) -> tuple[torch.optim.Optimizer, Any]:
+        """The optimizer ``optim_cfg["optimizer"]`` over ``params`` and its per-update LR scheduler
+        (``optim_cfg["scheduler"]``; None for ``name: none``). The schedulers are ``LambdaLR`` of the
+        update count: stepped once per (generator) update."""
         from hydra.utils import instantiate
 
-        opt = instantiate(self.optim_cfg["optimizer"], _convert_="all")(self.trainable_parameters())
-        sched = self.optim_cfg.get("scheduler") or {}
+        opt = instantiate(optim_cfg["optimizer"], _convert_="all")(params)
+        sched = optim_cfg.get("scheduler") or {}
         name = sched.get("name", "none")
         if name == "none":
-            return opt
+            return opt, None
         if name == "multistep":
             # MultiStepLR's epochs (lr * gamma^(milestones passed)), stepped per update from the
             # epoch the update is in: Lightning skips an epoch-interval scheduler's step when it
@@ -182,8 +191,7 @@ class DistillMethod(L.LightningModule):
             def factor(step: int) -> float:
                 return gamma ** bisect.bisect_right(milestones, step // per_epoch)
 
-            s = torch.optim.lr_scheduler.LambdaLR(opt, factor)
-            return {"optimizer": opt, "lr_scheduler": {"scheduler": s, "interval": "step"}}
+            return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
         if name == "cosine":
             total = self.total_steps()
             warm = int(sched.get("warmup_steps", 0))
@@ -195,8 +203,7 @@ class DistillMethod(L.LightningModule):
                 prog = min(1.0, (step - warm) / max(1, total - warm))
                 return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * prog))
 
-            s = torch.optim.lr_scheduler.LambdaLR(opt, factor)
-            return {"optimizer": opt, "lr_scheduler": {"scheduler": s, "interval": "step"}}
+            return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
         if name == "linear":
             # Linear decay to lr * min_lr_ratio, restarted every cycle_steps updates when set (the
             # per-halving anneal of Salimans & Ho's progressive distillation: the official
@@ -210,8 +217,7 @@ class DistillMethod(L.LightningModule):
                 pos, period = cycle_position(step, cycles) if cycles else (step, total)
                 return 1.0 - (1.0 - floor) * min(1.0, pos / max(1, period))
 
-            s = torch.optim.lr_scheduler.LambdaLR(opt, factor)
-            return {"optimizer": opt, "lr_scheduler": {"scheduler": s, "interval": "step"}}
+            return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
         raise DistillError(f"optim.scheduler.name={name!r}: allowed values are none, multistep, cosine, linear")
 
     # ------------------------------------------------------------------ checkpoints

@@ -226,6 +226,18 @@ class DiffusionMethod(DistillMethod):
                                "data's shape, e.g. model=unet_digits (digits), model=unet (images), model=mlp2d (toy2d)")
         return out
 
+    # ------------------------------------------------------------------ noise
+    def noise_generator(self, batch_idx: int = 0) -> torch.Generator:
+        """The generator of this update's noise, seeded by (run seed, rank, global_step, batch_idx):
+        the noise is a function of the update, so a resumed run draws exactly what an uninterrupted
+        one would have, whatever else used the global RNG in between (e.g. a new loader iterator)."""
+        seed = int((self.run_config or {}).get("seed", 0) or 0)
+        key = ((seed * 1_000_003 + self.global_rank) * 1_000_000_007 + int(self.global_step)) * 65_537 + int(batch_idx)
+        return torch.Generator(device=self.device).manual_seed(key % (2 ** 63 - 1))
+
+    def randn(self, shape, generator: torch.Generator) -> torch.Tensor:
+        return torch.randn(tuple(shape), generator=generator, device=generator.device).to(self.device)
+
     # ------------------------------------------------------------------ evaluation
     def split_batch(self, batch: Any) -> tuple[torch.Tensor, Cond]:
         """(x0, cond) of a training batch, read by the student denoiser (labels only for
@@ -263,11 +275,13 @@ class DiffusionMethod(DistillMethod):
     @torch.no_grad()
     def sample_from_noise(self, z: torch.Tensor, num_steps: Optional[int] = None, use_ema: bool = True,
                           spacing: Optional[str] = None, generator: Optional[torch.Generator] = None,
-                          cond: Optional[Cond] = None, guidance: Guidance = None) -> torch.Tensor:
+                          cond: Optional[Cond] = None, guidance: Guidance = None, decode: bool = True) -> torch.Tensor:
         """Samples from the starting noise z ~ N(0, I) for the condition ``cond`` with guidance
         ``guidance`` (a number or per-sample tensor; default 1: none): DDIM from x_T = z over
         ``schedule.grid(num_steps, spacing)`` (VP), or Heun / Euler from sigma_max z over Karras'
-        sigmas (EDM). Latent models' samples are decoded by their VAE. Images are clipped to [-1, 1]."""
+        sigmas (EDM). Latent models' samples are decoded by their VAE. Images are clipped to [-1, 1].
+        With ``decode=False`` the samples stay in the model's space: latent models' latents, neither
+        decoded nor clipped (pixel images are still clipped), as ``distill-pairs`` stores them."""
         num_steps = int(num_steps or self.num_steps)
         net = self.eval_network() if use_ema else self.student
         was_training = net.training
@@ -283,10 +297,11 @@ class DiffusionMethod(DistillMethod):
                 x = ddim_sample(net.model_fn(cond, guidance), z, self.schedule, num_steps, spacing or self.spacing,
                                 eta=self.eta, generator=generator, pred_type=self.prediction_type,
                                 clip=self.clip_sample)
-            x = net.decode(x)
+            if decode:
+                x = net.decode(x)
         finally:
             net.train(was_training)
-        return x.clamp(-1, 1) if self.is_image else x
+        return x.clamp(-1, 1) if self.is_image and (decode or not getattr(net, "is_latent", False)) else x
 
     def sample(self, n: int, num_steps: Optional[int] = None, generator: Optional[torch.Generator] = None,
                use_ema: bool = True, spacing: Optional[str] = None, cond: Optional[Cond] = None,

@@ -218,18 +218,6 @@ class StepDistillation(DiffusionMethod):
         """(g[i], g[i+1], g[i+2]) for per-sample indices i of shape (B,)."""
         return grid[i], grid[i + 1], grid[i + 2]
 
-    # ------------------------------------------------------------------ noise
-    def noise_generator(self, batch_idx: int = 0) -> torch.Generator:
-        """The generator of this update's noise, seeded by (run seed, rank, global_step, batch_idx):
-        the noise is a function of the update, so a resumed run draws exactly what an uninterrupted
-        one would have, whatever else used the global RNG in between (e.g. a new loader iterator)."""
-        seed = int((self.run_config or {}).get("seed", 0) or 0)
-        key = ((seed * 1_000_003 + self.global_rank) * 1_000_000_007 + int(self.global_step)) * 65_537 + int(batch_idx)
-        return torch.Generator(device=self.device).manual_seed(key % (2 ** 63 - 1))
-
-    def randn(self, shape, generator: torch.Generator) -> torch.Tensor:
-        return torch.randn(tuple(shape), generator=generator, device=generator.device).to(self.device)
-
     # ------------------------------------------------------------------ the run's length
     def setup(self, stage: str) -> None:
         super().setup(stage)

@@ -88,6 +88,10 @@ def no_guidance(w: Guidance) -> bool:
     return w is None or (not isinstance(w, torch.Tensor) and float(w) == 1.0)
 
 
+class _Bottleneck(Exception):
+    """Raised by the forward hook of :meth:`Denoiser.bottleneck` to stop the forward there."""
+
+
 class Denoiser(nn.Module):
     """Network + prediction type + schedule + condition + optional codec + guidance (see the module
     docstring). ``forward(x_t, t, cond)`` is the network's raw output (of ``prediction_type``);
@@ -249,6 +253,46 @@ class Denoiser(nn.Module):
             labels = cond.get("class_labels")
             return net(x, t, class_labels=labels, return_dict=False)[0]
         return net(x, t)
+
+    def bottleneck_module(self) -> nn.Module:
+        """The layer whose output :meth:`bottleneck` returns: a diffusers UNet's mid block (DMD2's
+        GAN classifier reads it, Yin et al. 2024, Sec. 4.3), an MLP's last residual block."""
+        net = self.unet
+        mid = getattr(net, "mid_block", None)
+        if mid is not None:
+            return mid
+        blocks = getattr(net, "blocks", None)
+        if isinstance(blocks, nn.ModuleList) and len(blocks):
+            return blocks[-1]
+        raise DistillError(f"the network {type(net).__name__} has no bottleneck (a mid block) for a GAN head: "
+                           "use a diffusers UNet with a mid block")
+
+    @property
+    def bottleneck_channels(self) -> int:
+        """Channels (features) of :meth:`bottleneck`'s output."""
+        cfg = getattr(self.unet, "config", None)
+        if cfg is not None and getattr(self.unet, "mid_block", None) is not None:
+            return int(cfg.block_out_channels[-1])
+        return int(self.bottleneck_module()[-1].out_features)
+
+    def bottleneck(self, x_t: torch.Tensor, t: torch.Tensor, cond: Optional[Cond] = None) -> torch.Tensor:
+        """The network's bottleneck features at (x_t, t, cond): its forward runs up to
+        :meth:`bottleneck_module` and stops there (DMD2's ``classify_mode``): the layers after it
+        are neither computed nor in the graph."""
+        held: list = []
+
+        def grab(module, inputs, output):
+            held.append(output[0] if isinstance(output, tuple) else output)
+            raise _Bottleneck()
+
+        handle = self.bottleneck_module().register_forward_hook(grab)
+        try:
+            self(x_t, t, cond)
+        except _Bottleneck:
+            pass
+        finally:
+            handle.remove()
+        return held[0]
 
     def guided(self, x_t: torch.Tensor, t: torch.Tensor, cond: Optional[Cond] = None,
                guidance: Guidance = None) -> torch.Tensor:

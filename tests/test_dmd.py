@@ -1,0 +1,294 @@
+"""DMD and DMD2 (distillkit.methods.dmd) and the multi-role base (distillkit.methods.roles).
+
+The maths against the papers' equations and DMD2's code (the distribution-matching gradient, the
+non-saturating GAN losses, backward simulation); each loss moving only its own role; on toy2d with
+the exact score of the Gaussian mixture as teacher, DMD's and DMD2's generators move close to the
+data; and through the CLI: runs on digits (unconditional, class-conditional), a mid-cycle SIGTERM
+that resumes bit for bit with the two time-scale counts right, DDP over two processes, and bad
+values as one error line.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from conftest import REPO
+
+SCHEDULE = {"name": "cosine", "num_train_timesteps": 1000, "num_steps": 1, "spacing": "trailing"}
+QUIET = ["callbacks.progress=none", "trainer.limit_val_batches=1", "trainer.test_after_fit=false",
+         "trainer.log_every_n_steps=1", "trainer.max_epochs=-1"]
+
+
+# --------------------------------------------------------------------------- helpers
+class ExactMixture(nn.Module):
+    """The exact x0-prediction E[x0 | x_t] of toy2d's Gaussian mixture: a teacher with no error."""
+
+    def __init__(self, schedule):
+        super().__init__()
+        from distillkit.data.toy2d import GaussianMixture2D
+
+        self.mixture = GaussianMixture2D()
+        object.__setattr__(self, "schedule", schedule)
+
+    def forward(self, x, t):
+        a, s = self.schedule.alpha(t, like=x).reshape(-1), self.schedule.sigma(t, like=x).reshape(-1)
+        return self.mixture.posterior_mean(x, a, s).to(x.dtype)
+
+
+def toy_method(cls=None, lr: float = 1e-3, **kw):
+    from distillkit.diffusion.from_config import schedule_from_config
+    from distillkit.methods.dmd import DMD2
+    from distillkit.models.denoiser import as_denoiser
+    from distillkit.models.mlp import MLPDenoiser
+
+    torch.manual_seed(0)
+    sched = schedule_from_config(SCHEDULE)
+    teacher = as_denoiser(ExactMixture(sched), sched, "x0")
+    kw.setdefault("init_from_teacher", False)
+    return (cls or DMD2)(MLPDenoiser(), teacher, schedule_cfg=dict(SCHEDULE), input_shape=(2,), prediction_type="x0",
+                         optim_cfg={"optimizer": {"_target_": "torch.optim.Adam", "_partial_": True, "lr": lr}}, **kw)
+
+
+def fit(method, steps: int) -> L.Trainer:
+    from distillkit.data.toy2d import Toy2DDataModule
+
+    dm = Toy2DDataModule(batch_size=256, seed=0)
+    trainer = L.Trainer(max_steps=steps, max_epochs=-1, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
+    trainer.fit(method, datamodule=dm)
+    return trainer
+
+
+def sliced_wasserstein(x: torch.Tensor, y: torch.Tensor, n: int = 256) -> float:
+    d = torch.randn(x.shape[1], n, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    d = d / d.norm(dim=0)
+    px, py = (x.double() @ d).sort(0)[0], (y.double() @ d).sort(0)[0]
+    return float(((px - py) ** 2).mean().sqrt())
+
+
+def toy_sw(method) -> float:
+    from distillkit.data.toy2d import GaussianMixture2D
+
+    data = GaussianMixture2D().sample(4096, torch.Generator().manual_seed(1))[0]
+    return sliced_wasserstein(method.sample(4096, generator=torch.Generator().manual_seed(2), use_ema=False), data)
+
+
+def snapshot(params) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in params]
+
+
+def same(a, b) -> bool:
+    return all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+# --------------------------------------------------------------------------- the maths
+def test_distribution_matching_gradient_is_the_hand_computation():
+    """grad = ((x - x0_real) - (x - x0_fake)) / mean_dims |x - x0_real| per sample (DMD2's code), and
+    0.5 mse(x, sg(x - grad)) has gradient grad / numel in x."""
+    from distillkit.methods.dmd import distribution_matching_grad, distribution_matching_loss
+
+    g = torch.Generator().manual_seed(0)
+    x, real, fake = (torch.randn(3, 1, 2, 2, generator=g, dtype=torch.float64) for _ in range(3))
+    grad = distribution_matching_grad(x, real, fake)
+    for b in range(3):
+        hand = ((x[b] - real[b]) - (x[b] - fake[b])) / (x[b] - real[b]).abs().sum() * 4
+        assert torch.allclose(grad[b], hand)
+    xr = x.float().requires_grad_(True)
+    distribution_matching_loss(xr, grad.float()).backward()
+    assert torch.allclose(xr.grad, grad.float() / x.numel(), atol=1e-7)
+    # where x = x0_real exactly the normaliser is 0: the gradient is zeroed, not NaN
+    assert torch.equal(distribution_matching_grad(real, real, fake), torch.zeros_like(real))
+
+
+def test_gan_losses_are_the_non_saturating_softplus():
+    from distillkit.methods.dmd import gan_critic_loss, gan_generator_loss
+
+    fake, real = torch.tensor([0.5, -1.0]), torch.tensor([2.0, 0.0])
+    sp = lambda v: torch.log1p(torch.exp(v))  # noqa: E731
+    assert torch.allclose(gan_critic_loss(fake, real), sp(fake).mean() + sp(-real).mean())
+    assert torch.allclose(gan_generator_loss(fake), sp(-fake).mean())
+
+
+def test_dm_loss_is_zero_when_generator_fake_score_and_teacher_agree():
+    """At the start the generator and the fake score are copies of the teacher: every x0 agrees and
+    the distribution-matching gradient vanishes."""
+    from distillkit.diffusion.from_config import schedule_from_config
+    from distillkit.methods.dmd import DMD2
+    from distillkit.models.mlp import MLPDenoiser
+
+    torch.manual_seed(0)
+    teacher = MLPDenoiser()
+    m = DMD2(MLPDenoiser(), teacher, schedule_cfg=dict(SCHEDULE), input_shape=(2,), prediction_type="v",
+             optim_cfg={"optimizer": {"_target_": "torch.optim.Adam", "_partial_": True}})
+    assert schedule_from_config(SCHEDULE).num_train_timesteps == 1000
+    x = torch.randn(16, 2, requires_grad=True)
+    loss = m.dm_loss(x, {}, torch.Generator().manual_seed(0))
+    loss.backward()
+    assert float(x.grad.abs().max()) < 1e-6
+
+
+def test_backward_simulation_feeds_the_generators_own_samples():
+    """At step i > 0 the generator's input is its own no-grad sample of steps 0..i-1 re-noised to t_i
+    (generator_inputs=backward), or real data noised to t_i (generator_inputs=real)."""
+    from distillkit.diffusion import multistep_sample
+
+    m = toy_method(timesteps=[999, 666, 333])
+    z, x_real = torch.randn(8, 2), torch.randn(8, 2)
+    got = m.generator_input(z, 2, {}, x_real, torch.Generator().manual_seed(5))
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        x0 = multistep_sample(lambda x, t: m.student(x, t).float(), z, m.schedule, [999, 666], generator=g, pred_type="x0")
+        want = m.schedule.add_noise(x0, torch.randn(z.shape, generator=g), 333)
+    assert torch.equal(got, want)
+    assert torch.equal(m.generator_input(z, 0, {}, x_real, g), z)
+    m.generator_inputs = "real"
+    assert torch.equal(m.generator_input(z, 1, {}, x_real, g), m.schedule.add_noise(x_real, z, 666))
+
+
+def test_each_loss_changes_only_its_own_role():
+    """The generator's update (distribution matching and GAN through the critic) leaves the fake score
+    and the GAN head untouched, and the critic's update leaves the generator untouched."""
+    from distillkit.methods.dmd import gan_critic_loss, gan_generator_loss
+
+    m = toy_method()
+    fit(m, 1)  # optimizers and trainer in place
+    roles = m.role_parameters()
+    g = torch.Generator().manual_seed(0)
+    gen0, crit0 = snapshot(roles["generator"]), snapshot(roles["critic"])
+    with m.updating("generator") as step:
+        x = m.generator_step(m.student, torch.randn(64, 2), 0, {})
+        step(m.dm_loss(x, {}, g) + gan_generator_loss(m.discriminate(x, {}, g)))
+    assert not same(gen0, roles["generator"]) and same(crit0, roles["critic"])
+    gen1 = snapshot(roles["generator"])
+    with m.updating("critic") as step:
+        x = m.generator_step(m.student, torch.randn(64, 2), 0, {}).detach()
+        step(m.denoising_loss(m.fake_score, x, generator=g).mean()
+             + gan_critic_loss(m.discriminate(x, {}, g), m.discriminate(torch.randn(64, 2), {}, g)))
+    assert same(gen1, roles["generator"]) and not same(crit0, roles["critic"])
+    assert all(p.requires_grad for ps in roles.values() for p in ps)  # unfrozen again
+
+
+def test_lora_fake_score_shares_the_frozen_base():
+    from distillkit.methods.dmd import copy_sharing_frozen
+
+    net = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
+    net[0].requires_grad_(False)
+    copy = copy_sharing_frozen(net)
+    assert copy[0].weight is net[0].weight and copy[1].weight is not net[1].weight
+
+
+def test_dmd_and_dmd2_generators_approach_the_data_with_the_exact_teacher():
+    """toy2d, the exact mixture score as real score, a random MLP generator: the sliced Wasserstein
+    distance to the data falls well below its start (DMD without GAN; DMD2 with TTUR and GAN)."""
+    from distillkit.methods.dmd import DMD
+
+    dmd = toy_method(DMD, lr=1e-4, regression_weight=0.0)
+    start = toy_sw(dmd)
+    fit(dmd, 300)
+    dmd2 = toy_method(critic_updates_per_generator_update=5)
+    fit(dmd2, 100)
+    end_dmd, end_dmd2 = toy_sw(dmd), toy_sw(dmd2)
+    assert end_dmd < 0.5 * start, (start, end_dmd)
+    assert end_dmd2 < 0.5 * start, (start, end_dmd2)
+
+
+# --------------------------------------------------------------------------- through the CLI
+def toy_args(teacher: Path, *extra: str) -> list[str]:
+    return ["dataset=toy2d", "model=mlp2d", "teacher=mlp2d", f"teacher.checkpoint={teacher}", "method=dmd2",
+            "schedule=cosine", "schedule.num_train_timesteps=1000", "dataset.batch_size=64",
+            "method.critic_updates_per_generator_update=3", "callbacks.ema.enabled=true", "callbacks.ema.decay=0.9",
+            "callbacks.checkpoint_every_n_steps=2", *QUIET, *extra]
+
+
+def cli_with_events(*args: str, env: dict) -> subprocess.CompletedProcess:
+    e = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **env)
+    return subprocess.run([sys.executable, str(REPO / "tests" / "cli_with_events.py"), *args], cwd=REPO, env=e,
+                          capture_output=True, text=True, timeout=600)
+
+
+def test_sigterm_between_generator_updates_resumes_bit_exact(cli, tmp_path, toy_teacher):
+    """Stopped by SIGTERM after 3 generator updates (1 of the 3 critic updates of that cycle done)
+    and rerun: the same generator, EMA, fake score and head, bit for bit, as an uninterrupted run;
+    the checkpoints count generator updates as global_step and the critic's 3 per generator update."""
+    args = toy_args(toy_teacher, "trainer.max_steps=5", "name=dmd2")
+    whole = cli(*args, f"runs_dir={tmp_path / 'whole'}")
+    assert whole.returncode == 0, whole.output
+    stopped = cli_with_events(*args, f"runs_dir={tmp_path / 'cut'}", env={"STOP_AT_STEP": "3"})
+    assert stopped.returncode == 128 + signal.SIGTERM, stopped.stdout + stopped.stderr
+    run = tmp_path / "cut" / "default" / "dmd2"
+    ck = torch.load(run / "last.ckpt", weights_only=True)
+    assert ck["global_step"] == 3 and ck["distillkit"]["role_updates"] == {"generator": 3, "critic": 7}
+    resumed = cli(*args, f"runs_dir={tmp_path / 'cut'}")
+    assert resumed.returncode == 0, resumed.output
+    a = torch.load(run / "last.ckpt", weights_only=True)
+    b = torch.load(tmp_path / "whole" / "default" / "dmd2" / "last.ckpt", weights_only=True)
+    assert a["global_step"] == b["global_step"] == 5
+    assert a["distillkit"]["role_updates"] == b["distillkit"]["role_updates"] == {"generator": 5, "critic": 13}
+    assert a["state_dict"].keys() == b["state_dict"].keys()
+    assert any(k.startswith("fake_score.") for k in a["state_dict"]) and any(k.startswith("gan_head.") for k in a["state_dict"])
+    assert all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"])
+    assert len(a["optimizer_states"]) == 2
+    sa, sb = load_file(str(run / "student.safetensors")), load_file(str(tmp_path / "whole/default/dmd2/student.safetensors"))
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_ddp_reduces_each_role(cli, runs_dir, toy_teacher):
+    """Two processes (gloo): each role's gradient is all-reduced at its own backward, so both ranks
+    end with the same generator and critic (the method checks the ranks' checksums at the end)."""
+    r = cli(*toy_args(toy_teacher, "trainer.max_steps=3", "trainer.accelerator=cpu", "trainer.devices=2",
+                      "trainer.strategy=ddp", f"runs_dir={runs_dir}"), timeout=600)
+    assert r.returncode == 0, r.output
+    assert "ranks' weights differ" not in r.output
+
+
+@pytest.mark.parametrize("override, message", [
+    ("method.gan_generator_weight=-1", "method.gan_generator_weight=-1"),
+    ("method.timesteps=[]", "method.timesteps=[]"),
+    ("method.critic_updates_per_generator_update=0", "method.critic_updates_per_generator_update=0"),
+])
+def test_bad_values_are_one_error_line(cli, runs_dir, toy_teacher, override, message):
+    r = cli(*toy_args(toy_teacher, f"runs_dir={runs_dir}", override))
+    assert r.returncode == 2, r.output
+    assert message in r.output and "Traceback" not in r.output
+    assert [line for line in r.stderr.splitlines() if line.startswith("distill: error:")]
+
+
+def test_lora_generator_critic_and_teacher_share_one_frozen_base(tmp_path):
+    """model.lora_rank with the teacher's own folder: the fake score and the teacher hold the
+    generator's frozen base tensors (one base in memory), the teacher with the adapter off."""
+    from tiny_sd import make_tiny_sd15
+
+    from distillkit.methods.dmd import DMD2
+    from distillkit.models.stable_diffusion import stable_diffusion
+
+    folder = str(make_tiny_sd15(tmp_path / "sd15"))
+    teacher = stable_diffusion(folder, variant="sd15")
+    student = stable_diffusion(folder, variant="sd15", lora_rank=4)
+    m = DMD2(student, teacher, schedule_cfg={"name": "none"}, input_shape=student.sample_shape,
+             optim_cfg={"optimizer": {"_target_": "torch.optim.AdamW", "_partial_": True}})
+    base = {n: p for n, p in m.student.unet.named_parameters() if "lora_" not in n}
+    for net in (m.teacher, m.fake_score):
+        for n, p in net.unet.named_parameters():
+            if "lora_" not in n:
+                assert p is base[n]
+    lora = [p for n, p in m.student.unet.named_parameters() if "lora_" in n]
+    fake_lora = [p for n, p in m.fake_score.unet.named_parameters() if "lora_" in n]
+    assert lora and fake_lora and not {id(p) for p in lora} & {id(p) for p in fake_lora}
+    x, t = torch.randn(2, *student.sample_shape), torch.tensor([999, 500])
+    cond = {"encoder_hidden_states": torch.randn(2, 77, teacher.unet.config.cross_attention_dim)}
+    with torch.no_grad():
+        before = m.teacher(x, t, cond)
+        for p in lora:
+            p.add_(0.1)  # the generator's adapter moves; the teacher (adapter off) does not
+        assert torch.equal(m.teacher(x, t, cond), before) and torch.equal(teacher(x, t, cond), before)
+        assert not torch.equal(m.student(x, t, cond), before)
+    assert set(m.state_dict()) and all("lora_" in k for k in m.state_dict() if k.startswith(("student.", "fake_score.")))
