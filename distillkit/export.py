@@ -35,6 +35,41 @@ T = 1024, so every power-of-two step count agrees. Otherwise (e.g. T = 1000, tra
 the pipeline steps off our grid, its last step ends at t = 0 (alphas_cumprod[0] < 1) instead
 of the clean end, and its images differ. Runs on the EDM schedule have no DDIM equivalent and
 are refused.
+
+Few-step generators (``method=dmd`` / ``dmd2``). The generator is sampled at the timesteps it was
+trained at (``method.timesteps``, e.g. [999] or [999, 749, 499, 249]): at each it predicts x0, which
+is re-noised with fresh noise to the next (:func:`distillkit.diffusion.multistep_sample`). That is
+diffusers' ``LCMScheduler`` stepping over explicit timesteps, which DMD2's model cards use, so the
+export's ``scheduler/`` is an ``LCMScheduler`` (:func:`lcm_scheduler_for`: the run's betas,
+num_train_timesteps and prediction type, ``clip_sample=False``, no thresholding) and
+``distillkit.json`` records the trained ``timesteps``::
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(out)          # scheduler: LCMScheduler
+    images = pipe(prompt, num_inference_steps=4, timesteps=[999, 749, 499, 249], guidance_scale=1.0,
+                  generator=torch.Generator().manual_seed(seed)).images
+
+A LoRA generator's export is its adapter and ``scheduler/``: ``pipe.load_lora_weights(out)`` and
+``pipe.scheduler = LCMScheduler.from_pretrained(out, subfolder="scheduler")`` on the base pipeline.
+The images are ``distill-sample``'s for the same seed: distill-sample draws the starting latents and
+then the later steps' noise from one ``torch.Generator().manual_seed(seed)``, as the pipeline does
+with ``generator=torch.Generator().manual_seed(seed)`` (when distill-sample makes all its samples in
+one batch, ``batch_size >= num_samples``). Two settings make LCMScheduler our sampler:
+
+* ``original_inference_steps = num_train_timesteps``: LCM's "training schedule" is then every
+  timestep, so explicit timesteps are never off it (no warning), and ``num_inference_steps=N``
+  without ``timesteps`` picks T-1 - floor(i T / N), our trailing grid (what distill-sample uses for a
+  step count the generator was not trained at) when N divides T.
+* ``timestep_scaling = 10`` (diffusers' default, what ``LCMScheduler.from_config`` gives): LCM
+  returns c_skip(t) x_t + c_out(t) x0 with c_skip = 0.25 / (0.25 + (10 t)^2), c_out = 10 t /
+  sqrt(0.25 + (10 t)^2), where our generator returns x0. At t = 999 c_skip = 2.5e-9 and
+  1 - c_out = 1.3e-9, at t = 249 4.0e-8 and 2.0e-8: below float32 rounding of unit-sized latents.
+  At t = 0, though, c_skip = 1 and c_out = 0 (LCM returns its input): a generator trained with 0
+  among its timesteps cannot be sampled exactly this way (the export warns).
+
+Pixel generators are written as a ``DDIMPipeline`` folder whose ``scheduler/`` is the LCMScheduler:
+``DDIMPipeline.from_pretrained`` turns it into the DDIMScheduler of the same betas (trailing), which
+equals the generator's sampler for one step (``method.timesteps=[T-1]``, ``num_inference_steps=1``);
+more steps need the loop over ``UNet2DModel`` and ``LCMScheduler`` of the folder.
 """
 from __future__ import annotations
 
@@ -63,26 +98,76 @@ def ddim_scheduler(method):
     return ddim_scheduler_for(method.schedule, method.prediction_type, method.spacing, method.schedule_cfg)
 
 
-def ddim_scheduler_for(sch, prediction_type: str, spacing: str = "trailing", schedule_cfg: Optional[dict] = None):
-    """The ``DDIMScheduler`` of a NoiseSchedule, prediction type and timestep spacing, stepping as
-    distillkit's DDIM does (``set_alpha_to_one``: the last step lands on the clean end)."""
-    from diffusers import DDIMScheduler
-
+def _schedule_kwargs(sch, prediction_type: str, schedule_cfg: Optional[dict] = None) -> dict:
+    """The scheduler arguments of a NoiseSchedule's betas and a prediction type, in diffusers' names."""
     from distillkit.diffusion.schedules import DEFAULT_BETAS
 
     # a pretrained model's schedule comes from its folder's scheduler_config.json, others' from schedule=
     cfg = getattr(sch, "scheduler_config", None) or schedule_cfg or {}
     start, end = DEFAULT_BETAS.get(sch.beta_schedule, (1e-4, 0.02))
-    scheduler = DDIMScheduler(
-        num_train_timesteps=sch.num_train_timesteps, beta_schedule=sch.beta_schedule,
-        beta_start=float(cfg.get("beta_start") or start), beta_end=float(cfg.get("beta_end") or end),
-        rescale_betas_zero_snr=bool(cfg.get("rescale_betas_zero_snr", False)),
-        prediction_type=DIFFUSERS_PREDICTION[prediction_type], timestep_spacing=spacing,
-        set_alpha_to_one=True, clip_sample=False, thresholding=False, steps_offset=0,
-    )
+    return dict(num_train_timesteps=sch.num_train_timesteps, beta_schedule=sch.beta_schedule,
+                beta_start=float(cfg.get("beta_start") or start), beta_end=float(cfg.get("beta_end") or end),
+                rescale_betas_zero_snr=bool(cfg.get("rescale_betas_zero_snr", False)),
+                prediction_type=DIFFUSERS_PREDICTION[prediction_type])
+
+
+def _check_alphas(scheduler, sch) -> None:
     if not torch.allclose(scheduler.alphas_cumprod.double(), sch.alphas_cumprod.cpu(), rtol=0, atol=1e-6):
-        raise DistillError("the exported DDIMScheduler's alphas_cumprod differ from the run's schedule")
+        raise DistillError(f"the exported {type(scheduler).__name__}'s alphas_cumprod differ from the run's schedule")
+
+
+def ddim_scheduler_for(sch, prediction_type: str, spacing: str = "trailing", schedule_cfg: Optional[dict] = None):
+    """The ``DDIMScheduler`` of a NoiseSchedule, prediction type and timestep spacing, stepping as
+    distillkit's DDIM does (``set_alpha_to_one``: the last step lands on the clean end)."""
+    from diffusers import DDIMScheduler
+
+    scheduler = DDIMScheduler(**_schedule_kwargs(sch, prediction_type, schedule_cfg), timestep_spacing=spacing,
+                              set_alpha_to_one=True, clip_sample=False, thresholding=False, steps_offset=0)
+    _check_alphas(scheduler, sch)
     return scheduler
+
+
+def generator_timesteps(method) -> Optional[list[int]]:
+    """The conditioning timesteps of a few-step generator (``method=dmd`` / ``dmd2``), else None."""
+    from distillkit.methods.dmd import DMD
+
+    return [int(t) for t in method.timesteps] if isinstance(method, DMD) else None
+
+
+def lcm_scheduler(method):
+    """The ``LCMScheduler`` that steps as ``method``'s few-step generator samples (module docstring)."""
+    return lcm_scheduler_for(method.schedule, method.prediction_type, method.schedule_cfg)
+
+
+def lcm_scheduler_for(sch, prediction_type: str, schedule_cfg: Optional[dict] = None):
+    """The ``LCMScheduler`` of a NoiseSchedule and prediction type that, given explicit ``timesteps``,
+    takes the steps of :func:`~distillkit.diffusion.multistep_sample` (x0 at each timestep, re-noised
+    with fresh noise to the next): ``original_inference_steps`` = T (every timestep is on LCM's
+    training schedule), diffusers' default ``timestep_scaling`` = 10 (the boundary condition's
+    c_skip(t) <= 4e-8 for t >= 249), ``timestep_spacing="trailing"`` (only read when the config is
+    turned into another scheduler, e.g. by ``DDIMPipeline``), no clipping or thresholding."""
+    from diffusers import LCMScheduler
+
+    scheduler = LCMScheduler(**_schedule_kwargs(sch, prediction_type, schedule_cfg), timestep_spacing="trailing",
+                             original_inference_steps=sch.num_train_timesteps, timestep_scaling=10.0,
+                             set_alpha_to_one=True, clip_sample=False, thresholding=False,
+                             steps_offset=1)  # not read by LCMScheduler; StableDiffusionPipeline warns at 0
+    _check_alphas(scheduler, sch)
+    return scheduler
+
+
+def sampling_scheduler(method):
+    """The scheduler an export carries: LCMScheduler for few-step generators, else DDIMScheduler."""
+    ts = generator_timesteps(method)
+    if ts is None:
+        return ddim_scheduler(method)
+    if 0 in ts:
+        import warnings
+
+        warnings.warn(f"method.timesteps={ts} holds t = 0, where LCMScheduler's boundary condition returns its input "
+                      "(c_skip = 1, c_out = 0) instead of the generator's x0-prediction there: the exported pipeline's "
+                      "last step differs from distill-sample's", stacklevel=2)
+    return lcm_scheduler(method)
 
 
 def export_text_to_image(method, net, out: Path, lora: bool = True) -> str:
@@ -101,14 +186,15 @@ def export_text_to_image(method, net, out: Path, lora: bool = True) -> str:
         out.mkdir(parents=True, exist_ok=True)
         cls.save_lora_weights(str(out), unet_lora_layers=layers, safe_serialization=True, **kw)
         # the sampler distill-sample uses, for pipe.scheduler = DDIMScheduler.from_pretrained(out, subfolder="scheduler")
-        ddim_scheduler(method).save_pretrained(str(out / "scheduler"))
+        # (few-step generators: LCMScheduler.from_pretrained)
+        sampling_scheduler(method).save_pretrained(str(out / "scheduler"))
         return "LoRA weights (pipe.load_lora_weights)"
     unet = net.unet
     if getattr(net, "lora", None):
         unet = copy.deepcopy(unet)
         unet.fuse_lora()
         unet.unload_lora()
-    pipe = cls.from_pretrained(net.pretrained, unet=unet.float(), scheduler=ddim_scheduler(method),
+    pipe = cls.from_pretrained(net.pretrained, unet=unet.float(), scheduler=sampling_scheduler(method),
                                local_files_only=True, **({} if cls is StableDiffusionXLPipeline else
                                                           {"safety_checker": None, "requires_safety_checker": False}))
     pipe.save_pretrained(str(out), safe_serialization=True)
@@ -137,6 +223,9 @@ def export_pipeline(method, out: str | Path, use_ema: bool = True, source: str =
         raise DistillError(f"distill-export needs a diffusers UNet student (model=unet_digits or model=unet); "
                            f"this run's network is {model}")
     pipe = DDIMPipeline(unet=unet, scheduler=ddim_scheduler(method))
+    if generator_timesteps(method) is not None:
+        # DDIMPipeline turns any scheduler into a DDIMScheduler; the folder keeps the LCMScheduler
+        pipe.register_modules(scheduler=sampling_scheduler(method))
     pipe.save_pretrained(str(out), safe_serialization=True)
     write_provenance(method, net, out, use_ema, source, "DDIMPipeline")
     return out
@@ -153,6 +242,10 @@ def write_provenance(method, net, out: Path, use_ema: bool, source: str, what: s
         info.update({"num_classes": net.num_classes, "null_class": net.num_classes})
     if getattr(net, "lora", None):
         info["lora"] = net.lora
+    ts = generator_timesteps(method)
+    if ts is not None:  # a few-step generator: LCMScheduler over the timesteps it was trained at
+        info.update({"scheduler": "LCMScheduler", "timesteps": ts, "num_inference_steps": len(ts),
+                     "timestep_spacing": "trailing"})
     (out / "distillkit.json").write_text(json.dumps(info, indent=2) + "\n")
 
 
@@ -165,8 +258,10 @@ def run(argv: Sequence[str]) -> Path:
         raise DistillError(f"checkpoint={args.checkpoint}: method={method.method_name} is not a diffusion model; "
                            "distill-export needs a diffusion run")
     out = export_pipeline(method, args.out, args.use_ema, source=str(args.checkpoint), lora=args.lora)
-    what = json.loads((out / "distillkit.json").read_text())["exported"]
-    print(f"{PROG}: wrote {out} ({what}, {'EMA' if args.use_ema and method.ema is not None else 'raw'} weights)")
+    info = json.loads((out / "distillkit.json").read_text())
+    sampler = f"; LCMScheduler, timesteps={info['timesteps']}" if "timesteps" in info else ""
+    print(f"{PROG}: wrote {out} ({info['exported']}, {'EMA' if args.use_ema and method.ema is not None else 'raw'} "
+          f"weights{sampler})")
     return out
 
 

@@ -179,8 +179,7 @@ def generate_pairs(method, num_pairs: int, steps: Optional[int] = None, seed: in
     call from ``seed``, then the conditions (distill-sample's :func:`~distillkit.sample.sampling_condition`),
     then the run's deterministic sampler (DDIM with eta = 0, or EDM's solver) in slices of
     ``batch_size``, its output left in the model's space (``decode=False``)."""
-    from distillkit.models.denoiser import map_cond
-    from distillkit.sample import check_steps, sampling_condition
+    from distillkit.sample import check_steps, generate
 
     if num_pairs < 1:
         raise DistillError(f"num_pairs={num_pairs}: must be at least 1")
@@ -189,20 +188,15 @@ def generate_pairs(method, num_pairs: int, steps: Optional[int] = None, seed: in
     steps = int(steps if steps is not None else method.num_steps)
     check_steps(method, steps)
     guidance = default_guidance(method) if guidance is None else float(guidance)
-    g0 = torch.Generator().manual_seed(seed)
-    z = method.draw_noise(num_pairs, g0).float().cpu()
-    cond = map_cond(sampling_condition(method, num_pairs, g0, classes, prompts), lambda v: v.cpu())
-    g = torch.Generator().manual_seed(seed + 1)  # as distill-sample; unused at eta = 0
     eta = method.eta
     method.eta = 0.0  # the ODE sampler, whatever the run's schedule.eta
     try:
-        out = [method.sample_from_noise(z[i:i + batch_size], steps, use_ema=use_ema, generator=g,
-                                        cond=map_cond(cond, lambda v: v[i:i + batch_size]), guidance=guidance,
-                                        decode=False).float().cpu()
-               for i in range(0, num_pairs, batch_size)]
+        target, cond = generate(method, num_pairs, steps, seed, batch_size, use_ema, classes=classes, prompts=prompts,
+                                guidance=guidance, return_cond=True, decode=False)
     finally:
         method.eta = eta
-    return z, torch.cat(out), cond
+    z = method.draw_noise(num_pairs, torch.Generator().manual_seed(seed)).float().cpu()  # generate's first draw
+    return z, target.float(), cond
 
 
 def save_pairs(path: Union[str, Path], noise: torch.Tensor, target: torch.Tensor,

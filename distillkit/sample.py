@@ -133,17 +133,22 @@ def sampling_condition(method, num_samples: int, generator: torch.Generator, cla
 
 def generate(method, num_samples: int, steps: int, seed: int = 0, batch_size: int = 500, use_ema: bool = True,
              spacing: Optional[str] = None, classes: Optional[str] = None, prompts: Optional[list[str]] = None,
-             guidance: Optional[float] = None, return_cond: bool = False):
+             guidance: Optional[float] = None, return_cond: bool = False, decode: bool = True):
     """``num_samples`` samples (on CPU): one noise draw from ``seed`` (see the module docstring),
-    then the conditions, sampled in slices of ``batch_size``."""
+    then the conditions, sampled in slices of ``batch_size``; ``decode=False`` leaves a latent model's
+    samples in its latent space (distill-pairs)."""
     from distillkit.models.denoiser import map_cond
 
     g0 = torch.Generator().manual_seed(seed)
     z = method.draw_noise(num_samples, g0).cpu()
     cond = map_cond(sampling_condition(method, num_samples, g0, classes, prompts), lambda v: v.cpu())
-    g = torch.Generator().manual_seed(seed + 1)  # only used by stochastic samplers (eta > 0)
+    # Later draws (a stochastic sampler's, a multi-step generator's re-noising) continue the same
+    # generator, as a diffusers pipeline draws them after its latents: with one batch, the pipeline
+    # given generator=torch.Generator().manual_seed(seed) makes the same draws.
+    g = g0
     out = [method.sample_from_noise(z[i:i + batch_size], steps, use_ema=use_ema, spacing=spacing, generator=g,
-                                    cond=map_cond(cond, lambda v: v[i:i + batch_size]), guidance=guidance).cpu()
+                                    cond=map_cond(cond, lambda v: v[i:i + batch_size]), guidance=guidance,
+                                    decode=decode).cpu()
            for i in range(0, num_samples, batch_size)]
     x = torch.cat(out)
     return (x, cond) if return_cond else x

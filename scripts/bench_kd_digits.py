@@ -125,11 +125,13 @@ class Runner:
         results = run_dir / "results.json"
         if results.is_file():
             res = json.loads(results.read_text())
-            if int(res.get(key, -1)) != want:
+            if int(res.get(key, -1)) > want:
                 sys.exit(f"{run_dir} holds a run with {key}={res.get(key)}, this benchmark wants "
                          f"{want}: delete it or use another --runs-dir")
-            res["cached"] = True
-            return res
+            if int(res.get(key, -1)) == want:
+                res["cached"] = True
+                return res
+            # a shorter finished run: the same command with a larger limit resumes and extends it
         cmd = [sys.executable, "-m", "distillkit.cli", *overrides]
         env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
         with subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as proc:

@@ -161,6 +161,24 @@ def cond_teacher_digits_table(bench: dict) -> str:
 FORMATTERS["cond_teacher_digits_quick"] = cond_teacher_digits_table
 
 
+@formatter("dmd_digits")
+def dmd_digits_table(bench: dict) -> str:
+    """configuration | steps | generator updates | digits-FID mean ± std | IS | class accuracy | nfe | wall s."""
+    labels = {"dmd_1step": "DMD (regression pairs, no GAN)", "dmd2_1step": "DMD2",
+              "dmd2_4step_backward": "DMD2, backward simulation", "dmd2_4step_real": "DMD2, noised real inputs",
+              "cond_dmd2_1step": "DMD2, class-conditional (real guidance 2)"}
+    body = []
+    for s in bench["summary"]:
+        acc = s.get("class_acc_mean")
+        body.append([labels.get(s["config"], s["config"]), str(s["steps"]), str(s["updates"]), str(s["n"]),
+                     mean_std(s["fid_mean"], s.get("fid_std")), _num(s.get("is_mean"), 2),
+                     f"{100 * acc:.1f}%" if acc is not None else "—", _num(s.get("nfe_mean"), 0),
+                     _num(s.get("wall_s_mean"), 0)])
+    table = md_table(["", "steps", "generator updates", "seeds", "digits-FID (700 samples)", "IS", "class accuracy",
+                      "nfe (training)", "wall s"], body, ["---", "--:", "--:", "--:", "--:", "--:", "--:", "--:", "--:"])
+    return table + "\n\n" + " ".join([provenance(bench), *(v + "." for v in bench.get("verdict") or [])])
+
+
 @formatter("gpu_check_paper_settings")
 def gpu_check_table(bench: dict) -> str:
     """experiment | code (the commit measured) | s per update | updates logged | validations | peak MiB | mean utilisation."""

@@ -16,7 +16,8 @@ from test_data_cifar import write_cifar100
 
 EXPERIMENTS = sorted(p.stem for p in (Path(CONF_DIR) / "experiment").glob("*.yaml"))
 REQUIRED = {"dataset.data_dir": "/data", "teacher.checkpoint": "/t.pth",
-            "method.student_layer": "layer1", "method.teacher_layer": "layer1"}
+            "method.student_layer": "layer1", "method.teacher_layer": "layer1",
+            "model.pretrained": "/models/m", "dataset.captions_file": "/data/captions.json"}
 
 
 def _compose(overrides):

@@ -254,6 +254,7 @@ def test_ddp_reduces_each_role(cli, runs_dir, toy_teacher):
     ("method.gan_generator_weight=-1", "method.gan_generator_weight=-1"),
     ("method.timesteps=[]", "method.timesteps=[]"),
     ("method.critic_updates_per_generator_update=0", "method.critic_updates_per_generator_update=0"),
+    ("trainer.accumulate_grad_batches=2", "trainer.accumulate_grad_batches=2"),
 ])
 def test_bad_values_are_one_error_line(cli, runs_dir, toy_teacher, override, message):
     r = cli(*toy_args(toy_teacher, f"runs_dir={runs_dir}", override))
@@ -292,3 +293,76 @@ def test_lora_generator_critic_and_teacher_share_one_frozen_base(tmp_path):
         assert torch.equal(m.teacher(x, t, cond), before) and torch.equal(teacher(x, t, cond), before)
         assert not torch.equal(m.student(x, t, cond), before)
     assert set(m.state_dict()) and all("lora_" in k for k in m.state_dict() if k.startswith(("student.", "fake_score.")))
+
+
+# --------------------------------------------------------------------------- digits through the CLI
+def digits_teacher(path: Path, num_classes=None) -> Path:
+    """A randomly initialised unet_digits (the architecture of conf/model/unet_digits.yaml)."""
+    from distillkit.models.unet import DiffusersUNet
+
+    torch.manual_seed(0)
+    net = DiffusersUNet(sample_size=8, in_channels=1, block_out_channels=(16, 32), layers_per_block=1,
+                        down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+                        attention_head_dim=32, norm_num_groups=8, num_classes=num_classes)
+    torch.save(net.state_dict(), path)
+    return path
+
+
+DIGITS = ["trainer.max_steps=2", "method.critic_updates_per_generator_update=2", "dataset.batch_size=16",
+          "eval.every_n_steps=0", "eval.num_samples=50", "eval.batch_size=50", *QUIET]
+
+
+def test_dmd2_on_digits_samples_in_its_steps_through_evaluation_and_distill_sample(cli, tmp_path):
+    """A 2-step DMD2 generator on digits: evaluation scores it at its 2 steps, the run's results hold
+    the FID, and distill-sample draws from it with its own timesteps by default."""
+    import json
+
+    teacher = digits_teacher(tmp_path / "t.pt")
+    r = cli("experiment=digits_dmd2", f"teacher.checkpoint={teacher}", f"runs_dir={tmp_path}", "name=r",
+            "method.timesteps=[1023,511]", "eval.steps=[2]", *DIGITS)
+    assert r.returncode == 0, r.output
+    run = tmp_path / "digits_dmd2" / "r"
+    res = json.loads((run / "results.json").read_text())
+    assert res["global_step"] == 2 and "fid/2step" in res
+    s = subprocess.run([sys.executable, "-m", "distillkit.sample", f"checkpoint={run / 'last.ckpt'}", "num_samples=4",
+                        f"out={tmp_path / 's.npz'}"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert s.returncode == 0, s.stdout + s.stderr
+    assert "2 steps" in s.stdout
+
+
+def test_class_conditional_dmd2_logs_class_accuracy(cli, tmp_path):
+    import json
+
+    teacher = digits_teacher(tmp_path / "t.pt", num_classes=10)
+    r = cli("experiment=digits_cond_dmd2", f"teacher.checkpoint={teacher}", f"runs_dir={tmp_path}", "name=r", *DIGITS)
+    assert r.returncode == 0, r.output
+    res = json.loads((tmp_path / "digits_cond_dmd2" / "r" / "results.json").read_text())
+    assert "class_acc/1step" in res and "fid/1step" in res
+
+
+def test_dmd_trains_on_its_pairs_and_a_missing_pairs_file_names_distill_pairs(cli, tmp_path):
+    from distillkit.pairs import save_pairs
+
+    teacher = digits_teacher(tmp_path / "t.pt")
+    missing = cli("experiment=digits_dmd", f"teacher.checkpoint={teacher}", f"runs_dir={tmp_path}",
+                  f"method.pairs={tmp_path / 'none.safetensors'}", *DIGITS)
+    assert missing.returncode == 2 and "distill-pairs checkpoint=" in missing.output
+    assert not (tmp_path / "digits_dmd").exists() or not any((tmp_path / "digits_dmd").rglob("last.ckpt"))
+    g = torch.Generator().manual_seed(0)
+    save_pairs(tmp_path / "pairs.safetensors", torch.randn(32, 1, 8, 8, generator=g), torch.rand(32, 1, 8, 8, generator=g) * 2 - 1)
+    r = cli("experiment=digits_dmd", f"teacher.checkpoint={teacher}", f"runs_dir={tmp_path}", "name=r",
+            f"method.pairs={tmp_path / 'pairs.safetensors'}", "eval=none", "optim.gradient_clip_val=0.5",
+            "critic_optim.lr=3e-4", "critic_optim.gradient_clip_val=2", *DIGITS)
+    assert r.returncode == 0, r.output
+    rows = (tmp_path / "digits_dmd" / "r" / "metrics.csv").read_text()
+    assert "train/regression_loss" in rows and "train/gan_critic_loss" not in rows
+    ck = torch.load(tmp_path / "digits_dmd" / "r" / "last.ckpt", weights_only=True)
+    lrs = [o["param_groups"][0]["lr"] for o in ck["optimizer_states"]]
+    assert lrs == [1e-4, 3e-4]  # optim for the generator, critic_optim's lr for the critic
+
+
+def test_critic_optim_for_a_method_without_critic_is_one_error_line(cli, runs_dir):
+    r = cli("dataset=toy2d", "model=mlp2d", "method=diffusion", "schedule=cosine", "critic_optim.lr=1e-3",
+            f"runs_dir={runs_dir}", *QUIET)
+    assert r.returncode == 2 and "critic_optim.lr: method=diffusion trains one network" in r.output, r.output
+    assert "Traceback" not in r.output

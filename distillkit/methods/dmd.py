@@ -163,7 +163,9 @@ class DMD(MultiRoleMethod, DiffusionMethod):
         self.regression_weight = float(regression_weight)
         self.regression_batch_size = regression_batch_size
         self.pairs = None
-        if self.regression_weight > 0:
+        # teacher None: rebuilt from a checkpoint to sample or export (models.loading), not to train
+        training = self.teacher is not None
+        if self.regression_weight > 0 and training:
             if not pairs:
                 raise DistillError(f"method={self.method_name}: method.regression_weight={regression_weight} needs the "
                                    "teacher's noise-image pairs: write them once with distill-pairs checkpoint=<teacher's "
@@ -173,14 +175,23 @@ class DMD(MultiRoleMethod, DiffusionMethod):
 
             self.pairs = load_pairs(pairs, key="method.pairs")
             self.pairs.check_shape(tuple(self.image_shape), "method.pairs")
-        assert self.teacher is not None
+        lora = any("lora_" in n for n, _ in self.student.named_parameters())
+        if training:
+            self._start_from_teacher(init_from_teacher, lora)
+        # the critic: the fake score (starting as the generator, i.e. the teacher) and the GAN head
+        self.fake_score = copy_sharing_frozen(self.student)
+        self.gan_head = GANHead(self.fake_score.bottleneck_channels, spatial=len(self.image_shape) == 3) \
+            if self.gan_generator_weight > 0 or self.gan_critic_weight > 0 else None
+
+    def _start_from_teacher(self, init_from_teacher: bool, lora: bool) -> None:
+        """The generator starts as the teacher (DMD, Sec. 3.1); a LoRA generator over the teacher's own
+        folder already is it, and then shares its frozen base with the teacher."""
         if self.teacher.prediction_type is None:
             self.teacher.prediction_type = self.prediction_type
         if self.teacher.prediction_type != self.prediction_type and init_from_teacher:
             raise DistillError(f"method.prediction_type={self.prediction_type}: the generator starts as the teacher, "
                                f"which predicts {self.teacher.prediction_type}; leave method.prediction_type unset "
                                "(or set method.init_from_teacher=false)")
-        lora = any("lora_" in n for n, _ in self.student.named_parameters())
         if init_from_teacher and not lora:  # a LoRA student's base already is the teacher's folder
             copy_weights(self.student, self.teacher, f"method={self.method_name}: the generator starts as the teacher")
             if self.ema is not None:
@@ -192,10 +203,6 @@ class DMD(MultiRoleMethod, DiffusionMethod):
             shared.unet.disable_adapters()
             shared.eval().requires_grad_(False)
             object.__setattr__(self, "teacher", shared)
-        # the critic: the fake score (starting as the generator, i.e. the teacher) and the GAN head
-        self.fake_score = copy_sharing_frozen(self.student)
-        self.gan_head = GANHead(self.fake_score.bottleneck_channels, spatial=len(self.image_shape) == 3) \
-            if self.gan_generator_weight > 0 or self.gan_critic_weight > 0 else None
 
     def _same_base(self, teacher: nn.Module) -> bool:
         """Whether ``teacher`` is the LoRA student's base: the same local folder, in the same dtype,

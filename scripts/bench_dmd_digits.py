@@ -1,0 +1,159 @@
+"""DMD and DMD2 on digits: digits-FID, IS (and class accuracy) of one- and four-step generators.
+
+    python scripts/bench_dmd_digits.py                       # 3 seeds, benchmarks/dmd_digits.json + README table
+    python scripts/bench_dmd_digits.py --seeds 0 --only dmd2_1step --updates 400   # a subset (no README update)
+
+Trains (or reuses) the digits teachers in --runs-dir (``experiment=digits_diffusion_teacher`` and
+``experiment=digits_cond_teacher``), writes DMD's regression pairs once with ``distill-pairs`` (2,000
+pairs of the unconditional teacher's 64-step DDIM), then runs each configuration below for each
+seed (``experiment=digits_dmd`` / ``digits_dmd2`` / ``digits_cond_dmd2`` with ``seed=S`` and
+``trainer.max_steps=--updates`` generator updates). A finished run is reused, so an interrupted
+benchmark continues where it stopped (a run stopped mid-way resumes from its last.ckpt).
+
+Each row is the run's own final evaluation (``eval=digits``: 700 samples of the EMA generator at its
+step count, the shipped digits feature network against the training digits, the protocol of every
+digits benchmark here), with the generator updates, the network evaluations spent (``nfe``, teacher,
+fake score and GAN passes included, from metrics.csv) and the training wall time.
+
+Targets (issue "DMD and DMD2"): DMD2 one-step digits-FID at or below the teacher's 64-step (2.234,
+benchmarks/step_distill_digits.json); DMD (no GAN) within 1.5x of DMD2; DMD2 one-step below
+progressive distillation's best one-step at equal wall time (4.870 at 6,000 updates).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime as dt
+import json
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_kd_digits import Runner, machine  # noqa: E402
+
+FOUR = ["method.timesteps=[1023,767,511,255]", "eval.steps=[4]"]
+CONFIGS: dict[str, tuple[str, list[str]]] = {
+    "dmd_1step": ("digits_dmd", []),
+    "dmd2_1step": ("digits_dmd2", []),
+    "dmd2_4step_backward": ("digits_dmd2", [*FOUR, "method.generator_inputs=backward"]),
+    "dmd2_4step_real": ("digits_dmd2", [*FOUR, "method.generator_inputs=real"]),
+    "cond_dmd2_1step": ("digits_cond_dmd2", []),
+}
+TEACHER_64 = 2.234  # the unconditional teacher's 64-step digits-FID (benchmarks/step_distill_digits.json)
+PROGRESSIVE_1STEP = (4.870, 6000)  # progressive distillation's best one-step FID at 6,000 updates
+PAIRS = "digits_pairs.safetensors"
+
+
+def last_nfe(run_dir: Path) -> Optional[int]:
+    """The cumulative network evaluations of the run's last logged update (metrics.csv)."""
+    with open(run_dir / "metrics.csv") as f:
+        vals = [r["nfe"] for r in csv.DictReader(f) if r.get("nfe")]
+    return int(float(vals[-1])) if vals else None
+
+
+def write_pairs(runs_dir: Path, teacher_ckpt: Path) -> Path:
+    out = runs_dir / PAIRS
+    if not out.is_file():
+        subprocess.run([sys.executable, "-m", "distillkit.pairs", f"checkpoint={teacher_ckpt}", "num_pairs=2000",
+                        "steps=64", f"out={out}"], cwd=ROOT, check=True)
+    return out
+
+
+def summarise(rows: list[dict]) -> list[dict]:
+    """Mean and std over seeds of each (configuration, updates)."""
+    out = []
+    for config in CONFIGS:
+        for updates in sorted({r["updates"] for r in rows if r["config"] == config}):
+            rs = [r for r in rows if r["config"] == config and r["updates"] == updates]
+            out.append(_entry(config, updates, rs))
+    return out
+
+
+def _entry(config: str, updates: int, rs: list[dict]) -> dict:
+    entry = {"config": config, "steps": rs[0]["steps"], "n": len(rs), "updates": updates}
+    for k in ("fid", "is", "class_acc", "wall_s", "nfe"):
+        vals = [r[k] for r in rs if r.get(k) is not None]
+        if vals:
+            entry[f"{k}_mean"] = statistics.fmean(vals)
+            entry[f"{k}_std"] = statistics.stdev(vals) if len(vals) > 1 else None
+    return entry
+
+
+def verdict(summary: list[dict]) -> list[str]:
+    by = {s["config"]: s for s in sorted(summary, key=lambda s: s["updates"])}  # each configuration's longest runs
+    lines = []
+    d2, d1 = by.get("dmd2_1step"), by.get("dmd_1step")
+    if d2:
+        f = d2["fid_mean"]
+        lines.append(f"DMD2 one step: digits-FID {f:.3f} after {d2['updates']} generator updates ({d2['wall_s_mean']:.0f} s) "
+                     f"against the teacher's 64-step {TEACHER_64}: " + ("meets" if f <= TEACHER_64 else f"misses by {f - TEACHER_64:.3f}"))
+        pf, pu = PROGRESSIVE_1STEP
+        lines.append(f"against progressive distillation's best one-step {pf} ({pu} updates): "
+                     + ("below" if f < pf else "not below"))
+    if d1 and d2:
+        ratio = d1["fid_mean"] / d2["fid_mean"]
+        lines.append(f"DMD (no GAN) one step: {d1['fid_mean']:.3f} = {ratio:.2f}x DMD2's (target <= 1.5x): "
+                     + ("meets" if ratio <= 1.5 else "misses"))
+    return lines
+
+
+def main(argv: Optional[list[str]] = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--runs-dir", default="runs/bench_dmd", help="where the runs go (default %(default)s)")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--updates", type=int, default=None, help="generator updates per run (default: the experiments' 1000)")
+    ap.add_argument("--only", nargs="+", choices=list(CONFIGS), default=None, help="a subset of the configurations")
+    ap.add_argument("--out", default=None, help="JSON to write (default benchmarks/dmd_digits.json)")
+    args = ap.parse_args(argv)
+    out = (ROOT / (args.out or "benchmarks/dmd_digits.json")).resolve()
+    command = shlex.join(["python", "scripts/bench_dmd_digits.py", *(sys.argv[1:] if argv is None else argv)])
+    runs_dir = (ROOT / args.runs_dir).resolve()
+    run = Runner(runs_dir)
+    t0 = time.time()
+    teacher = run(["experiment=digits_diffusion_teacher"])
+    print(f"teacher: {teacher['global_step']} updates" + (" (cached)" if teacher.get("cached") else ""), flush=True)
+    configs = args.only or list(CONFIGS)
+    if any(CONFIGS[c][0] == "digits_cond_dmd2" for c in configs):
+        run(["experiment=digits_cond_teacher"])
+    if any(CONFIGS[c][0] == "digits_dmd" for c in configs):
+        write_pairs(runs_dir, Path(teacher["run_dir"]) / "last.ckpt")
+    old = json.loads(out.read_text()) if out.is_file() else {}
+    rows = [r for r in old.get("rows", [])]
+    for config in configs:
+        experiment, extra = CONFIGS[config]
+        for seed in args.seeds:
+            overrides = [f"experiment={experiment}", *extra, f"seed={seed}"]
+            if args.updates:
+                overrides.append(f"trainer.max_steps={args.updates}")
+            res = run(overrides)
+            k = int(next(o.split("[")[1].rstrip("]") for o in extra if o.startswith("eval.steps="))) if extra else 1
+            r = {"config": config, "seed": seed, "steps": k, "updates": res["global_step"],
+                 "fid": res.get(f"fid/{k}step"), "is": res.get(f"is/{k}step"), "class_acc": res.get(f"class_acc/{k}step"),
+                 "wall_s": res["wall_s"], "nfe": last_nfe(Path(res["run_dir"]))}
+            rows = [x for x in rows if (x["config"], x["seed"], x["updates"]) != (config, seed, r["updates"])] + [r]
+            print(f"  {config:20s} seed {seed}  FID {r['fid']:7.3f}  IS {r['is']:.2f}  updates {r['updates']}  "
+                  f"wall {r['wall_s']:.0f}s" + ("  (cached)" if res.get("cached") else ""), flush=True)
+            bench = {"name": "dmd_digits", "machine": machine(), "date": dt.date.today().isoformat(), "command": command,
+                     "rows": rows, "summary": summarise(rows)}
+            bench["verdict"] = verdict(bench["summary"])
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(json.dumps(bench, indent=1) + "\n")  # after every run: an interrupted benchmark keeps its rows
+    import readme_tables
+
+    print(f"\nwrote {out} ({time.time() - t0:.0f} s)\n")
+    print(readme_tables.render("dmd_digits", bench))
+    print("\n".join(bench["verdict"]))
+    if readme_tables.update_readme("dmd_digits", path=out):
+        print("README.md table updated")
+    return bench
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,354 @@
+"""GPU probe: seconds per generator update, peak memory and model FLOPs utilisation of DMD2 at SDXL size, 1024 px.
+
+What is timed: distillkit's ``method=dmd2`` (distillkit.methods.dmd.DMD2) trained by a Lightning
+Trainer (manual optimization, one optimizer per role, ``bf16-mixed`` on a GPU) with the settings of
+conf/experiment/dmd2_sdxl.yaml (read at run time: one-step generator at t = 399, real guidance 8,
+5 critic updates per generator update, GAN weights 5e-3 / 1e-2, AdamW lr 5e-7, gradient norm clipped
+to 10, its batch size). The networks are RANDOMLY INITIALISED UNets of SDXL base 1.0's architecture
+(scripts/bench_gpu_sdxl_diffusion.py builds them: 2.567 B parameters, nothing read or downloaded):
+the generator (the student), the fake score (``method.fake_score``, a copy of the generator) with
+the GAN head, and the frozen teacher, held in bf16 as ``build_teacher`` holds it. The data are
+random latents of 4 x 128 x 128 (1024 px; no VAE) and random text conditions of SDXL's shapes; the
+unconditional branch of the guided teacher is SDXL's (zero embeddings, ``force_zeros_for_empty_prompt``).
+
+Configurations (``--configs``, default all):
+
+    lora         model.lora_rank=64 generator (frozen base in bf16); the fake score is its copy with
+                 its own adapter over the SAME frozen base tensors (dmd.copy_sharing_frozen); the
+                 teacher is a separate bf16 copy; gradient checkpointing on
+    full         the whole generator and the whole fake score train (fp32 master weights, AdamW);
+                 gradient checkpointing on
+    lora_nockpt  lora without gradient checkpointing
+
+One generator update is one cycle of ``critic_updates_per_generator_update`` (K = 5) batches: the
+first makes the generator's update and a critic update, the other K - 1 a critic update each (the
+Trainer's ``max_steps`` counts generator updates; distillkit.methods.roles). ``s_per_update`` is the
+median time between the starts of consecutive generator-update batches (``torch.cuda.synchronize``
+at each), over ``--updates`` cycles after ``--warmup`` cycles, so it includes the Trainer's own
+overhead and the host-to-device copy of each batch.
+
+FLOPs. The first warm-up cycle runs under ``torch.utils.flop_counter.FlopCounterMode``: every
+matmul, convolution and attention kernel of the cycle, forward and backward, at 2 FLOPs per
+multiply-add, as executed (``flops_per_update``). Gradient checkpointing's recomputation (forwards
+of modules run inside the backward) is counted apart (``recompute_flops_per_update``); the model
+FLOPs are the executed ones less the recomputation (``model_flops_per_update``), and
+
+    mfu = model_flops_per_update / (s_per_update * peak)    hfu: the same with flops_per_update
+
+with ``peak`` the GPU's dense bf16 tensor-core peak (PEAK_BF16_TFLOPS below, from NVIDIA's data
+sheets; ``--peak-tflops`` to override; unknown GPU: null). ``unet_forward_flops`` is one teacher
+forward at the batch (no guidance), ``forward_equivalents`` = model FLOPs / that.
+
+Memory. ``weights_gb``: memory allocated once the method is built (all networks on the GPU);
+``peak_mem_gb``: ``torch.cuda.max_memory_allocated`` from then to the end of the run (weights,
+gradients, optimizer states, autocast's bf16 weight copies, activations); ``fits_80gb``: that
+peak under 80 GiB (85.9 GB; the CUDA context and the allocator's slack, ``peak_reserved_gb``,
+come on top). A configuration that runs out of memory gives a row with ``"oom": true``.
+
+    python scripts/probe_dmd2_sdxl.py          # one GPU; writes benchmarks/gpu_dmd2_sdxl.json a row at a time
+    python scripts/probe_dmd2_sdxl.py --configs lora --batch-size 4 --out /tmp/lora_b4.json
+
+``--tiny`` runs the same code on the tiny SDXL-style UNet (scripts/bench_gpu_sdxl_diffusion.py's
+TINY_UNET on 8 x 8 latents, LoRA rank 4, batch 1, 1 warm-up + 1 timed generator update: 11 batches
+per configuration, seconds on a CPU; attention is not in the FLOP count there, as FlopCounterMode
+has no formula for the CPU's attention kernel) and needs ``--out``: a check of the script, whose
+numbers mean nothing. Needs torch, diffusers, peft,
+lightning and distillkit.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import lightning as L
+import torch
+from torch import nn
+from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
+from torch.utils.flop_counter import FlopCounterMode
+
+SCRIPTS = Path(__file__).resolve().parent
+sys.path.insert(0, str(SCRIPTS))
+
+import bench_gpu_sdxl_diffusion as bench  # noqa: E402  (puts the repository on sys.path, sets HF_HUB_OFFLINE)
+
+from distillkit.methods.dmd import DMD2  # noqa: E402
+from distillkit.models.stable_diffusion import TextImageCodec  # noqa: E402
+
+ROOT = bench.ROOT
+DEFAULT_OUT = ROOT / "benchmarks" / "gpu_dmd2_sdxl.json"
+RECIPE = ROOT / "conf" / "experiment" / "dmd2_sdxl.yaml"
+# configuration -> scripts/bench_gpu_sdxl_diffusion.py's variant of the generator
+CONFIGS = {"lora": "lora_gc", "full": "full_gc", "lora_nockpt": "lora"}
+# Dense (no sparsity) bf16 tensor-core peaks, TFLOP/s, from NVIDIA's data sheets (which print twice
+# these "with sparsity"): H100 SXM and H200 SXM 989.4 (1,979 sparse); H100 NVL 835; H100 PCIe 756;
+# A100 312. The first name contained in torch.cuda.get_device_name wins.
+PEAK_BF16_TFLOPS = (("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H200", 989.4), ("H100", 989.4), ("A100", 312.0))
+GiB80 = 80 * 2 ** 30
+TINY_UNET = dict(bench.TINY_UNET, sample_size=8)  # 8 x 8 latents: the check runs in seconds
+
+
+class ZeroNullCodec(nn.Module):
+    """The part of SDXL's codec the guided teacher calls: its unconditional branch, zero prompt and
+    pooled embeddings (SDXL's ``force_zeros_for_empty_prompt``), distillkit's own ``null_condition``.
+    No VAE: the probe works in latents, and the denoiser is not ``is_latent``."""
+
+    latent_scale = bench.LATENT_SCALE
+    force_zeros = True
+    null_condition = TextImageCodec.null_condition
+
+
+class CycleFlops(FlopCounterMode):
+    """FlopCounterMode that also counts apart the FLOPs of module forwards run inside a backward:
+    the recomputation of gradient checkpointing (``recompute``)."""
+
+    def __init__(self) -> None:
+        super().__init__(display=False)
+        self.recompute = 0
+        self._depth = 0
+        self._hooks: list = []
+
+    def __enter__(self):
+        self.recompute, self._depth = 0, 0
+
+        def in_backward() -> bool:
+            return torch._C._current_graph_task_id() != -1
+
+        def pre(module, args):
+            self._depth += in_backward()
+
+        def post(module, args, out):  # always_call: also when a forward stops by an exception
+            self._depth -= in_backward()
+
+        self._hooks = [register_module_forward_pre_hook(pre), register_module_forward_hook(post, always_call=True)]
+        return super().__enter__()
+
+    def __exit__(self, *args):
+        for h in self._hooks:
+            h.remove()
+        return super().__exit__(*args)
+
+    def _count_flops(self, func_packet, out, args, kwargs):
+        before = self.flop_counts["Global"][func_packet]
+        out = super()._count_flops(func_packet, out, args, kwargs)
+        if self._depth > 0:
+            self.recompute += self.flop_counts["Global"][func_packet] - before
+        return out
+
+
+def peak_tflops(device: torch.device, override: float | None) -> tuple[float | None, str]:
+    if override:
+        return float(override), "--peak-tflops"
+    if device.type != "cuda":
+        return None, "no CUDA device"
+    name = torch.cuda.get_device_name(device)
+    for key, tflops in PEAK_BF16_TFLOPS:
+        if key in name:
+            return tflops, f"NVIDIA data sheet, {key} dense bf16"
+    return None, f"{name}: not in PEAK_BF16_TFLOPS"
+
+
+def recipe(path: Path = RECIPE) -> dict:
+    """The method settings, optimizer, gradient clipping and batch size of the SDXL DMD2 experiment."""
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+    opt = cfg["optim"]["optimizer"]
+    return {"method": {k: v for k, v in cfg["method"].items() if not k.startswith("_")},
+            "optimizer": {"_target_": "torch.optim.AdamW", "_partial_": True, "lr": float(opt["lr"]),
+                          "betas": tuple(opt["betas"]), "weight_decay": float(opt["weight_decay"])},
+            "gradient_clip_val": cfg["optim"].get("gradient_clip_val"),
+            "batch_size": int(cfg["dataset"]["batch_size"])}
+
+
+def build(config: str, unet_cfg: dict, device: torch.device, lora_rank: int, rec: dict):
+    """DMD2 around a fresh generator of ``config`` and a frozen teacher (bf16 on a GPU), seed 0 each."""
+    teacher = bench.build("frozen_forward", unet_cfg, device, lora_rank).student
+    object.__setattr__(teacher, "codec", ZeroNullCodec())  # guided: the unconditional branch
+    student = bench.build(CONFIGS[config], unet_cfg, device, lora_rank).student
+    clip = rec["gradient_clip_val"]
+    size = unet_cfg["sample_size"]
+    method = DMD2(student, teacher, schedule_cfg={"name": "none"}, input_shape=(unet_cfg["in_channels"], size, size),
+                  optim_cfg={"optimizer": dict(rec["optimizer"]), "scheduler": {"name": "none"}},
+                  grad_clip={"generator": clip, "critic": clip}, **rec["method"])
+    return method.to(device)
+
+
+class Probe(L.Callback):
+    """Times the cycles (a generator update and its critic updates) and counts the FLOPs of the first."""
+
+    def __init__(self, k: int, sync) -> None:
+        self.k, self.sync = k, sync
+        self.starts: list[float] = []
+        self.nfe: list[int] = []
+        self.counter: CycleFlops | None = CycleFlops()
+        self.flops: int | None = None
+        self.recompute: int | None = None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if pl_module.updates_of("critic") % self.k:
+            return  # a critic-only batch
+        self.sync()
+        if len(self.starts) == 1 and self.counter is not None:  # the first cycle, counted, ends
+            self.counter.__exit__(None, None, None)
+            self.flops, self.recompute = self.counter.get_total_flops(), self.counter.recompute
+            self.counter = None
+        self.starts.append(time.perf_counter())
+        self.nfe.append(int(pl_module.nfe))
+        if len(self.starts) == 1:
+            self.counter.__enter__()
+
+    def on_exception(self, trainer, pl_module, exception) -> None:
+        if self.counter is not None and self.counter.mode is not None:
+            self.counter.__exit__(None, None, None)
+        self.counter = None
+
+
+def random_loader(unet_cfg: dict, batch_size: int, batches: int):
+    """``batches`` copies of one random batch {"x": latents, "cond": SDXL's text condition} on the host."""
+    from torch.utils.data import DataLoader
+
+    torch.manual_seed(1)
+    x0, cond = bench.random_batch(unet_cfg, batch_size, torch.device("cpu"))
+    return DataLoader([{"x": x0, "cond": cond}] * batches, batch_size=None)
+
+
+def unet_forward_flops(method, unet_cfg: dict, batch_size: int, device: torch.device) -> int:
+    """FLOPs of one teacher forward (no guidance) at the batch size."""
+    x0, cond = bench.random_batch(unet_cfg, batch_size, device)
+    t = torch.full((batch_size,), 399, device=device)
+    amp = torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda")
+    with CycleFlops() as fc, torch.no_grad(), amp:
+        method.teacher(x0, t, cond)
+    return fc.get_total_flops()
+
+
+def run_config(config: str, unet_cfg: dict, args: argparse.Namespace, rec: dict, device: torch.device,
+               peak: float | None) -> dict:
+    cuda = device.type == "cuda"
+    method = build(config, unet_cfg, device, args.lora_rank, rec)
+    roles = method.role_parameters()
+    frozen = {id(p) for p in method.student.parameters() if not p.requires_grad}
+    k = method.critic_updates_per_generator_update
+    row = {"generator_params": sum(p.numel() for p in roles["generator"]),
+           "critic_params": sum(p.numel() for p in roles["critic"]),
+           "gan_head_params": bench.count(method.gan_head) if method.gan_head is not None else 0,
+           "gradient_checkpointing": CONFIGS[config].endswith("_gc"),
+           "fake_score_shares_frozen_base": bool(frozen) and frozen <= {id(p) for p in method.fake_score.parameters()},
+           "weights_dtype": str(method.student.dtype).removeprefix("torch."),
+           "teacher_dtype": str(method.teacher.dtype).removeprefix("torch."),
+           "critic_updates_per_generator_update": k}
+    if cuda:
+        row["weights_gb"] = round(torch.cuda.memory_allocated(device) / 1e9, 3)
+    row["unet_forward_flops"] = unet_forward_flops(method, unet_cfg, args.batch_size, device)
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+
+    cycles = args.warmup + args.updates
+    cb = Probe(k, torch.cuda.synchronize if cuda else (lambda: None))
+    trainer = L.Trainer(accelerator="gpu" if cuda else "cpu", devices=1, precision="bf16-mixed" if cuda else "32-true",
+                        max_steps=cycles + 1, max_epochs=-1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                        limit_val_batches=0, callbacks=[cb])
+    trainer.fit(method, train_dataloaders=random_loader(unet_cfg, args.batch_size, k * cycles + 1))
+
+    times = [b - a for a, b in zip(cb.starts, cb.starts[1:])][args.warmup:]
+    s = statistics.median(times)
+    model_flops = cb.flops - cb.recompute
+    fwd = row["unet_forward_flops"]
+    row.update(generator_updates=method.updates_of("generator"), critic_updates=method.updates_of("critic"),
+               timed_updates=len(times), s_per_update=round(s, 5), s_per_update_min=round(min(times), 5),
+               nfe_per_update=cb.nfe[1] - cb.nfe[0], flops_per_update=cb.flops,
+               recompute_flops_per_update=cb.recompute, model_flops_per_update=model_flops,
+               forward_equivalents=round(model_flops / fwd, 2) if fwd else None,
+               mfu=round(model_flops / s / (peak * 1e12), 4) if peak else None,
+               hfu=round(cb.flops / s / (peak * 1e12), 4) if peak else None)
+    if cuda:
+        row["peak_mem_gb"] = round(torch.cuda.max_memory_allocated(device) / 1e9, 3)
+        row["peak_reserved_gb"] = round(torch.cuda.max_memory_reserved(device) / 1e9, 3)
+        row["fits_80gb"] = torch.cuda.max_memory_allocated(device) < GiB80
+    else:
+        row["peak_mem_gb"] = None
+    return row
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--configs", nargs="+", choices=list(CONFIGS), default=list(CONFIGS))
+    p.add_argument("--batch-size", type=int, default=None, help="default: the recipe's dataset.batch_size (--tiny: 1)")
+    p.add_argument("--warmup", type=int, default=None, help="warm-up generator updates, at least 1: the first is the "
+                   "FLOP count's (default 2; --tiny: 1)")
+    p.add_argument("--updates", type=int, default=None, help="timed generator updates (default 5; --tiny: 1)")
+    p.add_argument("--lora-rank", type=int, default=None, help="default 64 (--tiny: 4)")
+    p.add_argument("--peak-tflops", type=float, default=None, help="the GPU's dense bf16 peak (default: from its name)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--tiny", action="store_true", help="the tiny SDXL-style UNet: a check of the script")
+    p.add_argument("--out", type=Path, default=None, help=f"default {DEFAULT_OUT.relative_to(ROOT)} (CUDA only)")
+    args = p.parse_args(argv)
+    args.argv = sys.argv[1:] if argv is None else list(argv)
+    rec = recipe()
+    args.batch_size = args.batch_size or (1 if args.tiny else rec["batch_size"])
+    args.warmup = args.warmup if args.warmup is not None else (1 if args.tiny else 2)
+    args.updates = args.updates if args.updates is not None else (1 if args.tiny else 5)
+    args.lora_rank = args.lora_rank or (4 if args.tiny else 64)
+    if args.warmup < 1 or args.updates < 1:
+        raise SystemExit("probe_dmd2_sdxl: --warmup and --updates must be at least 1 (the first warm-up update is "
+                         "the FLOP count's)")
+    unet_cfg = TINY_UNET if args.tiny else bench.SDXL_UNET
+
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          "cpu" if args.device == "auto" else args.device)
+    out = args.out or DEFAULT_OUT
+    if device.type != "cuda" and not args.tiny:
+        raise SystemExit("probe_dmd2_sdxl: the SDXL-size probe needs a CUDA GPU (none here); "
+                         "--tiny --out PATH checks the script on a CPU")
+    if out.resolve() == DEFAULT_OUT.resolve() and (args.tiny or device.type != "cuda"):
+        raise SystemExit(f"probe_dmd2_sdxl: {DEFAULT_OUT.relative_to(ROOT)} holds the full-size GPU run: "
+                         "give --out for this one")
+
+    threads = torch.get_num_threads()
+    if device.type == "cpu":  # the tiny networks: threads only contend (10x slower on 2 busy cores)
+        torch.set_num_threads(1)
+    try:
+        return run_probe(args, unet_cfg, device, out, rec)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def run_probe(args: argparse.Namespace, unet_cfg: dict, device: torch.device, out: Path, rec: dict) -> int:
+    counts = bench.parameter_counts(unet_cfg, args.lora_rank)
+    peak, peak_source = peak_tflops(device, args.peak_tflops)
+    resolution = unet_cfg["sample_size"] * bench.LATENT_SCALE
+    result = dict(name="gpu_dmd2_sdxl", machine=bench.machine(device), date=time.strftime("%Y-%m-%d"),
+                  command=" ".join(["python", "scripts/probe_dmd2_sdxl.py", *args.argv]),
+                  unet="tiny (bench_gpu_sdxl_diffusion.TINY_UNET, 8 x 8 latents)" if args.tiny else
+                  "SDXL base 1.0 architecture, random weights",
+                  recipe=str(RECIPE.relative_to(ROOT)), method=rec["method"],
+                  optimizer={k: v for k, v in rec["optimizer"].items() if not k.startswith("_")},
+                  gradient_clip_val=rec["gradient_clip_val"], **counts, peak_bf16_tflops=peak,
+                  peak_source=peak_source, warmup=args.warmup, updates=args.updates, rows=[])
+    for config in args.configs:
+        row = {"method": "dmd2", "config": config, "batch_size": args.batch_size, "resolution": resolution}
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(device)
+        try:
+            row.update(run_config(config, unet_cfg, args, rec, device, peak))
+        except torch.cuda.OutOfMemoryError:
+            row.update(oom=True, peak_mem_gb=round(torch.cuda.max_memory_allocated(device) / 1e9, 3))
+        gc.collect()  # the configuration's networks, optimizers, trainer and (after an OOM) the traceback's tensors
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        result["rows"].append(row)
+        print(json.dumps(row), flush=True)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=1) + "\n")  # each row lands even if a later one dies
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
