@@ -49,6 +49,7 @@ import torch
 
 from distillkit.errors import DistillError
 from distillkit.kvargs import Arg, command_main, parse_bool, parse_kv
+from distillkit.sample import default_guidance
 
 PROG = "distill-pairs"
 META_KEY = "distillkit_pairs"
@@ -167,11 +168,6 @@ def sampler_name(method) -> str:
     return method.solver if method.is_edm else "ddim eta=0"
 
 
-def default_guidance(method) -> float:
-    """The run's ``eval.guidance`` (1: none), as distill-sample takes it."""
-    return float(((method.run_config or {}).get("eval") or {}).get("guidance") or 1.0)
-
-
 def generate_pairs(method, num_pairs: int, steps: Optional[int] = None, seed: int = 0, batch_size: int = 500,
                    use_ema: bool = True, classes: Optional[str] = None, prompts: Optional[list[str]] = None,
                    guidance: Optional[float] = None) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
@@ -251,25 +247,9 @@ def write_pairs(method, num_pairs: int, out: Union[str, Path], steps: Optional[i
 
 def run(argv: Sequence[str]) -> Path:
     args = parse_kv(argv, PROG, ARGS)
-    from distillkit.models.loading import load_run_checkpoint
-    from distillkit.sample import _device, check_steps, read_prompts
+    from distillkit.sample import load_for_sampling
 
-    out = Path(args.out).expanduser()
-    if out.suffix != ".safetensors":
-        raise DistillError(f"out={args.out}: the file name must end in .safetensors")
-    if args.num_pairs < 1:
-        raise DistillError(f"num_pairs={args.num_pairs}: must be at least 1")
-    if args.batch_size < 1:
-        raise DistillError(f"batch_size={args.batch_size}: must be at least 1")
-    device = _device(args.device)
-    method = load_run_checkpoint(args.checkpoint)
-    if not hasattr(method, "sample_from_noise"):
-        raise DistillError(f"checkpoint={args.checkpoint}: method={method.method_name} does not generate samples; "
-                           "distill-pairs needs a diffusion run (the teacher)")
-    steps = args.steps if args.steps is not None else method.num_steps
-    check_steps(method, steps)
-    method.to(device)
-    prompts = read_prompts(args.prompts) if args.prompts is not None else None
+    out, method, steps, prompts = load_for_sampling(args, PROG, ".safetensors", "num_pairs")
     write_pairs(method, args.num_pairs, out, steps, args.seed, args.batch_size, args.use_ema, getattr(args, "class"),
                 prompts, args.guidance, checkpoint=args.checkpoint)
     shape = "x".join(map(str, method.image_shape))

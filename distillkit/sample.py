@@ -154,29 +154,40 @@ def generate(method, num_samples: int, steps: int, seed: int = 0, batch_size: in
     return (x, cond) if return_cond else x
 
 
-def run(argv: Sequence[str]) -> Path:
-    args = parse_kv(argv, PROG, ARGS)
+def default_guidance(method) -> float:
+    """The run's ``eval.guidance`` (1: none): the guidance distill-sample and distill-pairs default to."""
+    return float(((method.run_config or {}).get("eval") or {}).get("guidance") or 1.0)
+
+
+def load_for_sampling(args, prog: str, suffix: str, count_key: str):
+    """What distill-sample and distill-pairs share before they sample: the checks of ``out``'s suffix,
+    the count and the batch size, the run rebuilt from ``checkpoint`` on ``device``, its step count
+    (``steps`` or the run's own) and the prompts. Returns (out, method, steps, prompts)."""
     from distillkit.models.loading import load_run_checkpoint
 
     out = Path(args.out).expanduser()
-    if out.suffix != ".npz":
-        raise DistillError(f"out={args.out}: the file name must end in .npz")
-    if args.num_samples < 1:
-        raise DistillError(f"num_samples={args.num_samples}: must be at least 1")
+    if out.suffix != suffix:
+        raise DistillError(f"out={args.out}: the file name must end in {suffix}")
+    if getattr(args, count_key) < 1:
+        raise DistillError(f"{count_key}={getattr(args, count_key)}: must be at least 1")
     if args.batch_size < 1:
         raise DistillError(f"batch_size={args.batch_size}: must be at least 1")
     device = _device(args.device)
     method = load_run_checkpoint(args.checkpoint)
     if not hasattr(method, "sample_from_noise"):
         raise DistillError(f"checkpoint={args.checkpoint}: method={method.method_name} does not generate samples; "
-                           "distill-sample needs a diffusion run")
+                           f"{prog} needs a diffusion run")
     steps = args.steps if args.steps is not None else method.num_steps
     check_steps(method, steps)
     method.to(device)
-    guidance = args.guidance
-    if guidance is None:
-        guidance = float(((method.run_config or {}).get("eval") or {}).get("guidance") or 1.0)
     prompts = read_prompts(args.prompts) if args.prompts is not None else None
+    return out, method, steps, prompts
+
+
+def run(argv: Sequence[str]) -> Path:
+    args = parse_kv(argv, PROG, ARGS)
+    out, method, steps, prompts = load_for_sampling(args, PROG, ".npz", "num_samples")
+    guidance = default_guidance(method) if args.guidance is None else args.guidance
     x = generate(method, args.num_samples, steps, args.seed, args.batch_size, args.use_ema, args.spacing,
                  getattr(args, "class"), prompts, guidance)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -7,17 +7,19 @@ conf/experiment/dmd2_sdxl.yaml (read at run time: one-step generator at t = 399,
 to 10, its batch size). The networks are RANDOMLY INITIALISED UNets of SDXL base 1.0's architecture
 (scripts/bench_gpu_sdxl_diffusion.py builds them: 2.567 B parameters, nothing read or downloaded):
 the generator (the student), the fake score (``method.fake_score``, a copy of the generator) with
-the GAN head, and the frozen teacher, held in bf16 as ``build_teacher`` holds it. The data are
+the GAN head, and the frozen teacher, held in bf16 as ``build_teacher`` holds it (for a LoRA
+generator DMD2 replaces it by the generator's own base with the adapter switched off, as it does
+when ``teacher.pretrained`` is ``model.pretrained``: the probe marks both as one folder). The data are
 random latents of 4 x 128 x 128 (1024 px; no VAE) and random text conditions of SDXL's shapes; the
 unconditional branch of the guided teacher is SDXL's (zero embeddings, ``force_zeros_for_empty_prompt``).
 
 Configurations (``--configs``, default all):
 
     lora         model.lora_rank=64 generator (frozen base in bf16); the fake score is its copy with
-                 its own adapter over the SAME frozen base tensors (dmd.copy_sharing_frozen); the
-                 teacher is a separate bf16 copy; gradient checkpointing on
+                 its own adapter over the SAME frozen base tensors (dmd.copy_sharing_frozen), and so
+                 is the teacher, with its adapter switched off; gradient checkpointing on
     full         the whole generator and the whole fake score train (fp32 master weights, AdamW);
-                 gradient checkpointing on
+                 the teacher is a separate bf16 copy; gradient checkpointing on
     lora_nockpt  lora without gradient checkpointing
 
 One generator update is one cycle of ``critic_updates_per_generator_update`` (K = 5) batches: the
@@ -165,11 +167,19 @@ def recipe(path: Path = RECIPE) -> dict:
             "batch_size": int(cfg["dataset"]["batch_size"])}
 
 
+SAME_FOLDER = "<random-init SDXL UNet, seed 0>"  # the pretrained folder both denoisers stand for
+
+
 def build(config: str, unet_cfg: dict, device: torch.device, lora_rank: int, rec: dict):
-    """DMD2 around a fresh generator of ``config`` and a frozen teacher (bf16 on a GPU), seed 0 each."""
+    """DMD2 around a fresh generator of ``config`` and a frozen teacher (bf16 on a GPU), seed 0 each,
+    marked as loaded from one folder in one frozen dtype, as experiment=dmd2_sdxl builds them
+    (``teacher.pretrained: ${model.pretrained}``): DMD2 then shares a LoRA generator's base with the teacher."""
     teacher = bench.build("frozen_forward", unet_cfg, device, lora_rank).student
-    object.__setattr__(teacher, "codec", ZeroNullCodec())  # guided: the unconditional branch
     student = bench.build(CONFIGS[config], unet_cfg, device, lora_rank).student
+    for den in (teacher, student):
+        den.pretrained = SAME_FOLDER
+        den.frozen_dtype = teacher.dtype
+        object.__setattr__(den, "codec", ZeroNullCodec())  # shared by copies; the guided teacher's null branch
     clip = rec["gradient_clip_val"]
     size = unet_cfg["sample_size"]
     method = DMD2(student, teacher, schedule_cfg={"name": "none"}, input_shape=(unet_cfg["in_channels"], size, size),
@@ -233,12 +243,14 @@ def run_config(config: str, unet_cfg: dict, args: argparse.Namespace, rec: dict,
     method = build(config, unet_cfg, device, args.lora_rank, rec)
     roles = method.role_parameters()
     frozen = {id(p) for p in method.student.parameters() if not p.requires_grad}
+    gc.collect()  # a teacher DMD2 replaced by the generator's base
     k = method.critic_updates_per_generator_update
     row = {"generator_params": sum(p.numel() for p in roles["generator"]),
            "critic_params": sum(p.numel() for p in roles["critic"]),
            "gan_head_params": bench.count(method.gan_head) if method.gan_head is not None else 0,
            "gradient_checkpointing": CONFIGS[config].endswith("_gc"),
            "fake_score_shares_frozen_base": bool(frozen) and frozen <= {id(p) for p in method.fake_score.parameters()},
+           "teacher_shares_frozen_base": bool(frozen) and frozen <= {id(p) for p in method.teacher.parameters()},
            "weights_dtype": str(method.student.dtype).removeprefix("torch."),
            "teacher_dtype": str(method.teacher.dtype).removeprefix("torch."),
            "critic_updates_per_generator_update": k}

@@ -289,19 +289,23 @@ class DiffusionMethod(DistillMethod):
         z = z.to(self.device)
         cond = map_cond(cond, lambda v: v.to(z.device))
         try:
-            if self.is_edm:
-                sigmas = self.schedule.sigmas(num_steps).to(z.device)
-                solve = heun_sample if self.solver == "heun" else euler_sample
-                x = solve(self.denoiser(net, cond, guidance), z * sigmas[0].to(z.dtype), sigmas)
-            else:
-                x = ddim_sample(net.model_fn(cond, guidance), z, self.schedule, num_steps, spacing or self.spacing,
-                                eta=self.eta, generator=generator, pred_type=self.prediction_type,
-                                clip=self.clip_sample)
+            x = self.run_sampler(net, z, num_steps, spacing, generator, cond, guidance)
             if decode:
                 x = net.decode(x)
         finally:
             net.train(was_training)
         return x.clamp(-1, 1) if self.is_image and (decode or not getattr(net, "is_latent", False)) else x
+
+    def run_sampler(self, net: nn.Module, z: torch.Tensor, num_steps: int, spacing: Optional[str],
+                    generator: Optional[torch.Generator], cond: Cond, guidance: Guidance) -> torch.Tensor:
+        """The sampler of :meth:`sample_from_noise` from z with the denoiser ``net``: DDIM (VP) or
+        Heun / Euler (EDM). Few-step generators (DMD) sample their own way."""
+        if self.is_edm:
+            sigmas = self.schedule.sigmas(num_steps).to(z.device)
+            solve = heun_sample if self.solver == "heun" else euler_sample
+            return solve(self.denoiser(net, cond, guidance), z * sigmas[0].to(z.dtype), sigmas)
+        return ddim_sample(net.model_fn(cond, guidance), z, self.schedule, num_steps, spacing or self.spacing,
+                           eta=self.eta, generator=generator, pred_type=self.prediction_type, clip=self.clip_sample)
 
     def sample(self, n: int, num_steps: Optional[int] = None, generator: Optional[torch.Generator] = None,
                use_ema: bool = True, spacing: Optional[str] = None, cond: Optional[Cond] = None,

@@ -333,6 +333,8 @@ class DMD(MultiRoleMethod, DiffusionMethod):
             step(loss)
 
         self.count_nfe(nfe)
+        # Lightning's logging step counts batches under manual optimization: this column counts updates
+        self.log_scalar("generator_updates", self.global_step)
         for k, v in logs.items():
             self.log(k, v, prog_bar=k in ("train/loss", "train/fake_score_loss"), on_step=True, on_epoch=False, batch_size=B)
 
@@ -353,26 +355,12 @@ class DMD(MultiRoleMethod, DiffusionMethod):
             return list(self.timesteps)
         return self.schedule.timesteps(num_steps, "trailing").tolist()
 
-    @torch.no_grad()
-    def sample_from_noise(self, z: torch.Tensor, num_steps: Optional[int] = None, use_ema: bool = True,
-                          spacing: Optional[str] = None, generator: Optional[torch.Generator] = None,
-                          cond: Optional[Cond] = None, guidance: Guidance = None, decode: bool = True) -> torch.Tensor:
-        """Samples of the generator from noise z: :func:`~distillkit.diffusion.multistep_sample` over
+    def run_sampler(self, net: nn.Module, z: torch.Tensor, num_steps: int, spacing: Optional[str],
+                    generator: Optional[torch.Generator], cond: Cond, guidance: Guidance) -> torch.Tensor:
+        """The generator's samples from noise z: :func:`~distillkit.diffusion.multistep_sample` over
         :meth:`sampling_timesteps` (``spacing`` is not used: the generator's steps are its own)."""
-        net = self.eval_network() if use_ema else self.student
-        was_training = net.training
-        net.eval()
-        z = z.to(self.device)
-        cond = map_cond(cond, lambda v: v.to(z.device))
-        try:
-            x = multistep_sample(net.model_fn(cond, guidance), z, self.schedule,
-                                 self.sampling_timesteps(int(num_steps or self.num_steps)), generator=generator,
-                                 pred_type=self.prediction_type)
-            if decode:
-                x = net.decode(x)
-        finally:
-            net.train(was_training)
-        return x.clamp(-1, 1) if self.is_image and (decode or not net.is_latent) else x
+        return multistep_sample(net.model_fn(cond, guidance), z, self.schedule, self.sampling_timesteps(num_steps),
+                                generator=generator, pred_type=self.prediction_type)
 
 
 class DMD2(DMD):
