@@ -178,3 +178,24 @@ def test_resume_deletes_a_checkpoint_write_left_unfinished(runs_dir: Path):
     assert again.returncode == 0, again.output
     assert "resuming from" in again.output and "removed .last.ckpt.tmp4242" in again.output
     assert not left.exists() and torch.load(run / "last.ckpt", weights_only=True)["global_step"] == 4
+
+
+def test_resume_with_gradient_accumulation_is_bit_exact(runs_dir: Path):
+    """With trainer.accumulate_grad_batches=2 the periodic last.ckpt is written at the end of an
+    accumulation window, never inside one (a checkpoint there loses the half-accumulated gradient):
+    a run killed after update 4 resumes from update 3's checkpoint and ends like an uninterrupted run
+    (issue 29, item 3)."""
+    args = [*ARGS, "dataset.train_fraction=1.0", "trainer.accumulate_grad_batches=2", "trainer.max_steps=10",
+            "callbacks.checkpoint_every_n_steps=3"]
+    whole = run_cli(*args, f"runs_dir={runs_dir / 'whole'}", "name=acc", env=THREADS)
+    assert whole.returncode == 0, whole.output
+    cut = [*args, f"runs_dir={runs_dir / 'cut'}", "name=acc"]
+    r = _run_with_events(*cut, env={"DIE_AT_STEP": "4"})
+    assert r.returncode == 9, r.stdout + r.stderr
+    run = runs_dir / "cut" / "digits_student" / "acc"
+    assert torch.load(run / "last.ckpt", map_location="cpu", weights_only=True)["global_step"] == 3
+    again = run_cli(*cut, env=THREADS)
+    assert again.returncode == 0 and "resuming from" in again.output, again.output
+    ref = _weights(runs_dir / "whole" / "digits_student" / "acc")
+    for k, v in _weights(run).items():
+        assert torch.equal(ref[k], v), f"{k} differs after resuming inside an accumulating epoch"
