@@ -58,6 +58,12 @@ def last_nfe(run_dir: Path) -> Optional[int]:
     return int(float(vals[-1])) if vals else None
 
 
+def fid_curve(run_dir: Path, k: int) -> list[list[float]]:
+    """[[generator updates, digits-FID], ...] of the run's evaluations (metrics.csv)."""
+    with open(run_dir / "metrics.csv") as f:
+        return [[int(float(r["step"])), round(float(r[f"fid/{k}step"]), 3)] for r in csv.DictReader(f) if r.get(f"fid/{k}step")]
+
+
 def write_pairs(runs_dir: Path, teacher_ckpt: Path) -> Path:
     out = runs_dir / PAIRS
     if not out.is_file():
@@ -136,7 +142,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
             k = int(next(o.split("[")[1].rstrip("]") for o in extra if o.startswith("eval.steps="))) if extra else 1
             r = {"config": config, "seed": seed, "steps": k, "updates": res["global_step"],
                  "fid": res.get(f"fid/{k}step"), "is": res.get(f"is/{k}step"), "class_acc": res.get(f"class_acc/{k}step"),
-                 "wall_s": res["wall_s"], "nfe": last_nfe(Path(res["run_dir"]))}
+                 "wall_s": res["wall_s"], "nfe": last_nfe(Path(res["run_dir"])),
+                 "fid_by_updates": fid_curve(Path(res["run_dir"]), k)}
             rows = [x for x in rows if (x["config"], x["seed"], x["updates"]) != (config, seed, r["updates"])] + [r]
             print(f"  {config:20s} seed {seed}  FID {r['fid']:7.3f}  IS {r['is']:.2f}  updates {r['updates']}  "
                   f"wall {r['wall_s']:.0f}s" + ("  (cached)" if res.get("cached") else ""), flush=True)
