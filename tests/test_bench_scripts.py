@@ -187,3 +187,20 @@ def test_plain_loop_maths_agree_with_distillkit():
     # a perturbed teacher moves the target: the comparison can fail
     assert not torch.allclose(plain.plain_target(lambda z_, t_: v_net(z_, t_) * 1.01, scheduler.alphas_cumprod.float(),
                                                  z, t, t1, t2), theirs.float(), atol=1e-4)
+
+
+def test_dmd_benchmark_summarises_per_configuration_and_updates_and_renders_its_table():
+    import bench_dmd_digits as b
+
+    rows = [{"config": "dmd2_1step", "seed": s, "steps": 1, "updates": u, "fid": f, "is": 8.0, "class_acc": None,
+             "wall_s": 100.0, "nfe": 10 * u} for s, u, f in [(0, 600, 6.0), (1, 600, 4.0), (0, 2000, 2.0)]]
+    rows.append({"config": "dmd_1step", "seed": 0, "steps": 1, "updates": 2000, "fid": 4.0, "is": 8.0,
+                 "class_acc": None, "wall_s": 50.0, "nfe": 2000})
+    summary = b.summarise(rows)
+    first = next(s for s in summary if s["config"] == "dmd2_1step" and s["updates"] == 600)
+    assert first["n"] == 2 and first["fid_mean"] == 5.0 and math.isclose(first["fid_std"], math.sqrt(2))
+    lines = b.verdict(summary)  # each configuration's longest runs: DMD2 at 2000 updates, 2.0
+    assert "digits-FID 2.000 after 2000 generator updates" in lines[0] and "meets" in lines[0]
+    assert "= 2.00x DMD2's" in lines[2] and "misses" in lines[2]
+    table = readme_tables.render("dmd_digits", {"summary": summary, "verdict": lines, "rows": rows})
+    assert "| DMD2 | 1 | 600 | 2 | 5.000 ± 1.414 |" in table
