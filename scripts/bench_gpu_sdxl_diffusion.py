@@ -234,21 +234,28 @@ def main(argv=None) -> int:
                   **counts, warmup=args.warmup, updates=args.updates, rows=[])
     for variant in args.variants:
         row = {"method": "diffusion", "variant": variant, "batch_size": args.batch_size, "resolution": resolution}
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats(device)
-        try:
-            row.update(run_variant(variant, unet_cfg, args, device))
-        except torch.cuda.OutOfMemoryError:
-            row.update(oom=True, peak_mem_gb=round(torch.cuda.max_memory_allocated(device) / 1e9, 3))
-        gc.collect()  # the variant's network, optimizer and (after an OOM) the traceback's tensors
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-        result["rows"].append(row)
-        print(json.dumps(row), flush=True)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=1) + "\n")  # each row lands even if a later one dies
+        measure_row(row, lambda: run_variant(variant, unet_cfg, args, device), device, result, out)
     return 0
+
+
+def measure_row(row: dict, run, device: torch.device, result: dict, out: Path) -> None:
+    """``row`` updated with ``run()``'s measurements from a fresh peak-memory count (or marked
+    ``oom``), appended to ``result["rows"]``, printed, and ``result`` written to ``out``: each row
+    lands even if a later one dies."""
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    try:
+        row.update(run())
+    except torch.cuda.OutOfMemoryError:
+        row.update(oom=True, peak_mem_gb=round(torch.cuda.max_memory_allocated(device) / 1e9, 3))
+    gc.collect()  # the run's networks, optimizers and (after an OOM) the traceback's tensors
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    result["rows"].append(row)
+    print(json.dumps(row), flush=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1) + "\n")
 
 
 if __name__ == "__main__":

@@ -61,7 +61,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import statistics
 import sys
 import time
@@ -345,20 +344,7 @@ def run_probe(args: argparse.Namespace, unet_cfg: dict, device: torch.device, ou
                   peak_source=peak_source, warmup=args.warmup, updates=args.updates, rows=[])
     for config in args.configs:
         row = {"method": "dmd2", "config": config, "batch_size": args.batch_size, "resolution": resolution}
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats(device)
-        try:
-            row.update(run_config(config, unet_cfg, args, rec, device, peak))
-        except torch.cuda.OutOfMemoryError:
-            row.update(oom=True, peak_mem_gb=round(torch.cuda.max_memory_allocated(device) / 1e9, 3))
-        gc.collect()  # the configuration's networks, optimizers, trainer and (after an OOM) the traceback's tensors
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-        result["rows"].append(row)
-        print(json.dumps(row), flush=True)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=1) + "\n")  # each row lands even if a later one dies
+        bench.measure_row(row, lambda: run_config(config, unet_cfg, args, rec, device, peak), device, result, out)
     return 0
 
 
