@@ -325,7 +325,7 @@ def build_trainer(cfg: DictConfig, run_dir: Path, accelerator: str, callbacks: l
 
     t = cfg.trainer
     strategy = "ddp_find_unused_parameters_true" if manual and t.strategy == "ddp" else t.strategy
-    clip = None if manual else (t.gradient_clip_val if t.gradient_clip_val is not None else cfg.optim.gradient_clip_val)
+    clip = None if manual else gradient_clip(cfg)
     try:
         return L.Trainer(
             max_epochs=t.max_epochs, max_steps=t.max_steps, accelerator=accelerator, devices=t.devices,
@@ -343,6 +343,11 @@ def build_trainer(cfg: DictConfig, run_dir: Path, accelerator: str, callbacks: l
         given = [o for o in HydraConfig.get().overrides.task if o.lstrip("+~").startswith("trainer.")]
         where = f" (given: {' '.join(given)})" if given else ""
         raise DistillError(f"Lightning refused the trainer settings{where}: {str(e).strip().splitlines()[0]}") from None
+
+
+def gradient_clip(cfg: DictConfig) -> Optional[float]:
+    """The (generator's) gradient-norm clip: ``optim.gradient_clip_val``, else ``trainer.gradient_clip_val``."""
+    return cfg.optim.gradient_clip_val if cfg.optim.gradient_clip_val is not None else cfg.trainer.gradient_clip_val
 
 
 def multi_role_settings(cfg: DictConfig) -> dict:
@@ -367,7 +372,7 @@ def multi_role_settings(cfg: DictConfig) -> dict:
         raise DistillError(f"trainer.accumulate_grad_batches={cfg.trainer.accumulate_grad_batches}: method={choice} updates "
                            "its generator and critic in turn (manual optimization) and takes no accumulation; raise "
                            "dataset.batch_size instead")
-    clip = cfg.optim.gradient_clip_val if cfg.optim.gradient_clip_val is not None else cfg.trainer.gradient_clip_val
+    clip = gradient_clip(cfg)
     critic_clip = critic.pop("gradient_clip_val", clip)
     return {"critic_optim_cfg": critic, "grad_clip": {"generator": clip, "critic": critic_clip}}
 

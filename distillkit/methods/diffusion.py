@@ -249,11 +249,17 @@ class DiffusionMethod(DistillMethod):
                                "dataset.image_dir)")
         return x0, map_cond(cond, lambda v: v.to(x0.device))
 
+    def evaluated_denoiser(self) -> tuple[str, nn.Module]:
+        """(metric name, denoiser) of the validation / test denoising loss: ``loss`` of the
+        evaluation network here; methods whose student is no denoiser name another (DMD's fake score)."""
+        return "loss", self.eval_network()
+
     def _evaluate(self, batch: Any, batch_idx: int, stage: str) -> None:
         x0, cond = self.split_batch(batch)
         g = torch.Generator().manual_seed(EVAL_NOISE_SEED + batch_idx)
-        loss = self.denoising_loss(self.eval_network(), x0, generator=g, cond=cond).mean()
-        self.log(f"{stage}/loss", loss, prog_bar=stage == "val", sync_dist=True, batch_size=len(x0))
+        name, net = self.evaluated_denoiser()
+        loss = self.denoising_loss(net, x0, generator=g, cond=cond).mean()
+        self.log(f"{stage}/{name}", loss, prog_bar=stage == "val", sync_dist=True, batch_size=len(x0))
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         self._evaluate(batch, batch_idx, "val")

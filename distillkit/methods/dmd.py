@@ -339,14 +339,9 @@ class DMD(MultiRoleMethod, DiffusionMethod):
             self.log(k, v, prog_bar=k in ("train/loss", "train/fake_score_loss"), on_step=True, on_epoch=False, batch_size=B)
 
     # ------------------------------------------------------------------ evaluation
-    def _evaluate(self, batch: Any, batch_idx: int, stage: str) -> None:
+    def evaluated_denoiser(self) -> tuple[str, nn.Module]:
         """The fake score's denoising loss on held-out real data (the generator is no denoiser)."""
-        from distillkit.methods.diffusion import EVAL_NOISE_SEED
-
-        x0, cond = self.split_batch(batch)
-        g = torch.Generator().manual_seed(EVAL_NOISE_SEED + batch_idx)
-        loss = self.denoising_loss(self.fake_score, x0, generator=g, cond=cond).mean()
-        self.log(f"{stage}/fake_score_loss", loss, prog_bar=stage == "val", sync_dist=True, batch_size=len(x0))
+        return "fake_score_loss", self.fake_score
 
     # ------------------------------------------------------------------ sampling
     def sampling_timesteps(self, num_steps: int) -> list[int]:

@@ -62,7 +62,6 @@ class MultiRoleMethod(DistillMethod):
     ``with self.updating(name) as step: step(loss)``."""
 
     generator_role = "generator"
-    ddp_find_unused_parameters = True
 
     def __init__(self, *args: Any, critic_optim_cfg: Optional[dict] = None, grad_clip: Optional[dict] = None, **kw: Any):
         super().__init__(*args, **kw)
@@ -107,22 +106,20 @@ class MultiRoleMethod(DistillMethod):
         return max(1, -(-DistillMethod.steps_per_epoch(self) // k))
 
     # ------------------------------------------------------------------ updates
-    def _index(self, role: str) -> int:
-        return list(self.role_parameters()).index(role)
-
     @contextlib.contextmanager
     def updating(self, role: str) -> Iterator[Any]:
         """The other roles' parameters are frozen while this role's loss is built (no gradient is
         computed for them, and DDP finds them unused); ``step(loss)`` then backpropagates, clips
         and steps this role's optimizer (the generator's also steps every LR schedule and the EMA)."""
         roles = self.role_parameters()
+        index = list(roles).index(role)  # the optimizers are in the roles' order (configure_optimizers)
         others = [p for name, ps in roles.items() if name != role for p in ps]
         was = [p.requires_grad for p in others]
         for p in others:
             p.requires_grad_(False)
 
         def step(loss: torch.Tensor) -> None:
-            opt = self.optimizers()[self._index(role)]
+            opt = self.optimizers()[index]
             opt.zero_grad(set_to_none=True)
             self.manual_backward(loss)
             clip = self.grad_clip.get(role)
