@@ -7,17 +7,17 @@
 Flow: config (CLI overrides) -> schema validation -> dataset, teacher (frozen), student,
 method -> run dir check (resume or refuse) -> Trainer.fit -> test -> results.json.
 Errors in the user's input print one message and exit with status 2; set
-HYDRA_FULL_ERROR=1 for the traceback.
+HYDRA_FULL_ERROR=1 for the traceback. A non-finite loss or gradient stops training with one
+message and exit status 3 (EXIT_NONFINITE; ``callbacks.nonfinite``, docs/long_runs.md); a stop
+signal, after last.ckpt is written, with 128 + the signal's number.
 """
 from __future__ import annotations
 
 import contextlib
-import difflib
 import json
 import logging
 import os
 import sys
-import textwrap
 import time
 import warnings
 from pathlib import Path
@@ -26,96 +26,15 @@ from typing import Any, Iterator, Optional
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from distillkit.config import REQUIRED_HINTS, SCHEMAS, field_names, out_of_bounds, register_configs
+from distillkit.compose import explain_compose_error, help_template, register_resolvers  # noqa: F401
+from distillkit.config import REQUIRED_HINTS, out_of_bounds, register_configs
 from distillkit.errors import DistillError, root_cause
 from distillkit.paths import CONF_DIR, find_conf_dir  # noqa: F401  (CONF_DIR is also imported from here)
-from distillkit.runs import run_name
 
 log = logging.getLogger("distillkit")
 
 
-
-
-def register_resolvers() -> None:
-    if not OmegaConf.has_resolver("dk_run_name"):
-        OmegaConf.register_new_resolver("dk_run_name", run_name)
-    if not OmegaConf.has_resolver("dk_help"):
-        OmegaConf.register_new_resolver("dk_help", help_template)
-
-
-def help_template() -> str:
-    """``distill --help`` (Hydra's ``hydra.help.template``): what to type, the config groups and
-    their options as the yaml files under conf/ name them (Hydra's own list would also show the
-    schema groups, which are not for the command line), then the composed config."""
-    root = Path(CONF_DIR)
-    groups = sorted(d.name for d in root.iterdir() if d.is_dir() and any(d.glob("*.yaml")))
-    width = max(len(g) for g in groups)
-    listing = "\n".join(textwrap.fill(", ".join(sorted(f.stem for f in (root / g).glob("*.yaml"))), width=100,
-                                       initial_indent=f"  {g:<{width}}  ", subsequent_indent=" " * (width + 4))
-                         for g in groups)
-    return f"""distill: distil neural networks (distillkit). The same command resumes the same run.
-
-Usage:
-  distill experiment=digits_teacher                  # an experiment: an overlay of the groups below
-  distill experiment=digits_kd method.temperature=2  # any key of the config below, as key=value
-  distill method=dkd model=resnet8x4 teacher=resnet32x4 teacher.checkpoint=PATH \\
-          dataset=cifar100 dataset.data_dir=DIR optim=sgd
-  distill -m experiment=digits_kd seed=0,1,2         # a sweep: one run per combination
-  distill experiment=digits_kd --cfg job             # print the composed config and exit
-  distill experiment=digits_kd --help                # this help with that experiment's config
-
-Config groups (group=option):
-{listing}
-
-Sampling, export and scoring: distill-sample, distill-export, distill-eval (each with --help).
-Hydra's own options (launchers, sweepers, logging): distill --hydra-help.
-
-Config (with the overrides given):
-$CONFIG"""
-
-
 # --------------------------------------------------------------------------- validation
-def _schema_by_name(type_name: str) -> Optional[type]:
-    for options in SCHEMAS.values():
-        for schema in options.values():
-            if schema.__name__ == type_name:
-                return schema
-    from distillkit import config as c
-
-    return getattr(c, type_name, None)
-
-
-def explain_compose_error(e: BaseException) -> str:
-    """One paragraph that names the key and what is allowed."""
-    cause = root_cause(e)
-    full_key = getattr(cause, "full_key", None)
-    obj_type = getattr(cause, "object_type", None)
-    text = str(cause).split("\n")[0]
-    if full_key and obj_type is not None and ("not in" in text or "not a" in text.lower()):
-        schema = obj_type if isinstance(obj_type, type) else _schema_by_name(str(obj_type))
-        if full_key.startswith("teacher.") and getattr(schema, "__name__", "") in ("NoTeacherConfig", "SelfTeacherConfig"):
-            which = "none" if schema.__name__ == "NoTeacherConfig" else "self"
-            return (f"unknown key '{full_key}': teacher={which} has no {full_key.split('.', 1)[1]}. Choose the "
-                    f"teacher's architecture first, then its weights, e.g. teacher=cnn_digits {full_key}=PATH "
-                    "(options: the model names, e.g. unet_digits, resnet32x4, sd15)")
-        allowed = [f for f in field_names(schema) if not f.startswith("_")] if schema else []
-        leaf = full_key.split(".")[-1]
-        close = difflib.get_close_matches(leaf, allowed, n=1)
-        parent = full_key.rsplit(".", 1)[0] if "." in full_key else "the top level"
-        msg = f"unknown key '{full_key}'."
-        if close:
-            msg += f" Did you mean '{full_key.rsplit('.', 1)[0] + '.' if '.' in full_key else ''}{close[0]}'?"
-        if allowed:
-            msg += f" Keys allowed in {parent}: {', '.join(allowed)}."
-        return msg
-    msg = str(e) if not str(cause) else str(cause)
-    if "Could not find" in str(e) or "Available options" in str(e):
-        msg = str(e)
-    # Hydra appends its search path, which says nothing to a user who mistyped an option.
-    msg = msg.split("\nConfig search path:")[0].strip()
-    return msg
-
-
 def missing_required(cfg: DictConfig, prefix: str = "") -> list[str]:
     """Keys whose value is ``???``, found without resolving interpolations."""
     out: list[str] = []
@@ -394,6 +313,7 @@ def run(cfg: DictConfig) -> dict:
     from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
     from distillkit.callbacks.checkpoint import LastCheckpoint
+    from distillkit.callbacks.nonfinite import NonFiniteGuard, NonFiniteStop
     from distillkit.callbacks.progress import PlainProgress, use_rich
     from distillkit.models.loading import build_model, build_teacher
     from distillkit.runs import check_run_dir, write_results, write_run_config
@@ -463,7 +383,8 @@ def run(cfg: DictConfig) -> dict:
         evaluation = SampleEvaluation.from_config(cfg.eval, dataset_name=HydraConfig.get().runtime.choices.get("dataset"))
 
     last_ckpt = LastCheckpoint(run_dir, cfg.callbacks.checkpoint_every_n_steps, started_at=t0)
-    callbacks: list = [last_ckpt]
+    guard = NonFiniteGuard(config["callbacks"]["nonfinite"], cfg.callbacks.max_nonfinite_skips)
+    callbacks: list = [guard, last_ckpt]  # the guard first: a batch that fails it writes no checkpoint
     progress = config["callbacks"]["progress"]  # plain strings: enums resolved by to_container
     rich = use_rich(progress)
     if rich:
@@ -485,6 +406,21 @@ def run(cfg: DictConfig) -> dict:
 
     try:
         trainer.fit(method, datamodule=dm, ckpt_path=str(ckpt) if ckpt else None)
+    except NonFiniteStop as e:  # nothing was saved after the non-finite update, nor is now
+        session_s = time.time() - t0
+        saved = last_ckpt._last_saved_step if last_ckpt.path.is_file() else None
+        if trainer.is_global_zero:
+            write_results(run_dir, {
+                **{k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")},
+                "stopped": "non-finite", "nonfinite": {"step": e.step, "term": e.term, "skipped": guard.skipped},
+                "global_step": int(trainer.global_step), "last_ckpt_step": saved,
+                "wall_s": round(last_ckpt.earlier_sessions_s + session_s, 3), "session_wall_s": round(session_s, 3),
+                "run_dir": str(run_dir), "resumed_from": str(ckpt) if ckpt else None})
+        kept = (f"{last_ckpt.path.name} holds step {saved}, the last finite checkpoint." if saved is not None
+                else "No checkpoint was written before it.")
+        skip = ", or skip such updates with callbacks.nonfinite=skip" if guard.mode == "stop" else ""
+        raise NonFiniteStop(f"{e}. {kept} Lower the learning rate (optim.optimizer.lr) or clip gradients "
+                            f"(optim.gradient_clip_val=1.0){skip}.", e.step, e.term) from None
     except Exception as e:
         if compiled is None or not is_compile_failure(e):
             raise
@@ -538,10 +474,20 @@ def _hydra_main(cfg: DictConfig) -> Optional[float]:
     import lightning  # noqa: F401  (installs its own log handlers, which we remove)
 
     _configure_logging()
+    from distillkit.callbacks.nonfinite import EXIT_NONFINITE, NonFiniteStop
+
     try:
         run(cfg)
     except DistillError as e:
         fail(str(e))
+    except NonFiniteStop as e:
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        from lightning.pytorch.utilities.rank_zero import rank_zero_only
+
+        if rank_zero_only.rank == 0:  # one message, not one per DDP rank
+            print(f"distill: error: {e}", file=sys.stderr)
+        sys.exit(EXIT_NONFINITE)
     return None
 
 

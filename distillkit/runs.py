@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import re
 import hashlib
@@ -149,5 +150,18 @@ def write_run_config(run_dir: Path, config: dict) -> None:
     atomic_write_text(cfg_file, yaml.safe_dump(config, sort_keys=False))
 
 
+def json_safe(obj: Any) -> Any:
+    """``obj`` with every non-finite float (NaN, inf: not JSON) as None, recursively; tuples as lists."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj
+
+
 def write_results(run_dir: Path, results: dict) -> None:
-    atomic_write_text(run_dir / "results.json", json.dumps(results, indent=2, sort_keys=True) + "\n")
+    """``results.json``: strict JSON, a non-finite number (a NaN validation loss) written as null."""
+    text = json.dumps(json_safe(results), indent=2, sort_keys=True, allow_nan=False)
+    atomic_write_text(run_dir / "results.json", text + "\n")

@@ -123,3 +123,105 @@ def test_make_schedule():
     assert make_schedule("linear", num_train_timesteps=100).num_train_timesteps == 100
     with pytest.raises(ValueError, match="allowed"):
         make_schedule("sigmoid")
+
+
+def test_sample_sigma_on_cpu_is_unchanged():
+    """A CPU generator (or none, on the CPU) draws exactly as before: float64 on the CPU."""
+    ks = KarrasSchedule()
+    old = (torch.randn(64, generator=torch.Generator().manual_seed(3), dtype=torch.float64) * 1.2 - 1.2).exp()
+    assert torch.equal(ks.sample_sigma(64, torch.Generator().manual_seed(3)), old)
+    assert torch.equal(ks.sample_sigma(64, torch.Generator().manual_seed(3), device="cpu"), old)
+    torch.manual_seed(3)
+    assert torch.equal(ks.sample_sigma(64), old)
+    assert ks.sample_sigma(4).dtype == torch.float64
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_sample_sigma_draws_on_the_generators_device():
+    ks = KarrasSchedule()
+    g = torch.Generator("cuda").manual_seed(3)
+    s = ks.sample_sigma(64, g, device="cuda")
+    expected = (torch.randn(64, generator=torch.Generator("cuda").manual_seed(3), device="cuda",
+                            dtype=torch.float64) * 1.2 - 1.2).exp()
+    assert s.device.type == "cuda" and s.dtype == torch.float64 and torch.equal(s, expected)
+    assert ks.sample_sigma(4, torch.Generator("cuda").manual_seed(0), device="cpu").device.type == "cpu"
+
+
+# ----------------------------------------------------------------- zero terminal SNR (Lin et al. 2024)
+ZERO_SNR = {"name": "cosine", "num_train_timesteps": 1024, "rescale_betas_zero_snr": True}
+
+
+class Net(torch.nn.Module):
+    """A denoiser net(x_t, t) whose prediction is 0."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(()))
+
+    def forward(self, x, t):
+        return x * self.w
+
+
+def test_zero_terminal_snr_min_snr_weights_are_finite():
+    """SNR = 0 at t = T-1: the eps-space weight min(SNR, gamma) / SNR is 1 there (its limit, diffusers'
+    convention), the v- and x0-space weights are 0; elsewhere the formulas are unchanged."""
+    from distillkit.methods.diffusion import min_snr_weight
+
+    s = NoiseSchedule("cosine", 1024, rescale_betas_zero_snr=True)
+    t = torch.tensor([0, 100, 900, 1022, 1023])
+    snr = s.snr(t)
+    assert snr[-1] == 0 and (snr[:-1] > 0).all()
+    eps = min_snr_weight(snr, 5.0, "eps")
+    assert torch.isfinite(eps).all() and eps[-1] == 1
+    assert torch.equal(eps[:-1], snr[:-1].clamp(max=5.0) / snr[:-1])
+    assert min_snr_weight(snr, 5.0, "v")[-1] == 0 and min_snr_weight(snr, 5.0, "x0")[-1] == 0
+
+
+@pytest.mark.parametrize("space", ["eps", "v", "x0"])
+def test_zero_terminal_snr_loss_at_the_last_timestep_is_finite(space):
+    from distillkit.methods.diffusion import Diffusion
+
+    torch.manual_seed(0)
+    m = Diffusion(Net(), schedule_cfg=dict(ZERO_SNR), prediction_type="v", loss_space=space,
+                  weighting="min_snr", input_shape=(1, 4, 4))
+    x0, eps = torch.randn(3, 1, 4, 4), torch.randn(3, 1, 4, 4)
+    t = torch.tensor([1023, 1023, 500])
+    x_t = m.schedule.add_noise(x0, eps, t)
+    loss = m.vp_loss(torch.randn_like(x0), x_t, x0, eps, t)
+    assert torch.isfinite(loss).all(), loss
+
+
+def test_zero_terminal_snr_v_sampling_from_the_last_timestep_is_finite():
+    """DDIM from t = T-1 (trailing) of a v-model: x_0 = alpha x_t - sigma v needs no division."""
+    from distillkit.diffusion import ddim_sample
+
+    s = NoiseSchedule("cosine", 1024, rescale_betas_zero_snr=True)
+    z = torch.randn(4, 2, generator=torch.Generator().manual_seed(0))
+    x = ddim_sample(lambda x, t: 0.3 * x, z, s, 4, "trailing", pred_type="v")
+    assert torch.isfinite(x).all()
+
+
+@pytest.mark.parametrize("kw, key", [
+    (dict(prediction_type="eps"), "method.prediction_type=eps"),
+    (dict(prediction_type="v", teacher_prediction_type="eps"), "teacher_prediction_type"),
+])
+def test_eps_prediction_with_zero_terminal_snr_is_refused(kw, key):
+    from distillkit.errors import DistillError
+    from distillkit.methods.diffusion import Diffusion
+
+    net = Net()
+    teacher = Net() if "teacher_prediction_type" in kw else None
+    with pytest.raises(DistillError, match="rescale_betas_zero_snr=true") as e:
+        Diffusion(net, teacher=teacher, schedule_cfg=dict(ZERO_SNR), input_shape=(1, 4, 4), **kw)
+    assert key in str(e.value) and "method.prediction_type=v" in str(e.value)
+    Diffusion(net, schedule_cfg=dict(ZERO_SNR), input_shape=(1, 4, 4), prediction_type="x0")  # x0 is fine
+
+
+def test_eps_prediction_with_zero_terminal_snr_is_one_cli_error(cli, runs_dir):
+    r = cli("experiment=digits_diffusion_teacher", f"runs_dir={runs_dir}", "method.prediction_type=eps",
+            "schedule.rescale_betas_zero_snr=true", "callbacks.progress=none")
+    assert r.returncode == 2, r.output
+    errors = [line for line in r.stderr.splitlines() if line.startswith("distill: error:")]
+    assert len(errors) == 1 and "schedule.rescale_betas_zero_snr=true" in errors[0], r.output
+    assert "method.prediction_type=eps" in errors[0] and "method.prediction_type=v" in errors[0]
+    assert "Traceback" not in r.output

@@ -47,6 +47,10 @@ def x0_eps(pred, pred_type: str, x_t, alpha, sigma) -> tuple[torch.Tensor, torch
     x0:   eps = (x_t - alpha x_0) / sigma
     v:    x_0 = (alpha x_t - sigma v) / (alpha^2 + sigma^2),  eps = (sigma x_t + alpha v) / (alpha^2 + sigma^2)
           (Salimans & Ho 2022, App. D; the denominator is 1 for VP schedules)
+
+    No division is guarded: at zero terminal SNR (alpha = 0 at t = T-1, ``rescale_betas_zero_snr``)
+    x_0 from eps is undefined (as in diffusers' DDIMScheduler), and ``DiffusionMethod`` refuses eps
+    networks on such schedules; v and x0 stay exact there (sigma = 1).
     """
     pred_type = canonical_pred_type(pred_type)
     if pred_type == "eps":

@@ -196,8 +196,14 @@ class KarrasSchedule:
 
     def sample_sigma(self, n: int, generator: Optional[torch.Generator] = None,
                      device=None) -> torch.Tensor:
-        """Training noise levels ln(sigma) ~ N(P_mean, P_std^2) (Table 1, "Ours"; edm/training/loss.py)."""
-        z = torch.randn(n, generator=generator, dtype=torch.float64)
+        """Training noise levels ln(sigma) ~ N(P_mean, P_std^2) (Table 1, "Ours"; edm/training/loss.py).
+
+        Drawn in float64 on the generator's device (a CUDA generator draws on its GPU; without a
+        generator, on ``device`` from its global RNG), then moved to ``device``. MPS has no float64:
+        there the draw is float32."""
+        where = torch.device(generator.device if generator is not None else (device or "cpu"))
+        dtype = torch.float32 if where.type == "mps" else torch.float64
+        z = torch.randn(n, generator=generator, dtype=dtype, device=where)
         return (z * self.p_std + self.p_mean).exp().to(device)
 
     def loss_weight(self, sigma: torch.Tensor) -> torch.Tensor:

@@ -3,7 +3,8 @@ an optional EMA of the student, and what a checkpoint must carry to resume exact
 
 The teacher is held outside the module tree (not a registered submodule), so it is never
 in ``state_dict`` or the optimizer, never switched to train mode by Lightning, and never
-wrapped by DDP: its weights and BatchNorm statistics cannot change (DESIGN: teacher frozen).
+wrapped by DDP: its weights and BatchNorm statistics cannot change (docs/architecture.md,
+Decisions).
 """
 from __future__ import annotations
 
@@ -64,6 +65,24 @@ class DistillMethod(L.LightningModule):
         for every kernel queued on the GPU (pytorch/pytorch#190217), draining the pipeline once per
         call and update."""
         self.log(name, torch.full((), float(value), device=self.device), on_step=True, on_epoch=False)
+
+    def log(self, name: str, value: Any, *args: Any, **kwargs: Any) -> None:
+        """Lightning's ``log``; a training term (``train/...``) also goes to the non-finite check of
+        its update (``callbacks.nonfinite``: :mod:`distillkit.callbacks.nonfinite`), no host sync."""
+        guard = self.__dict__.get("_nonfinite_guard")
+        if guard is not None and name.startswith("train/"):
+            guard.record(name, value)
+        super().log(name, value, *args, **kwargs)
+
+    def check_update(self, optimizer: Any, role: Optional[str] = None) -> None:
+        """For manual optimization, after the backward of one update and before its clipping and
+        step: the non-finite check (``callbacks.nonfinite``) of its loss, the terms logged so far and
+        the gradients ``optimizer`` holds. Raises :class:`~distillkit.callbacks.nonfinite.NonFiniteStop`,
+        or, to skip the update, drops the gradients (the step then changes nothing). Automatic
+        optimization is checked by the callback itself."""
+        guard = self.__dict__.get("_nonfinite_guard")
+        if guard is not None:
+            guard.check_update(self.trainer, self, optimizer, role)
 
     # ------------------------------------------------------------------ teacher
     def _teacher_to_device(self) -> None:

@@ -122,6 +122,8 @@ class MultiRoleMethod(DistillMethod):
             opt = self.optimizers()[index]
             opt.zero_grad(set_to_none=True)
             self.manual_backward(loss)
+            # callbacks.nonfinite: stops the run here, or drops a non-finite update's gradients (skip)
+            self.check_update(opt, role)
             clip = self.grad_clip.get(role)
             if clip:
                 self.clip_gradients(opt, gradient_clip_val=float(clip), gradient_clip_algorithm="norm")
