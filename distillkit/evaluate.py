@@ -127,8 +127,9 @@ def load_datamodule(dataset: str, overrides: list[str]) -> Any:
     from hydra.utils import instantiate
     from omegaconf.errors import MissingMandatoryValue
 
-    from distillkit.cli import CONF_DIR, explain_compose_error, register_resolvers
+    from distillkit.compose import explain_compose_error, register_resolvers
     from distillkit.config import register_configs
+    from distillkit.paths import CONF_DIR
 
     register_configs()
     register_resolvers()

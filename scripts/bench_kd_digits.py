@@ -11,8 +11,8 @@ also trains the student alone for twice the epochs, a check that the baseline ha
 
 Resumable: a run whose results.json exists is read, not re-run (a run killed half-way
 resumes from its last.ckpt, which the CLI does by itself). Relative paths are taken from the
-repository root. Writes DESIGN's benchmark JSON (rows per method and seed, plus a summary)
-and regenerates the README table (scripts/readme_tables.py).
+repository root. Writes the benchmark JSON of docs/architecture.md, Benchmarks (rows per method
+and seed, plus a summary) and regenerates the README table (scripts/readme_tables.py).
 """
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 # (row method name, experiment); method names are the `method=` options, "student" the
-# student trained without a teacher (DESIGN: Benchmarks).
+# student trained without a teacher (docs/architecture.md, Benchmarks).
 METHODS = [("student", "digits_student"), ("kd", "digits_kd"), ("dkd", "digits_dkd"),
            ("fitnet", "digits_fitnet")]
 QUICK_EPOCHS = 50  # half the schedule: at 30 epochs KD/DKD had not caught up with CE (see the report)

@@ -21,9 +21,9 @@ feature network against the training digits (as scripts/bench_teacher_digits.py)
 ``native`` when the checkpoint was trained for that step count (the student of the round whose
 teacher had 2N steps samples with N). ``updates`` and ``nfe`` are those spent up to that
 checkpoint (``nfe``: network evaluations in training, from the methods' own count in last.ckpt,
-pro rata for round files, the evaluations per update being constant; the
-teacher's rows count 0, like DESIGN's example), ``wall_s`` the training wall time up to it
-(pro rata of the run's for round files).
+pro rata for round files, the evaluations per update being constant; the teacher's rows count 0,
+as in the example of docs/architecture.md, Benchmarks), ``wall_s`` the training wall time up to
+it (pro rata of the run's for round files).
 
 Resumable: runs whose results.json exists are reused, and rows already in --out (same method,
 seed, steps, checkpoint) are not scored again.

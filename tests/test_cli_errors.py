@@ -254,6 +254,8 @@ def test_help_shows_usage_groups_and_the_composed_config(cli):
     assert r.returncode == 0, r.output
     out = r.output
     assert out.startswith("distill: distil neural networks") and "powered by Hydra" not in out
-    assert "  method      diffusion, dkd, dmd, dmd2, dsd, fitnet, kd, progressive, supervised, tsd" in out
+    assert "  method      consistency, diffusion, dkd, dmd, dmd2, dsd, fitnet, kd, lcm, progressive, supervised,\n" \
+           "              tsd" in out
+    assert "3 non-finite" in out  # the exit statuses
     assert "schema/" not in out  # the schema groups are not for the command line
     assert "temperature: 4.0" in out and "$CONFIG" not in out  # the experiment's composed config

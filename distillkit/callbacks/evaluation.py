@@ -1,5 +1,5 @@
-"""Periodic FID / IS of generated samples during training (DESIGN: periodic FID/IS on EMA
-samples).
+"""Periodic FID / IS of generated samples during training, sampled with the EMA weights when
+EMA is on (docs/architecture.md, A run).
 
 Every ``every_n_steps`` optimizer steps and at the end of training, for each step count k
 in ``steps``: ``num_samples`` images from ``pl_module.sample(n, k, generator=g)`` (the
@@ -554,11 +554,13 @@ class SampleEvaluation(Callback):
     def _write(self, trainer: "L.Trainer", rows: list[dict], grids: dict[int, Any], step: int) -> None:
         from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 
+        from distillkit.runs import json_safe
+
         run_dir = self._run_dir(trainer)
         run_dir.mkdir(parents=True, exist_ok=True)
         with open(run_dir / "eval.jsonl", "a") as f:
             for r in rows:
-                f.write(json.dumps(r) + "\n")
+                f.write(json.dumps(json_safe(r), allow_nan=False) + "\n")  # a NaN FID as null: strict JSON
         sample_dir = self.sample_dir or run_dir / "samples"
         for k, grid in grids.items():
             save_png(grid, sample_dir / f"step{step}_{k}step.png")

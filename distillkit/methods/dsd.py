@@ -1,6 +1,6 @@
 """Direct Self-Distillation (``method=dsd``, variants DSDN and DSDI) and its teacher-student
 baseline (``method=tsd``), from "Self-distillation for diffusion models" (the seed paper; its
-public review thread is the only description we have: /work/shared/reference, DESIGN.md).
+public review thread, with the authors' answers, is the only public description of it).
 
 Notation: N sampling steps on the trailing grid g = schedule.grid(N), g[N] = -1 the clean end;
 a step index i goes g[i] -> g[i+1]; a pair of consecutive steps i, i+1 goes g[i] -> g[i+2]

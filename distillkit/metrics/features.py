@@ -14,7 +14,7 @@ Every FID/IS number records :func:`feature_net_hash` (a sha256 prefix of the wei
 so numbers from different feature networks are never compared by mistake.
 
 The digits CNN (``scripts/make_digits_feature_net.py``) plays the role Inception plays for
-ImageNet-like data (DESIGN: the embedded default). Inception needs the optional extra
+ImageNet-like data (docs/architecture.md, Decisions: the embedded default). Inception needs the optional extra
 ``pip install 'distillkit[inception]'`` (torch-fidelity, which needs torchvision) and its
 weights from a local file, ``eval.inception_weights=PATH``: nothing downloads at run time.
 """

@@ -135,7 +135,7 @@ def matching_keys(net: nn.Module, sd: dict) -> dict:
 
 
 def build_teacher(cfg: DictConfig) -> nn.Module | None:
-    """The frozen teacher: eval mode, no gradients (DESIGN: the teacher is frozen)."""
+    """The frozen teacher: eval mode, no gradients (docs/architecture.md, Decisions)."""
     if cfg.get("_target_") is None:
         return None
     teacher = build_model(cfg, key="teacher")
