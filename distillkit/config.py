@@ -158,7 +158,8 @@ class ModelConfig:
     """A network. The same option in `model=` and `teacher=` builds the same architecture."""
 
     _target_: str = MISSING
-    num_classes: int = 10
+    # the CIFAR-100 classifiers' (resnet*, wrn_*, timm); DigitsCNNConfig sets 10
+    num_classes: int = 100
     in_channels: int = 3
     # Weights loaded after construction: a distillkit checkpoint (.ckpt), a plain state
     # dict (.pt/.pth, also {"model": state_dict} as RepDistiller/mdistiller save them) or a
@@ -470,6 +471,8 @@ class EDMScheduleConfig(ScheduleConfig):
     """Karras et al. 2022 (Table 1, "Ours"): sampling sigmas of eq. (5), training ln sigma ~ N(p_mean, p_std^2)."""
 
     name: str = "edm"
+    # Heun's 18 steps (35 network evaluations), Karras et al.'s CIFAR-10 setting
+    num_steps: int = bounded(18, at_least=1)
     sigma_min: float = bounded(0.002, above=0)
     sigma_max: float = bounded(80.0, above=0)
     rho: float = bounded(7.0, above=0)
@@ -530,6 +533,58 @@ class DMD2Config(DMDConfig):
     critic_updates_per_generator_update: int = bounded(5, at_least=1)
     gan_generator_weight: float = bounded(1e-3, at_least=0)
     gan_critic_weight: float = bounded(1e-2, at_least=0)
+
+
+class Curriculum(str, Enum):
+    fixed = "fixed"  # method.num_timesteps steps throughout
+    ict = "ict"  # iCT's exponential curriculum from curriculum_start to curriculum_end steps (Song & Dhariwal 2023)
+
+
+class ConsistencyDistance(str, Enum):
+    huber = "huber"  # pseudo-Huber sqrt(||a - b||^2 + c^2) - c (iCT)
+    l2 = "l2"  # mean squared error (LCM's l2)
+
+
+@dataclass
+class ConsistencyConfig(MethodConfig):
+    """Consistency distillation (distillkit.methods.consistency; Song et al. 2023): the student,
+    starting as the teacher, is trained so that f(x_{t_{n+k}}) matches an EMA target's f at the
+    teacher's ODE step to t_n."""
+
+    # the student's prediction type (None: the teacher's own) and the teacher's
+    prediction_type: Optional[PredictionType] = None
+    teacher_prediction_type: Optional[PredictionType] = None
+    # steps of the discretisation (VP: LCM's 50 on T = 1000, i.e. points 0, 19, ..., 999; EDM: Karras'
+    # num_timesteps + 1 sigmas, CM's 17 for N = 18) and the teacher's ODE step spans skip of them
+    num_timesteps: int = bounded(50, at_least=1)
+    skip: int = bounded(1, at_least=1)
+    curriculum: Curriculum = Curriculum.fixed
+    curriculum_start: int = bounded(10, at_least=1)
+    curriculum_end: int = bounded(1280, at_least=1)
+    # the target network theta^- <- mu theta^- + (1 - mu) theta (LCM 0.95; iCT 0: the online network)
+    target_decay: float = bounded(0.95, at_least=0, at_most=1)
+    distance: ConsistencyDistance = ConsistencyDistance.huber
+    # the pseudo-Huber c (None: iCT's 0.00054 sqrt(d))
+    huber_c: Optional[float] = bounded(None, above=0)
+    # LCM's boundary condition c_skip = 0.25 / ((s t)^2 + 0.25) on VP schedules (diffusers' LCMScheduler: 10)
+    timestep_scaling: float = bounded(10.0, above=0)
+    # classifier-free guidance of the teacher's ODE step, diffusers' convention (1: none)
+    teacher_guidance: float = bounded(1.0, at_least=0)
+    # the times of a len(sampling_timesteps)-step sample (None: LCMScheduler's choice from the discretisation)
+    sampling_timesteps: Optional[List[float]] = None
+    init_from_teacher: bool = True
+
+
+@dataclass
+class LCMConfig(ConsistencyConfig):
+    """Latent consistency distillation (Luo et al. 2023): the teacher's guided step with w ~ U[w_min,
+    w_max] per sample (LCM's convention: cond + w (cond - uncond)), w given to the student through a
+    guidance-scale embedding (LCM-LoRA, model.lora_rank: none)."""
+
+    w_min: float = bounded(5.0, at_least=0)
+    w_max: float = bounded(15.0, at_least=0)
+    # the embedding's width (None: 256, LCM's time_cond_proj_dim; 0 / LoRA: none)
+    guidance_embedding_dim: Optional[int] = bounded(None, at_least=0)
 
 
 # --------------------------------------------------------------------------- optim
@@ -609,7 +664,7 @@ class TrainerConfig:
     devices: Any = 1
     num_nodes: int = bounded(1, at_least=1)
     strategy: str = "auto"
-    # None: bf16-mixed on GPU, 32-true on CPU (DESIGN: precision).
+    # None: bf16-mixed on GPU, 32-true on CPU (docs/architecture.md, Decisions).
     precision: Optional[str] = None
     gradient_clip_val: Optional[float] = bounded(None, at_least=0)
     accumulate_grad_batches: int = bounded(1, at_least=1)
@@ -647,12 +702,22 @@ class EMAConfig:
     decay: float = bounded(0.999, at_least=0, at_most=1)
 
 
+class NonFinite(str, Enum):
+    stop = "stop"  # a non-finite loss, logged training term or gradient stops the run (exit status 3)
+    skip = "skip"  # such an update is not applied (counted: train/nonfinite_skipped)
+
+
 @dataclass
 class CallbacksConfig:
     # last.ckpt is rewritten (atomically) every this many optimizer steps and at the end.
     checkpoint_every_n_steps: int = bounded(100, at_least=0)
     progress: Progress = Progress.auto
     ema: EMAConfig = field(default_factory=EMAConfig)
+    # A non-finite loss (any logged train/ term) or gradient: stop the run at that update, before it
+    # is applied (last.ckpt stays the last finite checkpoint; exit status 3), or skip the update;
+    # skip stops too after max_nonfinite_skips non-finite updates in a row (docs/long_runs.md).
+    nonfinite: NonFinite = NonFinite.stop
+    max_nonfinite_skips: int = bounded(10, at_least=1)
 
 
 # --------------------------------------------------------------------------- eval
@@ -751,6 +816,8 @@ SCHEMAS: dict[str, dict[str, type]] = {
         "tsd": TSDConfig,
         "dmd": DMDConfig,
         "dmd2": DMD2Config,
+        "consistency": ConsistencyConfig,
+        "lcm": LCMConfig,
     },
     "schedule": {"none": ScheduleConfig, "vp": VPScheduleConfig, "edm": EDMScheduleConfig},
     "optim/optimizer": {"sgd": SGDConfig, "adam": AdamConfig, "adamw": AdamWConfig},

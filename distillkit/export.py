@@ -156,8 +156,32 @@ def lcm_scheduler_for(sch, prediction_type: str, schedule_cfg: Optional[dict] = 
     return scheduler
 
 
+def is_consistency(method) -> bool:
+    from distillkit.methods.consistency import ConsistencyDistillation
+
+    return isinstance(method, ConsistencyDistillation)
+
+
+def consistency_scheduler(method):
+    """The ``LCMScheduler`` that samples as a consistency / LCM student does: LCM's boundary
+    condition with the run's ``timestep_scaling``, and its step counts chosen from the run's
+    discretisation (``original_inference_steps`` = ``method.num_timesteps``), as
+    ``ConsistencyDistillation.sampling_times`` chooses them."""
+    from diffusers import LCMScheduler
+
+    sch = method.schedule
+    scheduler = LCMScheduler(**_schedule_kwargs(sch, method.prediction_type, method.schedule_cfg),
+                             original_inference_steps=method.num_timesteps, timestep_scaling=method.timestep_scaling,
+                             set_alpha_to_one=True, clip_sample=False, thresholding=False, steps_offset=1)
+    _check_alphas(scheduler, sch)
+    return scheduler
+
+
 def sampling_scheduler(method):
-    """The scheduler an export carries: LCMScheduler for few-step generators, else DDIMScheduler."""
+    """The scheduler an export carries: LCMScheduler for few-step generators and consistency
+    models, else DDIMScheduler."""
+    if is_consistency(method):
+        return consistency_scheduler(method)
     ts = generator_timesteps(method)
     if ts is None:
         return ddim_scheduler(method)
@@ -223,7 +247,7 @@ def export_pipeline(method, out: str | Path, use_ema: bool = True, source: str =
         raise DistillError(f"distill-export needs a diffusers UNet student (model=unet_digits or model=unet); "
                            f"this run's network is {model}")
     pipe = DDIMPipeline(unet=unet, scheduler=ddim_scheduler(method))
-    if generator_timesteps(method) is not None:
+    if generator_timesteps(method) is not None or is_consistency(method):
         # DDIMPipeline turns any scheduler into a DDIMScheduler; the folder keeps the LCMScheduler
         pipe.register_modules(scheduler=sampling_scheduler(method))
     pipe.save_pretrained(str(out), safe_serialization=True)
@@ -242,6 +266,11 @@ def write_provenance(method, net, out: Path, use_ema: bool, source: str, what: s
         info.update({"num_classes": net.num_classes, "null_class": net.num_classes})
     if getattr(net, "lora", None):
         info["lora"] = net.lora
+    if is_consistency(method):  # LCMScheduler over the run's discretisation
+        info.update({"scheduler": "LCMScheduler", "original_inference_steps": method.num_timesteps,
+                     "timestep_scaling": method.timestep_scaling, "timestep_spacing": "lcm"})
+        if getattr(net, "embeds_guidance", False):
+            info["guidance_embedding_dim"] = net.guidance_embedding_dim
     ts = generator_timesteps(method)
     if ts is not None:  # a few-step generator: LCMScheduler over the timesteps it was trained at
         info.update({"scheduler": "LCMScheduler", "timesteps": ts, "num_inference_steps": len(ts),
@@ -259,7 +288,8 @@ def run(argv: Sequence[str]) -> Path:
                            "distill-export needs a diffusion run")
     out = export_pipeline(method, args.out, args.use_ema, source=str(args.checkpoint), lora=args.lora)
     info = json.loads((out / "distillkit.json").read_text())
-    sampler = f"; LCMScheduler, timesteps={info['timesteps']}" if "timesteps" in info else ""
+    sampler = f"; LCMScheduler, timesteps={info['timesteps']}" if "timesteps" in info else (
+        f"; LCMScheduler, {info['num_inference_steps']} steps" if info.get("scheduler") == "LCMScheduler" else "")
     print(f"{PROG}: wrote {out} ({info['exported']}, {'EMA' if args.use_ema and method.ema is not None else 'raw'} "
           f"weights{sampler})")
     return out

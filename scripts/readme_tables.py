@@ -1,4 +1,4 @@
-"""Markdown tables for the README, generated from ``benchmarks/<name>.json`` (DESIGN:
+"""Markdown tables for the README, generated from ``benchmarks/<name>.json`` (docs/architecture.md,
 Benchmarks); the README's tables are never typed by hand.
 
     python scripts/readme_tables.py              # every benchmarks/*.json with markers in README
@@ -161,12 +161,9 @@ def cond_teacher_digits_table(bench: dict) -> str:
 FORMATTERS["cond_teacher_digits_quick"] = cond_teacher_digits_table
 
 
-@formatter("dmd_digits")
-def dmd_digits_table(bench: dict) -> str:
-    """configuration | steps | generator updates | digits-FID mean ± std | IS | class accuracy | nfe | wall s."""
-    labels = {"dmd_1step": "DMD (regression pairs, no GAN)", "dmd2_1step": "DMD2",
-              "dmd2_4step_backward": "DMD2, backward simulation", "dmd2_4step_real": "DMD2, noised real inputs",
-              "cond_dmd2_1step": "DMD2, class-conditional (real guidance 2)"}
+def few_step_table(bench: dict, labels: dict, updates: str) -> str:
+    """configuration | steps | updates | seeds | digits-FID mean ± std | IS | class accuracy | nfe | wall s,
+    then the provenance and the verdict (the DMD and consistency benchmarks)."""
     body = []
     for s in bench["summary"]:
         acc = s.get("class_acc_mean")
@@ -174,9 +171,24 @@ def dmd_digits_table(bench: dict) -> str:
                      mean_std(s["fid_mean"], s.get("fid_std")), _num(s.get("is_mean"), 2),
                      f"{100 * acc:.1f}%" if acc is not None else "—", _num(s.get("nfe_mean"), 0),
                      _num(s.get("wall_s_mean"), 0)])
-    table = md_table(["", "steps", "generator updates", "seeds", "digits-FID (700 samples)", "IS", "class accuracy",
+    table = md_table(["", "steps", updates, "seeds", "digits-FID (700 samples)", "IS", "class accuracy",
                       "nfe (training)", "wall s"], body, ["---", "--:", "--:", "--:", "--:", "--:", "--:", "--:", "--:"])
     return table + "\n\n" + " ".join([provenance(bench), *(v + "." for v in bench.get("verdict") or [])])
+
+
+@formatter("dmd_digits")
+def dmd_digits_table(bench: dict) -> str:
+    return few_step_table(bench, {"dmd_1step": "DMD (regression pairs, no GAN)", "dmd2_1step": "DMD2",
+                                  "dmd2_4step_backward": "DMD2, backward simulation",
+                                  "dmd2_4step_real": "DMD2, noised real inputs",
+                                  "cond_dmd2_1step": "DMD2, class-conditional (real guidance 2)"}, "generator updates")
+
+
+@formatter("consistency_digits")
+def consistency_digits_table(bench: dict) -> str:
+    return few_step_table(bench, {"cm": "consistency distillation (EMA target 0.95)",
+                                  "cm_online_target": "consistency, online target (iCT)",
+                                  "lcm_cond": "LCM, class-conditional (guidance 2)"}, "updates")
 
 
 @formatter("gpu_check_paper_settings")

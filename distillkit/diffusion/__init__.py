@@ -6,7 +6,7 @@ from distillkit.diffusion.gaussian import GaussianData
 from distillkit.diffusion.parameterization import (PRED_TYPES, EDMPrecond, canonical_pred_type, convert,
                                                    edm_precond, to_eps, to_v, to_x0, x0_eps)
 from distillkit.diffusion.samplers import (classifier_free, ddim_sample, ddim_step, ddim_step_between,
-                                           ddim_step_from_pred, euler_sample, guided, heun_sample,
+                                           ddim_step_from_pred, euler_sample, guided, heun_sample, heun_step,
                                            multistep_sample)
 from distillkit.diffusion.schedules import SPACINGS, KarrasSchedule, NoiseSchedule, expand_like, make_schedule
 
@@ -15,6 +15,6 @@ __all__ = [
     "PRED_TYPES", "canonical_pred_type", "x0_eps", "to_x0", "to_eps", "to_v", "convert",
     "edm_precond", "EDMPrecond",
     "guided", "classifier_free", "ddim_step", "ddim_step_from_pred", "ddim_step_between", "ddim_sample",
-    "multistep_sample", "euler_sample", "heun_sample",
+    "multistep_sample", "euler_sample", "heun_step", "heun_sample",
     "GaussianData",
 ]

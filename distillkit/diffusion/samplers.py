@@ -18,6 +18,7 @@ from typing import Callable, Optional
 
 import torch
 
+from distillkit.diffusion.consistency import apply_boundary
 from distillkit.diffusion.parameterization import to_x0, x0_eps
 from distillkit.diffusion.schedules import NoiseSchedule, expand_like
 
@@ -131,7 +132,7 @@ def ddim_sample(model_fn: ModelFn, x_T: torch.Tensor, schedule: NoiseSchedule, n
 
 def multistep_sample(model_fn: ModelFn, z: torch.Tensor, schedule: NoiseSchedule, timesteps,
                      generator: Optional[torch.Generator] = None, pred_type: str = "eps",
-                     noises: Optional[list] = None) -> torch.Tensor:
+                     noises: Optional[list] = None, boundary: Optional[Callable] = None) -> torch.Tensor:
     """Multistep sampling of a few-step generator (consistency models, Song et al. 2023,
     Algorithm 1; DMD2's multi-step generator, Yin et al. 2024, Sec. 4.5): at each of the descending
     ``timesteps`` t_0 > t_1 > ... the network predicts x0 from its input, and the next input is that
@@ -139,12 +140,16 @@ def multistep_sample(model_fn: ModelFn, z: torch.Tensor, schedule: NoiseSchedule
     input is the starting noise ``z`` itself (the generator's input at t_0, as DMD2 feeds pure
     noise at 999). Returns the last x0. diffusers' ``LCMScheduler`` with explicit ``timesteps``
     takes the same steps. ``noises``: the fresh noise of each later step (default: drawn from
-    ``generator``)."""
+    ``generator``). ``boundary(t) -> (c_skip, c_out)``: the prediction at each step is the
+    consistency function c_skip x_t + c_out x0 (:mod:`distillkit.diffusion.consistency`; LCMScheduler's
+    ``denoised``) instead of x0."""
     ts = [int(t) for t in timesteps]
     x = z
     for i, t in enumerate(ts):
         tt = _batch_t(t, x)
         x0 = to_x0(model_fn(x, tt), pred_type, x, schedule.alpha(tt, like=x), schedule.sigma(tt, like=x))
+        if boundary is not None:
+            x0 = apply_boundary(x, x0, *boundary(tt))
         if i + 1 == len(ts):
             return x0
         eps = noises[i] if noises is not None else _randn_like(x0, generator)
@@ -161,6 +166,17 @@ def euler_sample(denoiser: Callable, x: torch.Tensor, sigmas) -> torch.Tensor:
         d = (x - denoiser(x, sigma.expand(x.shape[0]))) / sigma
         x = x + (sigma_next - sigma) * d
     return x
+
+
+def heun_step(denoiser: Callable, x: torch.Tensor, sigma: torch.Tensor, sigma_next: torch.Tensor) -> torch.Tensor:
+    """One step of :func:`heun_sample` with its correction, from per-sample noise levels ``sigma``
+    to ``sigma_next > 0`` (shape (B,)): the teacher's ODE step of consistency distillation on EDM
+    schedules (Song et al. 2023, Sec. 4)."""
+    s, s_next = expand_like(sigma, x), expand_like(sigma_next, x)
+    d = (x - denoiser(x, sigma)) / s
+    x_next = x + (s_next - s) * d
+    d_next = (x_next - denoiser(x_next, sigma_next)) / s_next
+    return x + (s_next - s) * (d + d_next) / 2
 
 
 def heun_sample(denoiser: Callable, x: torch.Tensor, sigmas) -> torch.Tensor:
@@ -180,4 +196,4 @@ def heun_sample(denoiser: Callable, x: torch.Tensor, sigmas) -> torch.Tensor:
 
 
 __all__ = ["guided", "classifier_free", "ddim_step", "ddim_step_from_pred", "ddim_step_between",
-           "ddim_sample", "multistep_sample", "euler_sample", "heun_sample"]
+           "ddim_sample", "multistep_sample", "euler_sample", "heun_step", "heun_sample"]

@@ -34,7 +34,7 @@ schedules ``weighting=edm`` is refused (it needs EDM's sigma).
 
 Sampling (:meth:`DiffusionMethod.sample`): deterministic DDIM (eta = schedule.eta) on the
 schedule's grid for VP schedules, Heun (or Euler, ``schedule.solver``) on Karras' sigmas for EDM,
-always with the EMA network when EMA is on (DESIGN: sampling uses EMA weights).
+always with the EMA network when EMA is on (docs/architecture.md, Decisions).
 """
 from __future__ import annotations
 
@@ -49,6 +49,7 @@ from distillkit.diffusion import (EDMPrecond, KarrasSchedule, NoiseSchedule, can
 from distillkit.diffusion.from_config import plain, schedule_from_config
 from distillkit.errors import DistillError
 from distillkit.methods.base import DistillMethod
+from distillkit.methods.ema import copy_sharing_frozen
 from distillkit.models.denoiser import Cond, Denoiser, Guidance, as_denoiser, map_cond
 
 WEIGHTINGS = ("none", "min_snr", "edm")
@@ -71,11 +72,15 @@ def regression_target(space: str, x0: torch.Tensor, eps: torch.Tensor, alpha, si
 
 def min_snr_weight(snr: torch.Tensor, gamma: float, space: str) -> torch.Tensor:
     """Min-SNR-gamma weight (Hang et al. 2023) of an MSE taken in ``space``:
-    min(SNR, gamma) / {x0: 1, eps: SNR, v: SNR + 1}."""
+    min(SNR, gamma) / {x0: 1, eps: SNR, v: SNR + 1}.
+
+    With zero terminal SNR (``schedule.rescale_betas_zero_snr``) SNR = 0 at t = T-1, where the eps
+    weight is 0/0: it is 1 there, its limit (min(SNR, gamma) / SNR = 1 for SNR < gamma), as
+    diffusers' training scripts set it (``mse_loss_weights[snr == 0] = 1.0``)."""
     space = canonical_pred_type(space)
     w = snr.clamp(max=gamma)
     if space == "eps":
-        return w / snr
+        return torch.where(snr > 0, w / snr, torch.ones_like(snr))
     if space == "v":
         return w / (snr + 1)
     return w
@@ -90,6 +95,15 @@ def _randn(shape: Sequence[int], generator: Optional[torch.Generator], device, d
     if generator is None:
         return torch.randn(tuple(shape), device=device, dtype=dtype)
     return torch.randn(tuple(shape), generator=generator, device=generator.device, dtype=dtype).to(device)
+
+
+def copy_weights(dst: nn.Module, src: nn.Module, what: str) -> None:
+    try:
+        dst.load_state_dict(src.state_dict(), strict=True)
+    except RuntimeError as e:
+        raise DistillError(f"{what}: the networks differ ({str(e).splitlines()[0][:200]}). The student starts as "
+                           "a copy of the teacher: give them the same architecture, or set "
+                           "method.init_from_teacher=false") from None
 
 
 # --------------------------------------------------------------------------- the base
@@ -122,6 +136,18 @@ class DiffusionMethod(DistillMethod):
                 teacher.prediction_type if isinstance(teacher, Denoiser) and teacher.prediction_type else pred)
         except ValueError as e:
             raise DistillError(f"method.prediction_type / method.loss_space: {e}") from None
+        # Zero terminal SNR (schedule.rescale_betas_zero_snr; Lin et al. 2024): alpha = 0 at t = T-1, where
+        # an eps-prediction says nothing about x_0 (x_0 = (x_t - sigma eps) / alpha is 0/0, and a sampler
+        # starting there gives NaN; diffusers' DDIMScheduler divides the same way): refused, not guarded.
+        if isinstance(schedule, NoiseSchedule) and float(schedule.alphas_cumprod[-1]) == 0.0:
+            eps_nets = [k for k, p in (("method.prediction_type=eps", pred),
+                                       ("a teacher that predicts eps (method.teacher_prediction_type)",
+                                        teacher_pred if teacher is not None else None)) if p == "eps"]
+            if eps_nets:
+                raise DistillError(f"schedule.rescale_betas_zero_snr=true (zero terminal SNR: alpha = 0 at the last "
+                                   f"timestep) cannot be used with {eps_nets[0]}: x_0 = (x_t - sigma eps) / alpha is "
+                                   "undefined there and sampling gives NaN. Use method.prediction_type=v (as Lin et al. "
+                                   "2024 and diffusers recommend), or schedule.rescale_betas_zero_snr=false")
         # The model boundary (distillkit.models.denoiser): student and teacher are denoisers that own
         # the network, its prediction type, schedule, condition and codec.
         student = as_denoiser(student, schedule, pred)
@@ -326,6 +352,37 @@ class DiffusionMethod(DistillMethod):
         x = self.sample_from_noise(z, num_steps, use_ema, spacing, generator, cond, guidance)
         return (x, cond) if return_cond else x
 
+    # ------------------------------------------------------------------ starting from the teacher
+    def start_from_teacher(self, init_from_teacher: bool, lora: bool) -> None:
+        """The student starts as the teacher (DMD, Sec. 3.1; CM, Sec. 4): its weights (and the sampling
+        EMA's) are copied from it; a LoRA student over the teacher's own folder already is it, and the
+        teacher becomes the student's frozen base with the adapter switched off (docs/memory.md)."""
+        if self.teacher.prediction_type is None:
+            self.teacher.prediction_type = self.prediction_type
+        if self.teacher.prediction_type != self.prediction_type and init_from_teacher:
+            raise DistillError(f"method.prediction_type={self.prediction_type}: the generator starts as the teacher, "
+                               f"which predicts {self.teacher.prediction_type}; leave method.prediction_type unset "
+                               "(or set method.init_from_teacher=false)")
+        if init_from_teacher and not lora:  # a LoRA student's base already is the teacher's folder
+            copy_weights(self.student, self.teacher, f"method={self.method_name}: the generator starts as the teacher")
+            if self.ema is not None:
+                self.ema.module.load_state_dict(self.student.state_dict())
+        if lora and self.same_base(self.teacher):
+            # The teacher is the generator's frozen base with the adapter switched off: one base in
+            # memory for all three networks (docs/memory.md), not a second frozen copy.
+            shared = copy_sharing_frozen(self.student)
+            shared.unet.disable_adapters()
+            shared.eval().requires_grad_(False)
+            object.__setattr__(self, "teacher", shared)
+
+    def same_base(self, teacher: nn.Module) -> bool:
+        """Whether ``teacher`` is the LoRA student's base: the same local folder, in the same dtype,
+        with no adapter of its own."""
+        s = self.student
+        return (getattr(s, "pretrained", None) is not None and getattr(teacher, "pretrained", None) == s.pretrained
+                and getattr(teacher, "frozen_dtype", None) == getattr(s, "frozen_dtype", None)
+                and not getattr(teacher, "lora", None) and type(teacher.unet) is type(s.unet))
+
     # ------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         super().on_save_checkpoint(checkpoint)
@@ -346,4 +403,4 @@ class Diffusion(DiffusionMethod):
         return loss
 
 
-__all__ = ["DiffusionMethod", "Diffusion", "regression_target", "min_snr_weight", "WEIGHTINGS"]
+__all__ = ["DiffusionMethod", "Diffusion", "copy_weights", "regression_target", "min_snr_weight", "WEIGHTINGS"]

@@ -39,7 +39,6 @@ real data noised to t_i instead).
 """
 from __future__ import annotations
 
-import copy
 import math
 from typing import Any, Optional
 
@@ -51,8 +50,8 @@ from distillkit.diffusion import multistep_sample, to_x0
 from distillkit.diffusion.from_config import plain
 from distillkit.errors import DistillError
 from distillkit.methods.diffusion import DiffusionMethod, mean_flat
+from distillkit.methods.ema import copy_sharing_frozen
 from distillkit.methods.roles import MultiRoleMethod
-from distillkit.methods.step_distill import copy_weights
 from distillkit.models.denoiser import Cond, Guidance, map_cond
 
 GENERATOR_INPUTS = ("backward", "real")
@@ -99,14 +98,6 @@ class GANHead(nn.Module):
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         return self.net(features.float()).squeeze(-1)
-
-
-def copy_sharing_frozen(module: nn.Module) -> nn.Module:
-    """A deep copy of ``module`` whose frozen tensors (a LoRA model's base weights) are the same
-    tensors as the original's, not copies: the fake score of a LoRA generator holds only its own
-    adapter (docs/memory.md)."""
-    memo = {id(p): p for p in module.parameters() if not p.requires_grad}
-    return copy.deepcopy(module, memo)
 
 
 # --------------------------------------------------------------------------- the method
@@ -177,40 +168,11 @@ class DMD(MultiRoleMethod, DiffusionMethod):
             self.pairs.check_shape(tuple(self.image_shape), "method.pairs")
         lora = any("lora_" in n for n, _ in self.student.named_parameters())
         if training:
-            self._start_from_teacher(init_from_teacher, lora)
+            self.start_from_teacher(init_from_teacher, lora)
         # the critic: the fake score (starting as the generator, i.e. the teacher) and the GAN head
         self.fake_score = copy_sharing_frozen(self.student)
         self.gan_head = GANHead(self.fake_score.bottleneck_channels, spatial=len(self.image_shape) == 3) \
             if self.gan_generator_weight > 0 or self.gan_critic_weight > 0 else None
-
-    def _start_from_teacher(self, init_from_teacher: bool, lora: bool) -> None:
-        """The generator starts as the teacher (DMD, Sec. 3.1); a LoRA generator over the teacher's own
-        folder already is it, and then shares its frozen base with the teacher."""
-        if self.teacher.prediction_type is None:
-            self.teacher.prediction_type = self.prediction_type
-        if self.teacher.prediction_type != self.prediction_type and init_from_teacher:
-            raise DistillError(f"method.prediction_type={self.prediction_type}: the generator starts as the teacher, "
-                               f"which predicts {self.teacher.prediction_type}; leave method.prediction_type unset "
-                               "(or set method.init_from_teacher=false)")
-        if init_from_teacher and not lora:  # a LoRA student's base already is the teacher's folder
-            copy_weights(self.student, self.teacher, f"method={self.method_name}: the generator starts as the teacher")
-            if self.ema is not None:
-                self.ema.module.load_state_dict(self.student.state_dict())
-        if lora and self._same_base(self.teacher):
-            # The teacher is the generator's frozen base with the adapter switched off: one base in
-            # memory for all three networks (docs/memory.md), not a second frozen copy.
-            shared = copy_sharing_frozen(self.student)
-            shared.unet.disable_adapters()
-            shared.eval().requires_grad_(False)
-            object.__setattr__(self, "teacher", shared)
-
-    def _same_base(self, teacher: nn.Module) -> bool:
-        """Whether ``teacher`` is the LoRA student's base: the same local folder, in the same dtype,
-        with no adapter of its own."""
-        s = self.student
-        return (getattr(s, "pretrained", None) is not None and getattr(teacher, "pretrained", None) == s.pretrained
-                and getattr(teacher, "frozen_dtype", None) == getattr(s, "frozen_dtype", None)
-                and not getattr(teacher, "lora", None) and type(teacher.unet) is type(s.unet))
 
     # ------------------------------------------------------------------ roles
     def role_parameters(self) -> dict[str, list[nn.Parameter]]:

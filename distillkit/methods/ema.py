@@ -3,21 +3,33 @@ and DSD's target network (``method.target=ema``).
 
     W_ema <- decay * W_ema + (1 - decay) * W        (the first update copies W)
 
-It is torch's ``AveragedModel`` with ``get_ema_multi_avg_fn`` (DESIGN: EMA from
-``torch.optim.swa_utils``), the same state dict (``module.*``, ``n_averaged``) and the same
+It is torch's ``AveragedModel`` with ``get_ema_multi_avg_fn`` (``torch.optim.swa_utils``;
+docs/architecture.md, Decisions), the same state dict (``module.*``, ``n_averaged``) and the same
 numbers, with one change: ``AveragedModel.update_parameters`` tests ``n_averaged == 0`` and
 ``n_averaged > 0`` in Python, and ``n_averaged`` is a buffer on the network's device, so on a GPU
 every update waited twice for all the work queued before it (twice more for DSD's target
 network). Here whether the average has started is kept on the host; the buffer is read once,
 at the first update after a state-dict load (a resumed run).
+
+Frozen parameters (a LoRA network's base weights) are not copied: the average of a tensor that
+never changes is itself, so the EMA shares them with its network (:func:`copy_sharing_frozen`) and
+holds only copies of what trains (docs/memory.md). ``torch.save`` writes a shared tensor once.
 """
 from __future__ import annotations
 
+import copy
 from typing import Any, Optional
 
 import torch
 from torch import nn
 from torch.optim.swa_utils import AveragedModel
+
+
+def copy_sharing_frozen(module: nn.Module) -> nn.Module:
+    """A deep copy of ``module`` whose frozen parameters (``requires_grad=False``: a LoRA model's
+    base weights) are the original's tensors, not copies."""
+    memo = {id(p): p for p in module.parameters() if not p.requires_grad}
+    return copy.deepcopy(module, memo)
 
 
 class EMA(AveragedModel):
@@ -28,7 +40,8 @@ class EMA(AveragedModel):
         decay = float(decay)
         if not 0.0 <= decay <= 1.0:
             raise ValueError(f"EMA decay={decay} must lie in [0, 1]")
-        super().__init__(model, use_buffers=True)
+        super().__init__(nn.Module(), use_buffers=True)
+        self.module = copy_sharing_frozen(model)
         self.decay = decay
         self._started: Optional[bool] = False  # n_averaged > 0, on the host; None: read the buffer
 
@@ -46,6 +59,8 @@ class EMA(AveragedModel):
             raise ValueError(f"EMA of a network with {len(mine)} tensors updated from one with {len(theirs)}")
         avg, new = [], []
         for a, b in zip(mine, theirs):
+            if a is b or a.data_ptr() == b.data_ptr():
+                continue  # a frozen tensor shared with the network
             if a.is_floating_point() or a.is_complex():
                 avg.append(a)
                 new.append(b)
@@ -60,4 +75,4 @@ class EMA(AveragedModel):
         self._started = True
 
 
-__all__ = ["EMA"]
+__all__ = ["EMA", "copy_sharing_frozen"]

@@ -51,7 +51,7 @@ from distillkit.diffusion.from_config import plain
 from distillkit.diffusion.parameterization import canonical_pred_type
 from distillkit.diffusion.step_targets import STEP_WEIGHTINGS, ddim_implied_x0, grids_nest, step_loss_weight
 from distillkit.errors import DistillError
-from distillkit.methods.diffusion import DiffusionMethod, mean_flat
+from distillkit.methods.diffusion import DiffusionMethod, copy_weights, mean_flat
 
 log = logging.getLogger("distillkit")
 
@@ -85,15 +85,6 @@ def single_and_double_step(out: torch.Tensor, z_t: torch.Tensor, t, t1, t2, sche
     double = ddim_step_from_pred(out, z_t, t, t2, schedule, pred_type)
     single = ddim_step_from_pred(out.detach(), z_t, t, t1, schedule, pred_type, clip=clip)
     return double, single
-
-
-def copy_weights(dst: nn.Module, src: nn.Module, what: str) -> None:
-    try:
-        dst.load_state_dict(src.state_dict(), strict=True)
-    except RuntimeError as e:
-        raise DistillError(f"{what}: the networks differ ({str(e).splitlines()[0][:200]}). Step distillation "
-                           "copies weights between teacher and student: give them the same architecture, or set "
-                           "method.init_from_teacher=false") from None
 
 
 # --------------------------------------------------------------------------- the base

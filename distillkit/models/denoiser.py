@@ -18,7 +18,11 @@ callers, evaluation, ``distill-sample`` and ``distill-export`` never call a bare
                      ``w`` a number or a per-sample tensor of shape (B,) (LCM draws w per sample);
                      the unconditional branch is built as the pipeline builds it: the null class,
                      the empty prompt's embeddings (SD1.5), zero embeddings (SDXL's
-                     ``force_zeros_for_empty_prompt``).
+                     ``force_zeros_for_empty_prompt``). A network with a guidance-scale embedding
+                     (LCM, Luo et al. 2023, Sec. 4.2; :meth:`Denoiser.add_guidance_embedding`, or an
+                     LCM folder's ``time_cond_proj_dim``) is instead told w: one call, no
+                     unconditional branch, its time embedding conditioned on LCM's w' = w - 1, as
+                     diffusers' pipelines run such a network.
 
 Conditions travel as a dict of batch-first tensors (``cond``): ``{}`` (none),
 ``{"class_labels": (B,)}``, ``{"encoder_hidden_states": (B, L, D)}`` plus, for SDXL,
@@ -88,6 +92,28 @@ def no_guidance(w: Guidance) -> bool:
     return w is None or (not isinstance(w, torch.Tensor) and float(w) == 1.0)
 
 
+_GUIDANCE_ATTR = "_distillkit_guidance"  # the embedding a UNet2DModel's time embedding reads, per call
+
+
+def _guidance_dim(net: nn.Module) -> Optional[int]:
+    """The width of the network's guidance-scale embedding (its time embedding's ``cond_proj``), or None."""
+    proj = getattr(getattr(net, "time_embedding", None), "cond_proj", None)
+    return proj.in_features if isinstance(proj, nn.Linear) else None
+
+
+def _condition_time_embedding(module: nn.Module, args: tuple, kwargs: dict):
+    """Forward pre-hook on a UNet2DModel's time embedding, whose forward is called without a condition:
+    it passes the embedding :meth:`Denoiser.forward` set on the module. A module-level function
+    (no closure over a module), so a deep copy's hook reads the copy."""
+    emb = module.__dict__.get(_GUIDANCE_ATTR)
+    return (args, {**kwargs, "condition": emb}) if emb is not None else None
+
+
+def _hook_time_embedding(module: nn.Module) -> None:
+    if _condition_time_embedding not in module._forward_pre_hooks.values():
+        module.register_forward_pre_hook(_condition_time_embedding, with_kwargs=True)
+
+
 class _Bottleneck(Exception):
     """Raised by the forward hook of :meth:`Denoiser.bottleneck` to stop the forward there."""
 
@@ -115,6 +141,10 @@ class Denoiser(nn.Module):
         self.pretrained = pretrained
         # the schedule came with the network (a pretrained folder's scheduler_config.json)
         self.owns_schedule = schedule is not None
+        # LCM's guidance-scale embedding: its width, None without one (see add_guidance_embedding)
+        self.guidance_embedding_dim = _guidance_dim(unet)
+        if self.guidance_embedding_dim is not None and _is_unet2d(unet):
+            _hook_time_embedding(unet.time_embedding)
 
     # ------------------------------------------------------------------ completion by the method
     def configure(self, schedule: Any, prediction_type: str) -> "Denoiser":
@@ -238,20 +268,78 @@ class Denoiser(nn.Module):
             raise DistillError("prompts are for text-conditional models (model=sd15, model=sdxl)")
         return self.codec.encode_prompts(prompts)
 
+    # ------------------------------------------------------------------ guidance embedding
+    @property
+    def embeds_guidance(self) -> bool:
+        """Whether the network takes w in its time embedding (LCM) rather than by classifier-free guidance."""
+        return self.guidance_embedding_dim is not None
+
+    def add_guidance_embedding(self, dim: int = 256) -> "Denoiser":
+        """Give the network LCM's guidance-scale embedding (Luo et al. 2023, Sec. 4.2), as diffusers'
+        ``train_lcm_distill_sd_wds.py`` does (``time_cond_proj_dim=256``, the rest loaded from the
+        teacher): a ``cond_proj`` Linear(dim, time embedding input, no bias, torch's default init)
+        whose output is added to the timestep embedding. UNet2DConditionModel records the width in
+        its config (``time_cond_proj_dim``: saved, reloaded, read by the pipelines); UNet2DModel
+        gets it through a forward pre-hook on its time embedding, and :meth:`save_pretrained`
+        records it in denoiser.json. Calling it again with the same ``dim`` does nothing (a folder
+        that already has the embedding keeps its weights); another ``dim`` is an error."""
+        net = self.unet
+        if not (_is_unet2d(net) or _is_unet2d_condition(net)):
+            raise DistillError(f"a guidance-scale embedding needs a diffusers UNet2DModel or UNet2DConditionModel; "
+                               f"the network {type(net).__name__} has no time embedding to condition")
+        if self.guidance_embedding_dim is not None:
+            if self.guidance_embedding_dim != dim:
+                raise DistillError(f"the network already has a guidance-scale embedding of width "
+                                   f"{self.guidance_embedding_dim}, not {dim}")
+            return self
+        emb = net.time_embedding
+        ref = emb.linear_1.weight
+        emb.cond_proj = nn.Linear(dim, emb.linear_1.in_features, bias=False).to(ref.device, ref.dtype)
+        if _is_unet2d_condition(net):
+            net.register_to_config(time_cond_proj_dim=dim)
+        else:
+            _hook_time_embedding(emb)
+        self.guidance_embedding_dim = dim
+        return self
+
+    def guidance_embedding(self, guidance: Guidance, batch: int, device: torch.device) -> torch.Tensor:
+        """(batch, dim) embedding of diffusers' guidance scale ``w`` (None: 1), in the network's dtype:
+        diffusers' own ``get_guidance_scale_embedding`` of LCM's w' = w - 1, as the pipelines call it."""
+        from diffusers import StableDiffusionPipeline
+
+        if isinstance(guidance, torch.Tensor):
+            w = (guidance.to(device, torch.float32) - 1).reshape(-1).expand(batch)
+        else:  # w - 1 in Python, as the pipelines' torch.tensor(guidance_scale - 1)
+            w = torch.full((batch,), (1.0 if guidance is None else float(guidance)) - 1, device=device)
+        # its frequencies are built on the current default device: build them next to w, no host copy
+        with torch.device(device):
+            emb = StableDiffusionPipeline.get_guidance_scale_embedding(None, w,
+                                                                       embedding_dim=self.guidance_embedding_dim)
+        return emb.to(self.dtype)
+
     # ------------------------------------------------------------------ the network
-    def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond: Optional[Cond] = None) -> torch.Tensor:
-        """The network's output (of ``prediction_type``) at (x_t, t) for the condition ``cond``."""
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond: Optional[Cond] = None,
+                guidance: Guidance = None) -> torch.Tensor:
+        """The network's output (of ``prediction_type``) at (x_t, t) for the condition ``cond``;
+        ``guidance`` (diffusers' w, None: 1) reaches only a network with a guidance-scale embedding."""
         cond = cond or {}
         net = self.unet
         x = x_t.to(self.dtype) if x_t.dtype != self.dtype and x_t.is_floating_point() else x_t
+        emb = self.guidance_embedding(guidance, x.shape[0], x.device) if self.embeds_guidance else None
         if _is_unet2d_condition(net):
             from distillkit.models.stable_diffusion import text_unet_inputs
 
             scale = self.codec.latent_scale if self.codec is not None else 8
-            return net(x, t, **text_unet_inputs(cond, x, scale), return_dict=False)[0]
+            return net(x, t, **text_unet_inputs(cond, x, scale), timestep_cond=emb, return_dict=False)[0]
         if _is_unet2d(net):
             labels = cond.get("class_labels")
-            return net(x, t, class_labels=labels, return_dict=False)[0]
+            if emb is None:
+                return net(x, t, class_labels=labels, return_dict=False)[0]
+            net.time_embedding.__dict__[_GUIDANCE_ATTR] = emb
+            try:
+                return net(x, t, class_labels=labels, return_dict=False)[0]
+            finally:  # never left behind: not in a deep copy, not read by a later call
+                del net.time_embedding.__dict__[_GUIDANCE_ATTR]
         return net(x, t)
 
     def bottleneck_module(self) -> nn.Module:
@@ -275,8 +363,9 @@ class Denoiser(nn.Module):
             return int(cfg.block_out_channels[-1])
         return int(self.bottleneck_module()[-1].out_features)
 
-    def bottleneck(self, x_t: torch.Tensor, t: torch.Tensor, cond: Optional[Cond] = None) -> torch.Tensor:
-        """The network's bottleneck features at (x_t, t, cond): its forward runs up to
+    def bottleneck(self, x_t: torch.Tensor, t: torch.Tensor, cond: Optional[Cond] = None,
+                   guidance: Guidance = None) -> torch.Tensor:
+        """The network's bottleneck features at (x_t, t, cond[, guidance]): its forward runs up to
         :meth:`bottleneck_module` and stops there (DMD2's ``classify_mode``): the layers after it
         are neither computed nor in the graph."""
         held: list = []
@@ -287,7 +376,7 @@ class Denoiser(nn.Module):
 
         handle = self.bottleneck_module().register_forward_hook(grab)
         try:
-            self(x_t, t, cond)
+            self(x_t, t, cond, guidance)
         except _Bottleneck:
             pass
         finally:
@@ -297,7 +386,11 @@ class Denoiser(nn.Module):
     def guided(self, x_t: torch.Tensor, t: torch.Tensor, cond: Optional[Cond] = None,
                guidance: Guidance = None) -> torch.Tensor:
         """Classifier-free guidance: one batched call on [x; x] with [uncond; cond] (as the pipelines
-        make it), then ``uncond + w (cond - uncond)``; at w = 1 only the conditional half runs."""
+        make it), then ``uncond + w (cond - uncond)``; at w = 1 only the conditional half runs. A
+        network with a guidance-scale embedding takes w in it instead: one call (the pipelines run
+        no classifier-free guidance when ``time_cond_proj_dim`` is set)."""
+        if self.embeds_guidance:
+            return self(x_t, t, cond, guidance)
         if not self.is_conditional or no_guidance(guidance):
             return self(x_t, t, cond)
         both = cat_cond(self.null_condition(cond), cond)
@@ -324,8 +417,8 @@ class Denoiser(nn.Module):
     def save_pretrained(self, path, spacing: str = "trailing") -> None:
         """A diffusers-style folder: ``unet/`` (config.json + safetensors), ``scheduler/`` (the
         DDIMScheduler of this schedule and prediction type, stepping as distillkit's DDIM) and
-        ``denoiser.json`` (condition, null class). Text-to-image denoisers are written whole by
-        ``distill-export`` (with their VAE and text encoders)."""
+        ``denoiser.json`` (condition, null class, guidance-embedding width). Text-to-image denoisers
+        are written whole by ``distill-export`` (with their VAE and text encoders)."""
         import json
         from pathlib import Path
 
@@ -339,6 +432,8 @@ class Denoiser(nn.Module):
         info = {"prediction_type": self.prediction_type, "condition": self.condition}
         if self.condition == "class":
             info.update({"num_classes": self.num_classes, "null_class": self.num_classes})
+        if self.embeds_guidance:
+            info["guidance_embedding_dim"] = self.guidance_embedding_dim
         (path / "denoiser.json").write_text(json.dumps(info, indent=2) + "\n")
 
     @classmethod
@@ -365,13 +460,24 @@ class Denoiser(nn.Module):
             if (p / name).is_file():
                 info = json.loads((p / name).read_text())
                 break
-        unet = UNet2DModel.from_pretrained(str(p / "unet"), local_files_only=True)
+        dim = info.get("guidance_embedding_dim")
+        if dim:  # UNet2DModel has no cond_proj of its own: its from_pretrained would drop that weight
+            unet = UNet2DModel.from_config(UNet2DModel.load_config(str(p / "unet"), local_files_only=True)).eval()
+        else:
+            unet = UNet2DModel.from_pretrained(str(p / "unet"), local_files_only=True)
         n = unet.config.num_class_embeds
-        return cls(unet, prediction_type, schedule, condition=info.get("condition", "class" if n else "none"),
-                   num_classes=int(n) - 1 if n else 0, pretrained=str(p))
+        den = cls(unet, prediction_type, schedule, condition=info.get("condition", "class" if n else "none"),
+                  num_classes=int(n) - 1 if n else 0, pretrained=str(p))
+        if dim:
+            from safetensors.torch import load_file
+
+            den.add_guidance_embedding(int(dim))
+            unet.load_state_dict(load_file(str(p / "unet" / "diffusion_pytorch_model.safetensors")))
+        return den
 
     def extra_repr(self) -> str:
-        return f"prediction_type={self.prediction_type}, condition={self.condition}, latent={self.is_latent}"
+        extra = f", guidance_embedding={self.guidance_embedding_dim}" if self.embeds_guidance else ""
+        return f"prediction_type={self.prediction_type}, condition={self.condition}, latent={self.is_latent}{extra}"
 
 
 def as_denoiser(net: nn.Module, schedule: Any, prediction_type: str, condition: Optional[str] = None,

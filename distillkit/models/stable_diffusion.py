@@ -17,6 +17,8 @@ hidden state (77 tokens) and builds its unconditional branch from the empty prom
 the penultimate hidden states of both encoders, takes the pooled, projected embedding of the second
 (``text_embeds``), adds the time ids (original size, crop top-left, target size; Podell et al. 2023,
 Sec. 2.2) and, as ``force_zeros_for_empty_prompt`` says, uses zeros for the unconditional branch.
+A UNet whose config has ``time_cond_proj_dim`` (an LCM folder: Luo et al. 2023, Sec. 4.2) takes the
+guidance scale in its time embedding instead (``Denoiser.embeds_guidance``, ``timestep_cond``).
 
 The frozen parts (VAE, text encoders; the whole network of a teacher) are held in
 ``frozen_dtype``: ``auto`` is bfloat16 on a GPU and float32 on a CPU. A VAE whose config asks

@@ -1,0 +1,135 @@
+"""Consistency distillation and LCM on digits: digits-FID, IS (and class accuracy) at 1, 2 and 4 steps.
+
+    python scripts/bench_consistency_digits.py                 # 3 seeds, benchmarks/consistency_digits.json + README table
+    python scripts/bench_consistency_digits.py --seeds 0 --only cm --updates 400   # a subset (no README update)
+
+Trains (or reuses) the digits teachers in --runs-dir (``experiment=digits_diffusion_teacher`` and
+``experiment=digits_cond_teacher``), then runs each configuration below for each seed with
+``seed=S`` and ``trainer.max_steps=--updates``. A finished run is reused; a run stopped mid-way
+resumes from its last.ckpt.
+
+Each row is the run's own final evaluation (``eval=digits``: 700 samples of the sampling-EMA
+student at 1, 2 and 4 steps of the multistep consistency sampler, the shipped digits feature
+network against the training digits, the protocol of every digits benchmark here), with the
+updates, the network evaluations spent (online, teacher and target passes, from metrics.csv) and
+the training wall time.
+
+Targets (issue "Consistency distillation and LCM"): the consistency student's few-step FID against
+progressive distillation's on the same teacher (benchmarks/step_distill_digits.json: 2.975 at 4
+steps after 4,000 updates, 3.936 at 2 after 5,000, 5.655 at 1 after 6,000) and the teacher's own
+64-step 2.234; whether LCM's EMA target (0.95) helps against iCT's online target (0).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_dmd_digits import _entry, fid_curve, last_nfe  # noqa: E402
+from bench_kd_digits import Runner, machine  # noqa: E402
+
+STEPS = (1, 2, 4)
+CONFIGS: dict[str, tuple[str, list[str]]] = {
+    "cm": ("digits_consistency", []),  # LCM's EMA target 0.95, pseudo-Huber
+    "cm_online_target": ("digits_consistency", ["method.target_decay=0"]),  # iCT's target
+    "lcm_cond": ("digits_cond_lcm", []),  # guided teacher, w ~ U[0, 2], sampled at guidance 2
+}
+TEACHER_64 = 2.234  # the unconditional teacher's 64-step digits-FID (benchmarks/step_distill_digits.json)
+PROGRESSIVE = {4: (2.975, 4000), 2: (3.936, 5000), 1: (5.655, 6000)}  # progressive distillation: FID, updates
+
+
+def summarise(rows: list[dict]) -> list[dict]:
+    """Mean and std over seeds of each (configuration, updates, steps)."""
+    out = []
+    for config in CONFIGS:
+        for updates in sorted({r["updates"] for r in rows if r["config"] == config}):
+            for k in STEPS:
+                rs = [r for r in rows if r["config"] == config and r["updates"] == updates and r["steps"] == k]
+                if rs:
+                    out.append(_entry(config, updates, rs))
+    return out
+
+
+def verdict(summary: list[dict]) -> list[str]:
+    longest = {}
+    for s in sorted(summary, key=lambda s: s["updates"]):
+        longest[(s["config"], s["steps"])] = s
+    lines = []
+    for k in STEPS:
+        s = longest.get(("cm", k))
+        if s:
+            pf, pu = PROGRESSIVE[k]
+            lines.append(f"Consistency distillation, {k} step{'s' * (k > 1)}: digits-FID {s['fid_mean']:.3f} after "
+                         f"{s['updates']} updates; progressive distillation {pf} after {pu}: "
+                         + ("better" if s["fid_mean"] < pf else "worse"))
+    for k in STEPS:
+        a, b = longest.get(("cm", k)), longest.get(("cm_online_target", k))
+        if a and b:
+            lines.append(f"EMA target 0.95 against the online target at {k} step{'s' * (k > 1)}: {a['fid_mean']:.3f} "
+                         f"against {b['fid_mean']:.3f} (" + ("helps" if a["fid_mean"] < b["fid_mean"] else "does not help") + ")")
+    return lines
+
+
+def main(argv: Optional[list[str]] = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--runs-dir", default="runs/bench_dmd", help="where the runs go (default %(default)s: "
+                    "the teachers of the DMD benchmark are reused)")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--updates", type=int, default=None, help="updates per run (default: the experiments' 1000)")
+    ap.add_argument("--only", nargs="+", choices=list(CONFIGS), default=None, help="a subset of the configurations")
+    ap.add_argument("--out", default=None, help="JSON to write (default benchmarks/consistency_digits.json)")
+    args = ap.parse_args(argv)
+    out = (ROOT / (args.out or "benchmarks/consistency_digits.json")).resolve()
+    command = shlex.join(["python", "scripts/bench_consistency_digits.py", *(sys.argv[1:] if argv is None else argv)])
+    run = Runner((ROOT / args.runs_dir).resolve())
+    t0 = time.time()
+    teacher = run(["experiment=digits_diffusion_teacher"])
+    print(f"teacher: {teacher['global_step']} updates" + (" (cached)" if teacher.get("cached") else ""), flush=True)
+    configs = args.only or list(CONFIGS)
+    if any(CONFIGS[c][0] == "digits_cond_lcm" for c in configs):
+        run(["experiment=digits_cond_teacher"])
+    old = json.loads(out.read_text()) if out.is_file() else {}
+    rows = list(old.get("rows", []))
+    bench: dict = {}
+    for config in configs:
+        experiment, extra = CONFIGS[config]
+        for seed in args.seeds:
+            overrides = [f"experiment={experiment}", *extra, f"seed={seed}", "eval.steps=[1,2,4]"]
+            if args.updates:
+                overrides.append(f"trainer.max_steps={args.updates}")
+            res = run(overrides)
+            new = [{"config": config, "seed": seed, "steps": k, "updates": res["global_step"],
+                    "fid": res.get(f"fid/{k}step"), "is": res.get(f"is/{k}step"),
+                    "class_acc": res.get(f"class_acc/{k}step"), "wall_s": res["wall_s"],
+                    "nfe": last_nfe(Path(res["run_dir"])), "fid_by_updates": fid_curve(Path(res["run_dir"]), k)}
+                   for k in STEPS]
+            done = {(r["config"], r["seed"], r["updates"], r["steps"]) for r in new}
+            rows = [x for x in rows if (x["config"], x["seed"], x["updates"], x["steps"]) not in done] + new
+            print(f"  {config:18s} seed {seed}  FID " + "  ".join(f"{r['steps']}:{r['fid']:.3f}" for r in new)
+                  + f"  updates {res['global_step']}  wall {res['wall_s']:.0f}s" + ("  (cached)" if res.get("cached") else ""),
+                  flush=True)
+            bench = {"name": "consistency_digits", "machine": machine(), "date": dt.date.today().isoformat(),
+                     "command": command, "rows": rows, "summary": summarise(rows)}
+            bench["verdict"] = verdict(bench["summary"])
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(json.dumps(bench, indent=1) + "\n")  # after every run: an interrupted benchmark keeps its rows
+    import readme_tables
+
+    print(f"\nwrote {out} ({time.time() - t0:.0f} s)\n")
+    print(readme_tables.render("consistency_digits", bench))
+    print("\n".join(bench["verdict"]))
+    if readme_tables.update_readme("consistency_digits", path=out):
+        print("README.md table updated")
+    return bench
+
+
+if __name__ == "__main__":
+    main()
