@@ -1,18 +1,23 @@
-"""Markdown tables for the README, generated from ``benchmarks/<name>.json`` (docs/architecture.md,
-Benchmarks); the README's tables are never typed by hand.
+"""Markdown tables of the docs, generated from ``benchmarks/<name>.json`` (docs/architecture.md,
+Benchmarks); the tables are never typed by hand.
 
-    python scripts/readme_tables.py              # every benchmarks/*.json with markers in README
+    python scripts/readme_tables.py              # every benchmarks/*.json whose markers a page holds
     python scripts/readme_tables.py kd_digits    # one
 
-A table lives in README.md between ``<!-- table:<name> -->`` and ``<!-- /table:<name> -->``;
-what is between the markers is replaced, and a README without the markers is left alone.
-Each benchmark may register its own formatter with ``@formatter("<name>")``; others get
-:func:`generic_table`. Other scripts call :func:`update_readme` after writing their JSON.
+A table lives between ``<!-- table:<name> -->`` and ``<!-- /table:<name> -->`` in one of the pages:
+README.md or any docs/*.md (most of them in docs/benchmarks.md). :func:`table_pages` finds the page
+that holds a table's markers; what is between the markers is replaced, and pages without them are
+left alone. Relative links in a table (plots under benchmarks/) are written from the repository
+root and rebased onto the page's folder. Each benchmark may register its own formatter with
+``@formatter("<name>")``; others get :func:`generic_table`. Other scripts call :func:`update_readme`
+(the name is historical: it writes whichever page holds the markers) after writing their JSON.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import re
 import statistics
 import sys
 from pathlib import Path
@@ -21,6 +26,7 @@ from typing import Callable, Optional
 ROOT = Path(__file__).resolve().parent.parent
 BENCH_DIR = ROOT / "benchmarks"
 README = ROOT / "README.md"
+DOCS_DIR = ROOT / "docs"
 
 Formatter = Callable[[dict], str]
 FORMATTERS: dict[str, Formatter] = {}
@@ -270,33 +276,68 @@ def render(name: str, bench: Optional[dict] = None, path: Optional[Path] = None)
     return FORMATTERS.get(name, generic_table)(bench)
 
 
-def update_readme(name: str, path: Optional[Path] = None, readme: Path = README) -> bool:
-    """Write benchmark ``name``'s table between its markers in ``readme``; False (and a
-    note) when the markers are absent."""
-    table = render(name, path=path)
-    text = readme.read_text() if readme.is_file() else ""
-    new = replace_between_markers(text, name, table)
-    if new is None:
+def pages() -> list[Path]:
+    """The pages that may hold tables: README.md and every docs/*.md."""
+    return [p for p in [README, *sorted(DOCS_DIR.glob("*.md"))] if p.is_file()]
+
+
+def table_pages(name: str) -> list[Path]:
+    """The pages holding ``name``'s opening marker: one, normally (a test keeps it so)."""
+    start = markers(name)[0]
+    return [p for p in pages() if start in p.read_text()]
+
+
+_LINK = re.compile(r"(\]\()([^)\s#][^)\s]*)(\))")
+
+
+def rebase_links(md: str, page: Path) -> str:
+    """``md``'s relative links (written from the repository root, e.g. ``benchmarks/x.png``)
+    rewritten relative to ``page``'s folder; unchanged for a page at the root or outside the
+    repository, and for absolute links (``http...``, ``/...``) and anchors."""
+    folder = page.resolve().parent
+    if folder == ROOT or ROOT not in folder.parents:
+        return md
+
+    def rebase(m: re.Match) -> str:
+        target = m.group(2)
+        if "://" in target or target.startswith(("/", "mailto:")):
+            return m.group(0)
+        return m.group(1) + Path(os.path.relpath(ROOT / target, folder)).as_posix() + m.group(3)
+
+    return _LINK.sub(rebase, md)
+
+
+def update_readme(name: str, path: Optional[Path] = None, readme: Optional[Path] = None) -> bool:
+    """Write benchmark ``name``'s table between its markers in the page that holds them
+    (README.md or a docs/*.md page; ``readme`` names one page instead); False (and a note)
+    when no page has the markers."""
+    texts = {page: page.read_text() for page in ([readme] if readme is not None else table_pages(name))
+             if page.is_file()}
+    texts = {page: text for page, text in texts.items() if replace_between_markers(text, name, "") is not None}
+    if not texts:
         start, end = markers(name)
-        print(f"note: {readme} has no {start} ... {end} markers; its table was not written",
+        where = readme if readme is not None else "README.md or docs/*.md"
+        print(f"note: {where} has no {start} ... {end} markers; its table was not written",
               file=sys.stderr)
         return False
-    if new != text:
-        readme.write_text(new)
+    table = render(name, path=path)
+    for page, text in texts.items():
+        new = replace_between_markers(text, name, rebase_links(table, page))
+        if new != text:
+            page.write_text(new)
     return True
 
 
 def main(argv: Optional[list[str]] = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("names", nargs="*", help="benchmark names (default: every benchmarks/*.json)")
+    ap.add_argument("names", nargs="*",
+                    help="benchmark names (default: every benchmarks/*.json whose markers a page holds)")
     args = ap.parse_args(argv)
-    names = args.names
-    if not names:  # every benchmark whose markers the README has
-        text = README.read_text() if README.is_file() else ""
-        names = [p.stem for p in sorted(BENCH_DIR.glob("*.json")) if markers(p.stem)[0] in text]
+    names = args.names or [p.stem for p in sorted(BENCH_DIR.glob("*.json")) if table_pages(p.stem)]
     for name in names:
+        where = ", ".join(str(p.relative_to(ROOT)) for p in table_pages(name))
         if update_readme(name):
-            print(f"README: table {name} updated")
+            print(f"{where}: table {name} updated")
 
 
 if __name__ == "__main__":

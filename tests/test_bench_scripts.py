@@ -1,4 +1,4 @@
-"""The benchmark scripts' bookkeeping, without training: README marker replacement and the
+"""The benchmark scripts' bookkeeping, without training: table marker replacement in README.md and docs/*.md, the
 mean/std summary of benchmark rows."""
 from __future__ import annotations
 
@@ -85,6 +85,63 @@ def test_update_readme_writes_table_between_markers(tmp_path, capsys):
     assert not readme_tables.update_readme("kd_digits", path=bench, readme=plain)
     assert plain.read_text() == "no markers\n"
     assert "no <!-- table:kd_digits -->" in capsys.readouterr().err
+
+
+def test_update_readme_finds_the_page_holding_the_markers_and_rebases_links(tmp_path, monkeypatch, capsys):
+    """Without ``readme=``, the table goes to whichever page holds its markers: README.md or a
+    docs/*.md page; a plot linked from the repository root is rebased onto the page's folder."""
+    root = tmp_path.resolve()
+    (root / "docs").mkdir()
+    monkeypatch.setattr(readme_tables, "ROOT", root)
+    monkeypatch.setattr(readme_tables, "README", root / "README.md")
+    monkeypatch.setattr(readme_tables, "DOCS_DIR", root / "docs")
+    (root / "README.md").write_text("# front door\n[benchmarks](docs/benchmarks.md)\n")
+    page = root / "docs" / "benchmarks.md"
+    page.write_text("# Benchmarks\n<!-- table:kd_digits -->\n<!-- /table:kd_digits -->\n")
+    (root / "docs" / "other.md").write_text("no markers\n")
+    bench = tmp_path / "kd_digits.json"
+    bench.write_text(json.dumps(_bench()))
+    assert readme_tables.table_pages("kd_digits") == [page]
+    assert readme_tables.update_readme("kd_digits", path=bench)
+    assert "| student | 92.00 ± 2.00 (n=3) | 400 | 4.0 |" in page.read_text()
+    assert (root / "README.md").read_text() == "# front door\n[benchmarks](docs/benchmarks.md)\n"
+    assert not readme_tables.update_readme("dmd_digits", path=bench)  # no page has its markers
+    assert "README.md or docs/*.md has no <!-- table:dmd_digits -->" in capsys.readouterr().err
+
+    md = "![plot](benchmarks/p.png) [page](docs/x.md#a) [web](https://e.org/a.png) [here](#top)"
+    assert readme_tables.rebase_links(md, page) == \
+        "![plot](../benchmarks/p.png) [page](x.md#a) [web](https://e.org/a.png) [here](#top)"
+    assert readme_tables.rebase_links(md, root / "README.md") == md
+    assert readme_tables.rebase_links(md, tmp_path.parent / "elsewhere.md") == md
+
+
+def test_each_table_has_one_page_and_its_plots_resolve():
+    """Every ``<!-- table:NAME -->`` in README.md and docs/*.md appears in exactly one page, closed by
+    its end marker, so update_readme writes one place; the links in each page resolve."""
+    import re
+
+    seen: dict[str, list[str]] = {}
+    for page in readme_tables.pages():
+        text = page.read_text()
+        for name in re.findall(r"<!-- table:([\w.-]+) -->", text):
+            seen.setdefault(name, []).append(page.name)
+            assert readme_tables.replace_between_markers(text, name, "x") is not None, (page, name)
+        for target in re.findall(r"\]\(([^)\s#]+)(?:#[^)\s]*)?\)", text):
+            if "://" not in target:
+                assert (page.parent / target).exists(), (page.name, target)
+    assert {n: p for n, p in seen.items() if len(p) != 1} == {}
+    assert seen["step_distill_digits"] == ["benchmarks.md"] and seen["consistency_digits"] == ["benchmarks.md"]
+
+
+def test_readme_front_door_has_the_two_commands_every_method_and_every_docs_page():
+    root = readme_tables.ROOT
+    readme = (root / "README.md").read_text()
+    first_screen = "\n".join(readme.split("\n")[:30])
+    assert "make demo" in first_screen and "make test" in first_screen
+    for method in sorted(p.stem for p in (root / "conf" / "method").glob("*.yaml")):
+        assert f"| `{method}` |" in readme, method
+    for page in sorted((root / "docs").glob("*.md")):
+        assert f"](docs/{page.name})" in readme, page.name
 
 
 def test_other_benchmarks_get_a_generic_or_registered_table():
