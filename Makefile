@@ -8,6 +8,10 @@ STAMP  := $(VENV)/.distillkit-installed
 # The CPU build that lies on this machine's disk; a GPU user installs their own torch first.
 TORCH_CPU ?= torch==2.13.0
 PYTEST_ARGS ?=
+# test files run in parallel, one file per worker process (pytest-xdist; its module fixtures are built
+# once); at most 4 workers, since each holds torch and starts CLI subprocesses
+TEST_WORKERS ?= auto
+PYTEST_PARALLEL := -n $(TEST_WORKERS) --maxprocesses 4 --dist loadfile
 
 .PHONY: install demo test test-all bench clean
 
@@ -23,10 +27,10 @@ demo: install
 	$(PY) scripts/demo.py
 
 test: install
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest $(PYTEST_PARALLEL) $(PYTEST_ARGS)
 
 test-all: install
-	$(PY) -m pytest -m "slow or not slow" $(PYTEST_ARGS)
+	$(PY) -m pytest $(PYTEST_PARALLEL) -m "slow or not slow" $(PYTEST_ARGS)
 
 bench: install
 	$(PY) scripts/bench_kd_digits.py --seeds 3

@@ -93,3 +93,27 @@ def test_resumed_ema_continues_the_average_instead_of_copying():
 def test_ema_decay_outside_unit_interval_is_refused():
     with pytest.raises(ValueError, match="decay"):
         EMA(net(), 1.5)
+
+
+def test_frozen_parameters_are_shared_not_copied():
+    """A LoRA network's frozen base is the same tensors in its EMA (the average of a constant is
+    itself): only the trained parameters are copied and averaged, and a checkpoint holds the shared
+    tensor once."""
+    import io
+
+    student = net()
+    student[0].requires_grad_(False)  # the "base"
+    ema = EMA(student, 0.5)
+    assert ema.module[0].weight is student[0].weight and ema.module[0].bias is student[0].bias
+    assert ema.module[3].weight is not student[3].weight
+    train_a_little(student, 0)
+    ema.update_parameters(student)
+    train_a_little(student, 1)
+    before = ema.module[3].weight.clone()
+    ema.update_parameters(student)
+    torch.testing.assert_close(ema.module[3].weight, 0.5 * before + 0.5 * student[3].weight)
+    both, alone = io.BytesIO(), io.BytesIO()
+    torch.save({"student": student.state_dict(), "ema": ema.state_dict()}, both)
+    torch.save({"student": student.state_dict()}, alone)
+    frozen = student[0].weight.numel() * 4
+    assert len(both.getvalue()) - len(alone.getvalue()) < sum(p.numel() * 4 for p in student.parameters()) - frozen + 4096
