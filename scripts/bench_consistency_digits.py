@@ -22,7 +22,6 @@ steps after 4,000 updates, 3.936 at 2 after 5,000, 5.655 at 1 after 6,000) and t
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import shlex
 import sys
@@ -33,8 +32,8 @@ from typing import Optional
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_dmd_digits import _entry, fid_curve, last_nfe  # noqa: E402
-from bench_kd_digits import Runner, machine  # noqa: E402
+from bench_dmd_digits import _entry, fid_curve, last_nfe, report, save_bench  # noqa: E402
+from bench_kd_digits import Runner  # noqa: E402
 
 STEPS = (1, 2, 4)
 CONFIGS: dict[str, tuple[str, list[str]]] = {
@@ -98,7 +97,6 @@ def main(argv: Optional[list[str]] = None) -> dict:
         run(["experiment=digits_cond_teacher"])
     old = json.loads(out.read_text()) if out.is_file() else {}
     rows = list(old.get("rows", []))
-    bench: dict = {}
     for config in configs:
         experiment, extra = CONFIGS[config]
         for seed in args.seeds:
@@ -116,20 +114,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
             print(f"  {config:18s} seed {seed}  FID " + "  ".join(f"{r['steps']}:{r['fid']:.3f}" for r in new)
                   + f"  updates {res['global_step']}  wall {res['wall_s']:.0f}s" + ("  (cached)" if res.get("cached") else ""),
                   flush=True)
-            bench = {"name": "consistency_digits", "machine": machine(), "date": dt.date.today().isoformat(),
-                     "command": command, "rows": rows, "summary": summarise(rows)}
-            bench["verdict"] = verdict(bench["summary"])
-            out.parent.mkdir(parents=True, exist_ok=True)
-            out.write_text(json.dumps(bench, indent=1) + "\n")  # after every run: an interrupted benchmark keeps its rows
-    import readme_tables
-
-    print(f"\nwrote {out} ({time.time() - t0:.0f} s)\n")
-    print(readme_tables.render("consistency_digits", bench))
-    print("\n".join(bench["verdict"]))
-    if readme_tables.update_readme("consistency_digits", path=out):
-        print("README.md table updated")
-    return bench
-
+            bench = save_bench(out, "consistency_digits", command, rows, summarise, verdict)
+    return report(out, bench, t0)
 
 if __name__ == "__main__":
     main()

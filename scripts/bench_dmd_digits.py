@@ -147,18 +147,29 @@ def main(argv: Optional[list[str]] = None) -> dict:
             rows = [x for x in rows if (x["config"], x["seed"], x["updates"]) != (config, seed, r["updates"])] + [r]
             print(f"  {config:20s} seed {seed}  FID {r['fid']:7.3f}  IS {r['is']:.2f}  updates {r['updates']}  "
                   f"wall {r['wall_s']:.0f}s" + ("  (cached)" if res.get("cached") else ""), flush=True)
-            bench = {"name": "dmd_digits", "machine": machine(), "date": dt.date.today().isoformat(), "command": command,
-                     "rows": rows, "summary": summarise(rows)}
-            bench["verdict"] = verdict(bench["summary"])
-            out.parent.mkdir(parents=True, exist_ok=True)
-            out.write_text(json.dumps(bench, indent=1) + "\n")  # after every run: an interrupted benchmark keeps its rows
+            bench = save_bench(out, "dmd_digits", command, rows, summarise, verdict)
+    return report(out, bench, t0)
+
+
+def save_bench(out: Path, name: str, command: str, rows: list[dict], summarise, verdict) -> dict:
+    """Write the benchmark JSON (rows, summary, verdict) after every run: an interrupted benchmark keeps its rows."""
+    bench = {"name": name, "machine": machine(), "date": dt.date.today().isoformat(), "command": command,
+             "rows": rows, "summary": summarise(rows)}
+    bench["verdict"] = verdict(bench["summary"])
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(bench, indent=1) + "\n")
+    return bench
+
+
+def report(out: Path, bench: dict, t0: float) -> dict:
+    """Print the table and the verdict, and rewrite the table in the docs page that holds its markers."""
     import readme_tables
 
     print(f"\nwrote {out} ({time.time() - t0:.0f} s)\n")
-    print(readme_tables.render("dmd_digits", bench))
+    print(readme_tables.render(bench["name"], bench))
     print("\n".join(bench["verdict"]))
-    if readme_tables.update_readme("dmd_digits", path=out):
-        print("README.md table updated")
+    if readme_tables.update_readme(bench["name"], path=out):
+        print("benchmark table updated")
     return bench
 
 

@@ -41,6 +41,18 @@ def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeou
     return CliResult(p.returncode, p.stdout, p.stderr)
 
 
+def run_cli_all(jobs: dict) -> dict:
+    """Several CLI runs at once (each is mostly single-threaded imports), each asserted to succeed:
+    name -> arguments in, name -> CliResult out."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        results = dict(zip(jobs, pool.map(lambda args: run_cli(*args), jobs.values())))
+    for name, r in results.items():
+        assert r.returncode == 0, f"{name}: {r.output}"
+    return results
+
+
 @pytest.fixture
 def cli():
     return run_cli

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import os
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -30,7 +29,7 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from conftest import run_cli  # noqa: E402
+from conftest import run_cli_all  # noqa: E402
 from tiny_sd import TINY_RESOLUTION, make_tiny_sd15, make_tiny_sdxl, write_image_text_folder  # noqa: E402
 
 PROMPTS = ["a cat", "a red dog"]
@@ -65,10 +64,7 @@ def runs(folders) -> dict:
     jobs = {"sd15": _args(folders, "sd15", root / "sd15_runs"), "sdxl": _args(folders, "sdxl", root / "sdxl_runs"),
             "lora": _args(folders, "sd15", root / "lora_runs", "model.lora_rank=4", "model.lora_alpha=4",
                           "optim.optimizer.lr=1e-2")}
-    with ThreadPoolExecutor(len(jobs)) as pool:
-        results = dict(zip(jobs, pool.map(lambda args: run_cli(*args), jobs.values())))
-    for name, r in results.items():
-        assert r.returncode == 0, f"{name}: {r.output}"
+    run_cli_all(jobs)
     return {name: root / f"{name}_runs" / "default" / "r" for name in jobs}
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -19,8 +18,9 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from conftest import run_cli  # noqa: E402
-from tiny_sd import TINY_RESOLUTION, make_tiny_sd15, make_tiny_sdxl, write_image_text_folder  # noqa: E402
+from conftest import run_cli_all  # noqa: E402
+from test_dmd_sd import folders  # noqa: E402,F401  (the tiny SD1.5 / SDXL folders and images)
+from tiny_sd import TINY_RESOLUTION  # noqa: E402
 
 PROMPTS = ["a cat", "a red dog"]
 SEED = 5
@@ -37,13 +37,6 @@ def _args(folders: dict, method: str, variant: str, runs: Path, *extra: str) -> 
 
 
 @pytest.fixture(scope="module")
-def folders(tmp_path_factory) -> dict:
-    root = tmp_path_factory.mktemp("tiny_sd_lcm")
-    return {"sd15": make_tiny_sd15(root / "sd15"), "sdxl": make_tiny_sdxl(root / "sdxl"),
-            "images": write_image_text_folder(root / "images"), "root": root}
-
-
-@pytest.fixture(scope="module")
 def runs(folders) -> dict:
     root = folders["root"]
     jobs = {"cm": _args(folders, "consistency", "sd15", root / "cm", "method.teacher_guidance=3.0"),
@@ -51,10 +44,7 @@ def runs(folders) -> dict:
                          "optim.optimizer.lr=1e-3"),
             "lora": _args(folders, "lcm", "sd15", root / "lora", "model.lora_rank=4", "model.lora_alpha=4",
                           "optim.optimizer.lr=1e-2")}
-    with ThreadPoolExecutor(len(jobs)) as pool:
-        results = dict(zip(jobs, pool.map(lambda args: run_cli(*args), jobs.values())))
-    for name, r in results.items():
-        assert r.returncode == 0, f"{name}: {r.output}"
+    run_cli_all(jobs)
     return {name: root / name / "default" / "r" for name in jobs}
 
 
