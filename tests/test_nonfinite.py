@@ -117,15 +117,14 @@ def same(a: dict, b: dict) -> bool:
 # --------------------------------------------------------------------------- in process
 @pytest.mark.parametrize("what, term", [("loss", "train/loss"), ("grad", "gradient of student.weight"),
                                         ("term", "train/extra"), ("float_term", "train/extra")])
-def test_stop_names_the_step_and_the_term_and_never_applies_the_update(what, term):
-    m = Tiny(bad={3}, what=what)
+def test_stop_names_the_first_non_finite_step_and_term_without_a_read_per_update(what, term):
+    """Stop mode keeps its verdict on the device and reads it before a checkpoint or at the end (no
+    checkpoint callback here: at the end), naming the first non-finite update, not a later one."""
+    m = Tiny(bad={3, 4, 5}, what=what)
     with pytest.raises(NonFiniteStop) as e:
         fit(m)
     assert (e.value.step, e.value.term) == (3, term)
-    assert str(e.value).startswith(f"non-finite {term} at step 3: the run stopped before applying that update")
-    assert sorted(m.after) == [1, 2]  # no batch end (no checkpoint) after the failure
-    assert same({k: v for k, v in m.student.state_dict().items()}, m.after[2])  # the step never happened
-    assert all(torch.isfinite(v).all() for v in m.student.state_dict().values())
+    assert str(e.value).startswith(f"non-finite {term} at step 3: the run stopped")
 
 
 def test_skip_leaves_weights_and_optimizer_state_and_counts():
@@ -147,15 +146,11 @@ def test_skip_stops_after_k_in_a_row():
 
 
 @pytest.mark.parametrize("what, term", [("loss", "critic loss"), ("grad", "gradient of critic.weight")])
-def test_manual_optimization_stops_before_the_roles_step(what, term):
+def test_manual_optimization_names_the_roles_step(what, term):
     m = TwoRoles(bad={3}, what=what)
     with pytest.raises(NonFiniteStop) as e:
         fit(m)
     assert (e.value.step, e.value.term) == (3, term)
-    # the generator's update 3 stands (it was finite), the critic's did not happen
-    now = {k: v for k, v in m.state_dict().items()}
-    assert all(torch.equal(now[k], m.after[2][k]) for k in now if k.startswith("critic."))
-    assert not torch.equal(now["student.weight"], m.after[2]["student.weight"])
 
 
 def test_manual_optimization_skips_one_role_and_counts_it_apart():

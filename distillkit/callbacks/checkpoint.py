@@ -91,6 +91,9 @@ class LastCheckpoint(Callback):
     def save(self, trainer: "L.Trainer", once_per_step: bool = False) -> None:
         if once_per_step and trainer.global_step == self._last_saved_step:
             return
+        guard = getattr(trainer.lightning_module, "_nonfinite_guard", None)
+        if guard is not None:  # never save weights a non-finite update made (callbacks/nonfinite.py)
+            guard.flush(trainer, trainer.lightning_module)
         tmp = self._tmp()
         trainer.save_checkpoint(tmp)  # collective under DDP; rank 0 writes
         if trainer.is_global_zero:

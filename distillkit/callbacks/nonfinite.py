@@ -3,14 +3,17 @@
 Before each optimizer step, the update's loss (what ``backward`` was called on), every training
 term the method logged for it (``train/...``) and the gradients the optimizer is about to apply
 are checked for NaN and inf: one reduction over all of them (the gradients' max-norms from one
-``torch._foreach_norm``), all-reduced across DDP ranks so that every rank takes the same decision,
-and one host sync per update.
+``torch._foreach_norm``), all-reduced across DDP ranks so that every rank takes the same decision.
 
-- ``stop`` (the default): the first non-finite update raises :class:`NonFiniteStop` before the
-  optimizer applies it. Nothing is saved after it (``last.ckpt`` stays the last finite checkpoint);
-  the ``distill`` command prints one message naming the step and the term and exits with
-  :data:`EXIT_NONFINITE`.
-- ``skip``: the update is not applied (its gradients are dropped, so the optimizer step changes
+- ``stop`` (the default): the verdict stays on the device, so no update waits for the host (a GPU
+  never idles for the check; tests/test_host_reads.py). It is read before every checkpoint is
+  written and at the end of training: the first non-finite update then raises
+  :class:`NonFiniteStop`, naming that update's step and term. Nothing is saved after it
+  (``last.ckpt`` stays the last finite checkpoint); the ``distill`` command prints one message and
+  exits with :data:`EXIT_NONFINITE`. The updates between the non-finite one and the next
+  checkpoint (``callbacks.checkpoint_every_n_steps``) still run, on weights that are discarded.
+- ``skip``: one host read per update (the decision to skip must be taken before the optimizer
+  step). The update is not applied (its gradients are dropped, so the optimizer step changes
   neither the weights nor the optimizer's moments), counted in ``train/nonfinite_skipped``, and the
   run goes on; ``max_nonfinite_skips`` non-finite updates in a row (per optimizer: a multi-role
   method's generator and critic count apart) stop it as above.
@@ -68,6 +71,8 @@ class NonFiniteGuard(Callback):
         self._checked: Any = None  # the optimizer check_update saw, so its step's hook does not check again
         self._step = 0
         self._skipped_in_batch = False
+        self._first: Optional[torch.Tensor] = None  # stop mode: (step, entry, index) of the first non-finite value
+        self._pending: dict[int, list] = {}  # stop mode: what was checked at each step since the last flush
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict:
@@ -119,6 +124,9 @@ class NonFiniteGuard(Callback):
             pl_module.log(SKIPPED_METRIC, torch.full((), float(self.skipped), device=pl_module.device),
                           on_step=True, on_epoch=False)
 
+    def on_train_end(self, trainer: "L.Trainer", pl_module: Any) -> None:
+        self.flush(trainer, pl_module)  # (the checkpoint callback flushes before its own saves too)
+
     # ------------------------------------------------------------------ the check
     def _check(self, trainer: "L.Trainer", pl_module: Any, optimizer: Any, role: Optional[str]) -> None:
         terms, self._terms = self._terms, []
@@ -138,6 +146,9 @@ class NonFiniteGuard(Callback):
         norms = self._grad_max_norms(params, device) if params else None
         if norms is not None:
             parts.append(norms)
+        if self.mode == "stop" and host_bad is None and parts:
+            self._defer(torch.cat(parts), [n for n, _ in named], params, optimizer, role)
+            return
         flag = (~torch.isfinite(torch.cat(parts)).all()).int() if parts else torch.zeros((), dtype=torch.int, device=device)
         if host_bad is not None:
             flag = flag + 1
@@ -157,6 +168,49 @@ class NonFiniteGuard(Callback):
                 what = f"gradient of {names.get(id(params[bad[0]]), 'an unnamed parameter')}"
         what = self._agree(trainer, what)
         self._nonfinite(trainer, optimizer, key, what)
+
+    # ------------------------------------------------------------------ stop mode: no read per update
+    def _defer(self, values: torch.Tensor, names: list[str], params: list, optimizer: Any, role: Optional[str]) -> None:
+        """Stop mode keeps the verdict on the device: the first non-finite update's step and the
+        check (entry) and index of its first non-finite value (terms in logging order, then the gradients' max-norms).
+        :meth:`flush` reads it, before every checkpoint is written and at the end, so no update waits
+        for the host and no non-finite weights are ever saved."""
+        bad = ~torch.isfinite(values)
+        entries = self._pending.setdefault(self._step, [])
+        first = torch.stack([values.new_full((), self._step, dtype=torch.long),
+                             values.new_full((), len(entries), dtype=torch.long), bad.int().argmax().long()])
+        if self._first is None:
+            self._first = torch.full((3,), -1, dtype=torch.long, device=values.device)
+        self._first = torch.where((self._first[0] < 0) & bad.any(), first, self._first)
+        entries.append((names, params))
+
+    def flush(self, trainer: "L.Trainer", pl_module: Any) -> None:
+        """Read the deferred verdict (one host read); raise :class:`NonFiniteStop` for the first
+        non-finite update since the last flush."""
+        first, pending = self._first, self._pending
+        self._first, self._pending = None, {}
+        if first is None:
+            step, entry, idx = -1, 0, 0
+        else:
+            step, entry, idx = (int(v) for v in first.tolist())
+        if trainer.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+            flag = torch.tensor([1 if step >= 0 else 0], device=pl_module.device)
+            torch.distributed.all_reduce(flag)
+            if int(flag.item()) == 0:
+                return
+        elif step < 0:
+            return
+        what = None
+        if step >= 0:
+            names, params = pending[step][entry]
+            if idx < len(names):
+                what = names[idx]
+            else:
+                pnames = {id(p): n for n, p in pl_module.named_parameters()}
+                what = f"gradient of {pnames.get(id(params[idx - len(names)]), 'an unnamed parameter')}"
+        what = self._agree(trainer, what if step >= 0 else None)
+        raise NonFiniteStop(f"non-finite {what} at step {step}: the run stopped at step {self._step or trainer.global_step} "
+                            "before writing a checkpoint (callbacks.nonfinite=stop)", step, what)
 
     @staticmethod
     def _params_with_grad(trainer: "L.Trainer", optimizer: Any) -> list[torch.Tensor]:
