@@ -161,7 +161,9 @@ def build_loggers(cfg: DictConfig, run_dir: Path) -> list:
     if cfg.logger.csv:
         loggers.append(AppendingCSVLogger(save_dir=str(run_dir), name="", version=""))
     if cfg.logger.tensorboard:
-        loggers.append(TensorBoardLogger(save_dir=str(run_dir), name="tensorboard", version=""))
+        # No placeholder hp_metric (-1): the final metrics are logged as hparams metrics at the end.
+        loggers.append(TensorBoardLogger(save_dir=str(run_dir), name="tensorboard", version="",
+                                         default_hp_metric=False))
     if cfg.logger.wandb:
         from lightning.pytorch.loggers import WandbLogger
 
@@ -177,10 +179,51 @@ def build_loggers(cfg: DictConfig, run_dir: Path) -> list:
 
             if rank_zero_only.rank == 0:
                 id_file.write_text(run_id + "\n")
-        loggers.append(WandbLogger(project=cfg.logger.wandb_project, entity=cfg.logger.wandb_entity,
+        wandb_logger = WandbLogger(project=cfg.logger.wandb_project, entity=cfg.logger.wandb_entity,
                                    save_dir=str(run_dir), id=run_id, resume="allow",
-                                   name=f"{cfg.experiment_name}/{cfg.name}"))
+                                   name=f"{cfg.experiment_name}/{cfg.name}")
+        # Lightning passes anonymous=None to wandb.init, and wandb >= 0.19 warns on every run that
+        # the setting has no effect (it warns for any value given): leave it out.
+        getattr(wandb_logger, "_wandb_init", {}).pop("anonymous", None)
+        loggers.append(wandb_logger)
     return loggers
+
+
+def log_hyperparameters(loggers: list, config: dict) -> None:
+    """Before training: the resolved config, flattened to dotted keys (``optim.optimizer.lr``), as
+    the hyper-parameters of TensorBoard (hparams.yaml, the HPARAMS tab; Lightning writes lists as
+    strings there) and wandb (the run's config). The CSV logger's record of them is config.yaml."""
+    from distillkit.callbacks.csv_log import AppendingCSVLogger
+    from distillkit.runs import flatten
+
+    params = flatten(config)
+    for lg in loggers:
+        if not isinstance(lg, AppendingCSVLogger):
+            lg.log_hyperparams(params)
+
+
+def log_final_metrics(loggers: list, config: dict, results: dict) -> None:
+    """After the run (rank 0): results.json's numbers as TensorBoard's hparams metrics (so runs
+    compare by them in the HPARAMS tab) and as the wandb run's summary."""
+    import math
+
+    from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
+
+    from distillkit.runs import flatten
+
+    metrics = {k: float(v) for k, v in results.items()
+               if ("/" in k or k in ("global_step", "wall_s")) and isinstance(v, (int, float))
+               and not isinstance(v, bool) and math.isfinite(v)}
+    for lg in loggers:
+        if isinstance(lg, TensorBoardLogger) and metrics:
+            from lightning.pytorch.core.saving import save_hparams_to_yaml
+
+            lg.log_hyperparams(flatten(config), metrics=metrics, step=int(results.get("global_step", 0)))
+            lg.finalize("success")  # the test already closed the writer; close the one this reopened
+            # hparams.yaml is written once by Lightning: an extended run's holds its latest config.
+            save_hparams_to_yaml(os.path.join(lg.log_dir, lg.NAME_HPARAMS_FILE), lg.hparams)
+        elif isinstance(lg, WandbLogger):
+            lg.experiment.summary.update(metrics)
 
 
 @contextlib.contextmanager
@@ -316,7 +359,7 @@ def run(cfg: DictConfig) -> dict:
     from distillkit.callbacks.nonfinite import NonFiniteGuard, NonFiniteStop
     from distillkit.callbacks.progress import PlainProgress, use_rich
     from distillkit.models.loading import build_model, build_teacher
-    from distillkit.runs import check_run_dir, write_results, write_run_config
+    from distillkit.runs import check_run_dir, finished_run, merge_earlier_results, write_results, write_run_config
 
     keys = missing_values(cfg)
     if keys:
@@ -331,6 +374,12 @@ def run(cfg: DictConfig) -> dict:
     rank = rank_zero_only.rank
     config = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
     assert isinstance(config, dict)
+    # The same command again after the run finished: say so and touch nothing (no re-test).
+    finished = None if config["resume"] == "never" else finished_run(run_dir, config, resume_safe_keys())
+    if finished is not None:
+        if rank == 0:
+            print(finished[0], flush=True)
+        return finished[1]
 
     # Build everything that can fail on bad input before touching the run dir.
     L.seed_everything(cfg.seed, workers=True, verbose=False)
@@ -395,8 +444,9 @@ def run(cfg: DictConfig) -> dict:
         callbacks.append(evaluation)
     ckpt, write_config = check_run_dir(run_dir, config, config["resume"], resume_safe_keys())
     accelerator = str(cfg.trainer.accelerator)
-    trainer = build_trainer(cfg, run_dir, accelerator, callbacks, build_loggers(cfg, run_dir), progress_bar=rich,
-                            manual=bool(roles))
+    loggers = build_loggers(cfg, run_dir)
+    trainer = build_trainer(cfg, run_dir, accelerator, callbacks, loggers, progress_bar=rich, manual=bool(roles))
+    log_hyperparameters(loggers, config)
     if write_config and rank == 0:
         write_run_config(run_dir, config)
     if ckpt is not None:
@@ -410,12 +460,13 @@ def run(cfg: DictConfig) -> dict:
         session_s = time.time() - t0
         saved = last_ckpt._last_saved_step if last_ckpt.path.is_file() else None
         if trainer.is_global_zero:
-            write_results(run_dir, {
+            stopped = {
                 **{k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")},
                 "stopped": "non-finite", "nonfinite": {"step": e.step, "term": e.term, "skipped": guard.skipped},
                 "global_step": int(trainer.global_step), "last_ckpt_step": saved,
                 "wall_s": round(last_ckpt.earlier_sessions_s + session_s, 3), "session_wall_s": round(session_s, 3),
-                "run_dir": str(run_dir), "resumed_from": str(ckpt) if ckpt else None})
+                "run_dir": str(run_dir), "resumed_from": str(ckpt) if ckpt else None}
+            write_results(run_dir, merge_earlier_results(run_dir, stopped) if ckpt is not None else stopped)
         kept = (f"{last_ckpt.path.name} holds step {saved}, the last finite checkpoint." if saved is not None
                 else "No checkpoint was written before it.")
         skip = ", or skip such updates with callbacks.nonfinite=skip" if guard.mode == "stop" else ""
@@ -440,14 +491,20 @@ def run(cfg: DictConfig) -> dict:
                     "wall_s": round(last_ckpt.earlier_sessions_s + session_s, 3),
                     "session_wall_s": round(session_s, 3), "run_dir": str(run_dir),
                     "resumed_from": str(ckpt) if ckpt else None})
+    if ckpt is not None:  # keep the earlier sessions' results (a val/loss this one did not measure)
+        results = merge_earlier_results(run_dir, results)
     if trainer.is_global_zero:
         from safetensors.torch import save_file
 
         net = method.eval_network()
         save_file({k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()},
                   str(run_dir / "student.safetensors"))
+        mask = os.umask(0)  # safetensors writes 0600: give it the mode of the user's umask (0644)
+        os.umask(mask)
+        os.chmod(run_dir / "student.safetensors", 0o666 & ~mask)
         write_results(run_dir, results)
         log.info("results: %s", json.dumps({k: v for k, v in results.items() if "/" in k}))
+        log_final_metrics(loggers, config, results)
     return results
 
 

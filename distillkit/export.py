@@ -12,8 +12,11 @@ The folder holds ``model_index.json``, ``unet/`` (``config.json`` +
 num_train_timesteps, beta_schedule, beta_start / beta_end, rescale_betas_zero_snr; the network's
 prediction type in diffusers' names, eps -> epsilon, v -> v_prediction, x0 -> sample;
 ``timestep_spacing`` = the run's schedule.spacing; ``set_alpha_to_one=True``, our clean end
-t = -1; ``clip_sample=False`` and no thresholding, as our sampler) and ``distillkit.json``
-(where it came from).
+t = -1; ``clip_sample=False`` and no thresholding, as our sampler), ``distillkit.json``
+(where it came from) and ``README.md``, a Hugging Face model card (:func:`model_card`: the method
+and its paper, the teacher, the steps and guidance to sample with, a diffusers snippet filled in
+with them, the run's FID when its results.json holds one). Every file and folder gets the mode
+of the user's umask (0644 / 0755 under 022; :func:`apply_umask`).
 
 Text-to-image runs (``model=sd15`` / ``sdxl``) are written as a ``StableDiffusionPipeline`` /
 ``StableDiffusionXLPipeline`` folder: the student's UNet, the VAE, text encoders and tokenizers of its
@@ -239,7 +242,8 @@ def export_pipeline(method, out: str | Path, use_ema: bool = True, source: str =
         raise DistillError(f"out={out}: exists and is not a folder")
     if net.condition == "text":
         what = export_text_to_image(method, net, out, lora)
-        write_provenance(method, net, out, use_ema, source, what)
+        write_model_card(method, out, write_provenance(method, net, out, use_ema, source, what), source)
+        apply_umask(out)
         return out
     unet = getattr(net, "unet", None)
     if not isinstance(unet, UNet2DModel):
@@ -251,11 +255,12 @@ def export_pipeline(method, out: str | Path, use_ema: bool = True, source: str =
         # DDIMPipeline turns any scheduler into a DDIMScheduler; the folder keeps the LCMScheduler
         pipe.register_modules(scheduler=sampling_scheduler(method))
     pipe.save_pretrained(str(out), safe_serialization=True)
-    write_provenance(method, net, out, use_ema, source, "DDIMPipeline")
+    write_model_card(method, out, write_provenance(method, net, out, use_ema, source, "DDIMPipeline"), source)
+    apply_umask(out)
     return out
 
 
-def write_provenance(method, net, out: Path, use_ema: bool, source: str, what: str) -> None:
+def write_provenance(method, net, out: Path, use_ema: bool, source: str, what: str) -> dict:
     """``distillkit.json``: where the export ``net`` came from and how distillkit samples it."""
     info = {"checkpoint": source, "method": method.method_name, "exported": what,
             "use_ema": bool(use_ema and method.ema is not None), "prediction_type": method.prediction_type,
@@ -264,6 +269,9 @@ def write_provenance(method, net, out: Path, use_ema: bool, source: str, what: s
             "guidance": float(((method.run_config or {}).get("eval") or {}).get("guidance") or 1.0)}
     if net.condition == "class":
         info.update({"num_classes": net.num_classes, "null_class": net.num_classes})
+    if net.condition == "text":  # the pipeline that loads it (a LoRA: the base pipeline it is added to)
+        xl = getattr(net, "variant", "sd15") == "sdxl"
+        info["pipeline"] = "StableDiffusionXLPipeline" if xl else "StableDiffusionPipeline"
     if getattr(net, "lora", None):
         info["lora"] = net.lora
     if is_consistency(method):  # LCMScheduler over the run's discretisation
@@ -276,6 +284,206 @@ def write_provenance(method, net, out: Path, use_ema: bool, source: str, what: s
         info.update({"scheduler": "LCMScheduler", "timesteps": ts, "num_inference_steps": len(ts),
                      "timestep_spacing": "trailing"})
     (out / "distillkit.json").write_text(json.dumps(info, indent=2) + "\n")
+    return info
+
+
+# --------------------------------------------------------------------------- the model card
+# The paper of each method, for the model card.
+PAPERS = {
+    "diffusion": ('Ho et al., "Denoising Diffusion Probabilistic Models", NeurIPS 2020 '
+                  "([arXiv:2006.11239](https://arxiv.org/abs/2006.11239)); sampled with DDIM (Song et al., "
+                  '"Denoising Diffusion Implicit Models", ICLR 2021, [arXiv:2010.02502](https://arxiv.org/abs/2010.02502))'),
+    "progressive": ('Salimans & Ho, "Progressive Distillation for Fast Sampling of Diffusion Models", ICLR 2022 '
+                    "([arXiv:2202.00512](https://arxiv.org/abs/2202.00512))"),
+    "dsd": '"Self-distillation for diffusion models" (direct self-distillation)',
+    "tsd": '"Self-distillation for diffusion models" (its teacher-student baseline)',
+    "consistency": ('Song et al., "Consistency Models", ICML 2023 '
+                    "([arXiv:2303.01469](https://arxiv.org/abs/2303.01469))"),
+    "lcm": ('Luo et al., "Latent Consistency Models", 2023 ([arXiv:2310.04378](https://arxiv.org/abs/2310.04378)); '
+            'LoRA: "LCM-LoRA", [arXiv:2311.05556](https://arxiv.org/abs/2311.05556)'),
+    "dmd": ('Yin et al., "One-step Diffusion with Distribution Matching Distillation", CVPR 2024 '
+            "([arXiv:2311.18828](https://arxiv.org/abs/2311.18828))"),
+    "dmd2": ('Yin et al., "Improved Distribution Matching Distillation for Fast Image Synthesis", NeurIPS 2024 '
+             "([arXiv:2405.14867](https://arxiv.org/abs/2405.14867))"),
+}
+
+
+def teacher_description(config: dict) -> str:
+    """The run's teacher, as its config names it: a checkpoint, a pretrained folder, itself, or none."""
+    teacher = config.get("teacher") or {}
+    if teacher.get("self_distill"):
+        return "the network itself (`teacher=self`: self-distillation)"
+    if not teacher.get("_target_"):
+        return "none (trained from data)"
+    if teacher.get("checkpoint"):
+        return f"`{teacher['checkpoint']}`"
+    if teacher.get("pretrained"):
+        return f"the pretrained model `{teacher['pretrained']}`"
+    return f"`{teacher['_target_']}`"
+
+
+def measured_fid(source: str) -> Optional[dict]:
+    """The run's results.json next to ``source`` when it holds ``fid/<k>step`` keys (and ``source``
+    is the run's last.ckpt, whose network they measured), else None."""
+    path = Path(source).expanduser()
+    if not source or path.name != "last.ckpt":
+        return None
+    try:
+        results = json.loads((path.parent / "results.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(results, dict) or not any(str(k).startswith("fid/") for k in results):
+        return None
+    return results
+
+
+def usage_snippet(info: dict, out: str, pretrained: Optional[str]) -> str:
+    """Python that samples the export at ``out`` with the run's steps and guidance."""
+    out = json.dumps(out)  # a quoted Python string literal
+    steps, guidance, ts = int(info["num_inference_steps"]), float(info.get("guidance") or 1.0), info.get("timesteps")
+    lcm = info.get("scheduler") == "LCMScheduler"
+    sched = "LCMScheduler" if lcm else "DDIMScheduler"
+    kw = f"num_inference_steps={steps}" + (f", timesteps={ts}" if ts else "")
+    exported = info["exported"]
+    if info.get("condition") == "text":
+        cls = info.get("pipeline") or ("StableDiffusionXLPipeline" if "XL" in exported else "StableDiffusionPipeline")
+        if exported.startswith("LoRA"):
+            load = (f"pipe = {cls}.from_pretrained({json.dumps(str(pretrained))}, torch_dtype=dtype).to(device)\n"
+                    f"pipe.load_lora_weights({out})\n"
+                    f"pipe.scheduler = {sched}.from_pretrained({out}, subfolder=\"scheduler\")\n")
+            imports = f"from diffusers import {sched}, {cls}\n"
+        else:
+            load = f"pipe = {cls}.from_pretrained({out}, torch_dtype=dtype).to(device)\n"
+            imports = f"from diffusers import {cls}\n"
+        return ("import torch\n" + imports + "\n"
+                "device = \"cuda\" if torch.cuda.is_available() else \"cpu\"\n"
+                "dtype = torch.float16 if device == \"cuda\" else torch.float32\n" + load +
+                f"image = pipe(\"a photo of a cat\", {kw}, guidance_scale={guidance:g},\n"
+                "             generator=torch.Generator().manual_seed(0)).images[0]\n"
+                "image.save(\"sample.png\")\n")
+    if not lcm and info.get("condition") != "class":
+        return ("import torch\nfrom diffusers import DDIMPipeline\n\n"
+                f"pipe = DDIMPipeline.from_pretrained({out})\n"
+                f"images = pipe(batch_size=16, num_inference_steps={steps}, eta={float(info.get('eta') or 0.0):g},\n"
+                "              generator=torch.Generator().manual_seed(0)).images\n"
+                "images[0].save(\"sample.png\")\n")
+    # No diffusers pipeline samples this folder as the run does (a class-conditional UNet2DModel, or
+    # the LCMScheduler, which DDIMPipeline would turn into a DDIMScheduler): the loop over both.
+    cond = info.get("condition") == "class"
+    step_kw = "generator=generator" if lcm else f"eta={float(info.get('eta') or 0.0):g}"
+    lines = ["import torch", f"from diffusers import {sched}, UNet2DModel", "",
+             f"unet = UNet2DModel.from_pretrained({out}, subfolder=\"unet\").eval()",
+             f"scheduler = {sched}.from_pretrained({out}, subfolder=\"scheduler\")",
+             f"scheduler.set_timesteps({f'timesteps={ts}' if ts else f'num_inference_steps={steps}'})",
+             "generator = torch.Generator().manual_seed(0)",
+             "size = unet.config.sample_size",
+             "size = (size, size) if isinstance(size, int) else tuple(size)",
+             "x = torch.randn((16, unet.config.in_channels, *size), generator=generator)"]
+    if cond:
+        lines.append("labels = torch.full((16,), 3)  # the class to draw")
+    lines += ["with torch.no_grad():", "    for t in scheduler.timesteps:"]
+    if cond:
+        lines.append("        out = unet(x, t, class_labels=labels).sample")
+        if guidance != 1.0:
+            null = int(info.get("null_class", 0))
+            lines += [f"        null = torch.full_like(labels, {null})  # classifier-free guidance",
+                      "        uncond = unet(x, t, class_labels=null).sample",
+                      f"        out = uncond + {guidance:g} * (out - uncond)"]
+    else:
+        lines.append("        out = unet(x, t).sample")
+    lines += [f"        x = scheduler.step(out, t, x, {step_kw}).prev_sample",
+              "images = (x / 2 + 0.5).clamp(0, 1)  # N x C x H x W in [0, 1]"]
+    return "\n".join(lines) + "\n"
+
+
+def model_card(method, out: Path, info: dict, source: str) -> str:
+    """The export's README.md: a Hugging Face model card (YAML front matter) saying what the model
+    is, its teacher and method, the steps and guidance to sample with, the code, and its FID."""
+    config = getattr(method, "run_config", None) or {}
+    name = method.method_name
+    text = info.get("condition") == "text"
+    lora = str(info["exported"]).startswith("LoRA")
+    pretrained = (config.get("model") or {}).get("pretrained") or getattr(method.student, "pretrained", None)
+    steps, guidance = int(info["num_inference_steps"]), float(info.get("guidance") or 1.0)
+    task = "text-to-image" if text else "unconditional-image-generation"
+    tags = ["diffusers", "distillkit", *(["distillation"] if name != "diffusion" else []), name, task,
+            *(["lora"] if lora else [])]
+    front = ["---", "library_name: diffusers", f"pipeline_tag: {task}", "tags:", *[f"- {t}" for t in tags], "---", ""]
+    run = f"{config.get('experiment_name', 'run')}/{config.get('name', '')}".rstrip("/")
+    ts = info.get("timesteps")
+    if ts:
+        sampler = f"LCMScheduler at the timesteps the generator was trained at, `timesteps={ts}`"
+    elif info.get("scheduler") == "LCMScheduler":
+        sampler = "LCMScheduler (multistep consistency sampling)"
+    else:
+        eta = float(info.get("eta") or 0.0)
+        sampler = f"DDIMScheduler ({info.get('timestep_spacing', 'trailing')} spacing, eta={eta:g})"
+    conditional = info.get("condition") in ("text", "class")
+    guided = f"guidance scale {guidance:g}" if conditional else "no guidance (unconditional)"
+    weights = "EMA" if info.get("use_ema") else "raw"
+    kind = "distilled" if name != "diffusion" else "trained"
+    body = [f"# {run}", "",
+            f"A {steps}-step diffusion model {kind} with distillkit's `method={name}`: "
+            f"{PAPERS.get(name, name)}.", "",
+            f"- **Method**: `method={name}`",
+            f"- **Teacher**: {teacher_description(config)}",
+            *([f"- **Base model**: `{pretrained}`"] if pretrained else []),
+            f"- **Exported**: {info['exported']}, {weights} weights, from `{source or 'a run'}`",
+            f"- **Sample with**: {steps} step{'s' if steps != 1 else ''}, {guided}; {sampler}",
+            f"- **Prediction type**: {info.get('prediction_type')}",
+            "", "## Usage", "",
+            f"diffusers' default is 50 steps: pass `num_inference_steps={steps}`"
+            + (f" and `timesteps={ts}`" if ts else "") + (f" with `guidance_scale={guidance:g}`" if text else "")
+            + ".", "",
+            "```python", usage_snippet(info, str(out), pretrained).rstrip("\n"), "```", ""]
+    if info.get("condition") == "class":
+        body += [f"Class-conditional: diffusers has no pipeline for a class-conditional `UNet2DModel`; "
+                 f"the class {info.get('num_classes')} (`null_class`) is the unconditional one. "
+                 f"`distill-sample checkpoint={source or '...'} class=3` draws them too.", ""]
+    if info.get("guidance_embedding_dim") and not text:
+        body += ["This network takes the guidance scale in an embedding that diffusers' `UNet2DModel` does "
+                 f"not read: sample it with `distill-sample checkpoint={source or '...'}`.", ""]
+    body += ["## Evaluation", ""]
+    results = measured_fid(source)
+    if results is None:
+        body.append("No FID was measured for this run (its results.json holds no `fid/<k>step`); "
+                    "`distill ... eval=digits` / `eval=coco` measures it during training.")
+    else:
+        net = results.get("feature_net", "")
+        body += [f"Measured by the run (results.json, step {results.get('global_step')}"
+                 + (f", features: {net}" if net else "") + "):", "",
+                 "| sampling steps | FID | IS |", "|---|---|---|"]
+        fids = sorted(((int(k[4:-4]), v) for k, v in results.items()
+                       if k.startswith("fid/") and k.endswith("step") and k[4:-4].isdigit()), key=lambda kv: kv[0])
+        for k, v in fids:
+            is_ = results.get(f"is/{k}step")
+            fid = f"{v:.3f}" if isinstance(v, (int, float)) else str(v)
+            body.append(f"| {k} | {fid} | {f'{is_:.3f}' if isinstance(is_, (int, float)) else ''} |")
+    body += ["", "## Files", "",
+             "`distillkit.json` records where this export came from and how distillkit samples it "
+             "(steps, timesteps, guidance, spacing); diffusers does not read it.", ""]
+    return "\n".join(front + body)
+
+
+def write_model_card(method, out: Path, info: dict, source: str) -> None:
+    (out / "README.md").write_text(model_card(method, out, info, source))
+
+
+def apply_umask(out: Path) -> None:
+    """Give every file and folder under ``out`` the mode the user's umask gives new ones (0644 and
+    0755 under umask 022): diffusers and safetensors write through temporary files, which are 0600."""
+    import os
+
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(out, 0o777 & ~mask)
+    for root, dirs, files in os.walk(out):
+        for d in dirs:
+            os.chmod(os.path.join(root, d), 0o777 & ~mask)
+        for f in files:
+            path = os.path.join(root, f)
+            if not os.path.islink(path):
+                os.chmod(path, 0o666 & ~mask)
 
 
 def run(argv: Sequence[str]) -> Path:
@@ -290,8 +498,12 @@ def run(argv: Sequence[str]) -> Path:
     info = json.loads((out / "distillkit.json").read_text())
     sampler = f"; LCMScheduler, timesteps={info['timesteps']}" if "timesteps" in info else (
         f"; LCMScheduler, {info['num_inference_steps']} steps" if info.get("scheduler") == "LCMScheduler" else "")
+    steps = int(info["num_inference_steps"])
+    conditional = info.get("condition") in ("text", "class")
+    guidance = f", guidance_scale={float(info.get('guidance') or 1.0):g}" if conditional else ""
     print(f"{PROG}: wrote {out} ({info['exported']}, {'EMA' if args.use_ema and method.ema is not None else 'raw'} "
-          f"weights{sampler})")
+          f"weights{sampler}); sample with {steps} step{'s' if steps != 1 else ''} "
+          f"(num_inference_steps={steps}{guidance}; model card: {out / 'README.md'})")
     return out
 
 

@@ -165,3 +165,77 @@ def write_results(run_dir: Path, results: dict) -> None:
     """``results.json``: strict JSON, a non-finite number (a NaN validation loss) written as null."""
     text = json.dumps(json_safe(results), indent=2, sort_keys=True, allow_nan=False)
     atomic_write_text(run_dir / "results.json", text + "\n")
+
+
+# Keys of results.json that describe one session's ending, not a result: not carried into the next.
+SESSION_KEYS = ("stopped", "nonfinite", "last_ckpt_step")
+
+
+def read_results(run_dir: Path) -> Optional[dict]:
+    """``results.json`` as a dict, or None where there is none (or it is not a JSON object)."""
+    try:
+        results = json.loads((run_dir / "results.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return results if isinstance(results, dict) else None
+
+
+def merge_earlier_results(run_dir: Path, results: dict) -> dict:
+    """A resumed run's results: the earlier sessions' results.json (e.g. a ``val/loss`` or an FID
+    this session did not measure again) updated with this session's, so that no result is lost."""
+    earlier = read_results(run_dir) or {}
+    return {**{k: v for k, v in earlier.items() if k not in SESSION_KEYS}, **results}
+
+
+def _checkpoint_state(ckpt: Path) -> Optional[tuple[int, dict]]:
+    """The global step of ``ckpt`` and the trainer settings it was written under (memory-mapped:
+    the weights are not read)."""
+    import torch
+
+    try:
+        state = torch.load(ckpt, map_location="cpu", mmap=True, weights_only=True)
+        trainer = ((state.get("distillkit") or {}).get("config") or {}).get("trainer") or {}
+        return int(state["global_step"]), trainer
+    except Exception:  # not ours, or not readable: the resume path reports it
+        return None
+
+
+def finished_run(run_dir: Path, config: dict, resume_safe_keys: Iterable[str]) -> Optional[tuple[str, dict]]:
+    """Whether ``run_dir`` holds this config's run, finished: its results.json belongs to its
+    last.ckpt (same step, not a stopped session), its config.yaml equals ``config`` but for the
+    keys that may change on resume, and training would stop at once: ``trainer.max_steps`` is
+    reached, or the checkpoint was trained to the same ``max_steps`` / ``max_epochs`` (a larger
+    one extends the run). Returns the message to print and the results, or None. Reads only."""
+    results = read_results(run_dir)
+    cfg_file = run_dir / CONFIG_FILE
+    if results is None or any(k in results for k in SESSION_KEYS) or not cfg_file.is_file():
+        return None
+    try:
+        old = yaml.safe_load(cfg_file.read_text()) or {}
+    except yaml.YAMLError:
+        return None
+    if config_diff(old, config, ignore=list(resume_safe_keys) + ["name"]):
+        return None
+    step = results.get("global_step")
+    if not isinstance(step, int):
+        return None
+    t = config.get("trainer") or {}
+    max_steps, max_epochs = t.get("max_steps"), t.get("max_epochs")
+    same_limits = False
+    ckpt = run_dir / LAST_CKPT
+    if ckpt.is_file():
+        state = _checkpoint_state(ckpt)
+        if state is None or state[0] != step:
+            return None
+        same_limits = (state[1].get("max_steps"), state[1].get("max_epochs")) == (max_steps, max_epochs)
+    steps_reached = isinstance(max_steps, int) and max_steps >= 0 and step >= max_steps
+    if not (steps_reached or same_limits):
+        return None
+    shown = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                      for k, v in sorted(results.items()) if "/" in k and isinstance(v, (int, float)))
+    message = (f"distill: run {run_dir} is finished (step {step}; trainer.max_steps={max_steps}, "
+               f"trainer.max_epochs={max_epochs}); nothing was changed.\n"
+               f"  results: {run_dir / 'results.json'}" + (f"\n  {shown}" if shown else "") + "\n"
+               f"  To train it further, raise trainer.max_steps (or trainer.max_epochs); to start afresh, "
+               f"pass another name=...")
+    return message, results

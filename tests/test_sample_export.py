@@ -144,3 +144,81 @@ def test_commands_exit_2_without_traceback(tmp_path, module):
     r = run_cmd(module, f"checkpoint={bad}", f"out={tmp_path / 'e.npz'}", *extra)
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
     assert "not a distillkit run checkpoint" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+# --------------------------------------------------------------------------- exports describe themselves
+def _card_code(readme: str) -> str:
+    import re
+
+    return re.search(r"```python\n(.*?)```", readme, re.S).group(1)
+
+
+def test_export_writes_a_model_card_prints_its_steps_and_follows_the_umask(ckpt, tmp_path, monkeypatch):
+    """README.md is a Hugging Face model card (front matter, method, teacher, steps, guidance, a snippet
+    that runs), the command prints the step count, and every file is written with the user's umask."""
+    out = tmp_path / "export"
+    old = os.umask(0o022)
+    try:
+        r = run_cmd("distillkit.export", f"checkpoint={ckpt}", f"out={out}")
+    finally:
+        os.umask(old)
+    assert r.returncode == 0, r.stderr
+    assert "sample with 64 steps" in r.stdout and "num_inference_steps=64" in r.stdout, r.stdout
+    for p in [out, *out.rglob("*")]:
+        mode = p.stat().st_mode & 0o777
+        assert mode == (0o755 if p.is_dir() else 0o644), f"{p}: {oct(mode)}"
+    readme = (out / "README.md").read_text()
+    assert readme.startswith("---\nlibrary_name: diffusers\n") and "\ntags:\n- diffusers\n" in readme
+    assert "method=diffusion" in readme and "Teacher**: none" in readme
+    assert "**Sample with**: 64 steps, no guidance (unconditional); DDIMScheduler (trailing spacing, eta=0)" in readme
+    assert "No FID was measured" in readme
+    code = _card_code(readme)
+    assert "DDIMPipeline.from_pretrained" in code and "num_inference_steps=64" in code
+    monkeypatch.chdir(tmp_path)  # the snippet saves sample.png
+    ns: dict = {}
+    exec(code, ns)
+    assert len(ns["images"]) == 16 and (tmp_path / "sample.png").is_file()
+
+
+def test_model_card_reports_the_runs_fid(ckpt, tmp_path):
+    """With fid/<k>step in the run's results.json (next to last.ckpt), the card gives them per step count."""
+    import shutil
+
+    from distillkit.export import export_pipeline
+    from distillkit.models.loading import load_run_checkpoint
+
+    run = tmp_path / "run"
+    run.mkdir()
+    shutil.copy(ckpt, run / "last.ckpt")
+    (run / "results.json").write_text(json.dumps({"fid/1step": 123.4567, "fid/4step": 45.678, "is/4step": 2.5,
+                                                  "feature_net": "digits:abc", "global_step": 6}))
+    method = load_run_checkpoint(run / "last.ckpt")
+    old = os.umask(0o027)
+    try:
+        out = export_pipeline(method, tmp_path / "export", source=str(run / "last.ckpt"))
+    finally:
+        os.umask(old)
+    readme = (out / "README.md").read_text()
+    assert "No FID" not in readme and "features: digits:abc" in readme
+    assert "| 1 | 123.457 |" in readme and "| 4 | 45.678 | 2.500 |" in readme
+    assert (out / "unet" / "diffusion_pytorch_model.safetensors").stat().st_mode & 0o777 == 0o640
+
+
+def test_export_files_written_private_get_the_umasks_mode(tmp_path):
+    """safetensors and diffusers write through temporary files (mode 0600): the export opens them to
+    what the umask gives, 0644 / 0755 under umask 022."""
+    from distillkit.export import apply_umask
+
+    out = tmp_path / "export"
+    (out / "unet").mkdir(parents=True)
+    weights = out / "unet" / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(b"x")
+    weights.chmod(0o600)
+    (out / "unet").chmod(0o700)
+    old = os.umask(0o022)
+    try:
+        apply_umask(out)
+    finally:
+        os.umask(old)
+    assert weights.stat().st_mode & 0o777 == 0o644
+    assert (out / "unet").stat().st_mode & 0o777 == 0o755 and out.stat().st_mode & 0o777 == 0o755
