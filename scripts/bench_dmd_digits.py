@@ -152,8 +152,12 @@ def main(argv: Optional[list[str]] = None) -> dict:
 
 
 def save_bench(out: Path, name: str, command: str, rows: list[dict], summarise, verdict) -> dict:
-    """Write the benchmark JSON (rows, summary, verdict) after every run: an interrupted benchmark keeps its rows."""
-    bench = {"name": name, "machine": machine(), "date": dt.date.today().isoformat(), "command": command,
+    """Write the benchmark JSON (rows, summary, verdict; the commands and dates of every sitting) after every
+    run: an interrupted benchmark keeps its rows."""
+    import readme_tables
+
+    old = json.loads(out.read_text()) if out.is_file() else {}
+    bench = {"name": name, "machine": machine(), **readme_tables.merge_provenance(old, command, dt.date.today().isoformat()),
              "rows": rows, "summary": summarise(rows)}
     bench["verdict"] = verdict(bench["summary"])
     out.parent.mkdir(parents=True, exist_ok=True)
