@@ -542,6 +542,7 @@ class Curriculum(str, Enum):
 
 class ConsistencyDistance(str, Enum):
     huber = "huber"  # pseudo-Huber sqrt(||a - b||^2 + c^2) - c (iCT)
+    huber_elementwise = "huber_elementwise"  # per element, averaged (diffusers' LCM scripts, c = 0.001)
     l2 = "l2"  # mean squared error (LCM's l2)
 
 
@@ -564,7 +565,7 @@ class ConsistencyConfig(MethodConfig):
     # the target network theta^- <- mu theta^- + (1 - mu) theta (LCM 0.95; iCT 0: the online network)
     target_decay: float = bounded(0.95, at_least=0, at_most=1)
     distance: ConsistencyDistance = ConsistencyDistance.huber
-    # the pseudo-Huber c (None: iCT's 0.00054 sqrt(d))
+    # the pseudo-Huber c (None: iCT's 0.00054 sqrt(d) for huber, 0.001 for huber_elementwise)
     huber_c: Optional[float] = bounded(None, above=0)
     # LCM's boundary condition c_skip = 0.25 / ((s t)^2 + 0.25) on VP schedules (diffusers' LCMScheduler: 10)
     timestep_scaling: float = bounded(10.0, above=0)

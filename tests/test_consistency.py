@@ -65,6 +65,9 @@ def test_pseudo_huber_is_icts_and_l2_is_the_mse():
     assert torch.allclose(consistency_distance(a, b, "huber"), want)
     assert torch.allclose(consistency_distance(a, b, "huber", 0.5), ((a - b).reshape(3, -1).pow(2).sum(1) + 0.25).sqrt() - 0.5)
     assert torch.allclose(consistency_distance(a, b, "l2"), (a - b).reshape(3, -1).pow(2).mean(1))
+    # diffusers' LCM scripts: elementwise, averaged, c = 0.001
+    want = (((a - b) ** 2 + 1e-6).sqrt() - 1e-3).reshape(3, -1).mean(1)
+    assert torch.allclose(consistency_distance(a, b, "huber_elementwise"), want)
     assert torch.equal(consistency_distance(a, a, "huber"), torch.zeros(3))
 
 

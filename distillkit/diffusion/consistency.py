@@ -30,7 +30,8 @@ t_min = t_0 < t_1 < ... < t_N with a skip of k points: for n ~ U{0, ..., N - k},
 with f_target an EMA of f_online (methods/consistency.py). Distances d: ``l2`` the mean squared
 error (LCM's ``loss_type=l2``), ``huber`` the pseudo-Huber sqrt(||a - b||^2 + c^2) - c over each
 sample (Song & Dhariwal 2023, "Improved Techniques for Training Consistency Models", Sec. 3.3,
-c = 0.00054 sqrt(d) for d data dimensions). The discretisation N may follow iCT's curriculum
+c = 0.00054 sqrt(d) for d data dimensions), ``huber_elementwise`` the same per element, averaged
+(diffusers' LCM training scripts, c = 0.001). The discretisation N may follow iCT's curriculum
 N(u) = min(s0 2^floor(u / K'), s1) + 1, K' = floor(K / (log2 floor(s1 / s0) + 1)) (iCT, eq. 5).
 
 Sampling (CM, Algorithm 1): from pure noise at the first of the chosen times, predict x_0 with f,
@@ -47,7 +48,7 @@ import torch
 from distillkit.diffusion.schedules import expand_like
 
 BOUNDARIES = ("discrete", "sigma")
-DISTANCES = ("huber", "l2")
+DISTANCES = ("huber", "huber_elementwise", "l2")
 ICT_HUBER_C = 0.00054  # iCT's c = 0.00054 sqrt(d)
 
 
@@ -85,10 +86,14 @@ def huber_c_for(dims: int, huber_c: Optional[float] = None) -> float:
 def consistency_distance(a: torch.Tensor, b: torch.Tensor, distance: str = "huber",
                          huber_c: Optional[float] = None) -> torch.Tensor:
     """Per-sample d(a, b): ``huber`` sqrt(||a - b||^2 + c^2) - c (iCT; c from :func:`huber_c_for`),
-    ``l2`` mean((a - b)^2) over the sample's dimensions (LCM's l2)."""
+    ``huber_elementwise`` mean(sqrt((a - b)^2 + c^2) - c) over the sample's dimensions (diffusers' LCM
+    scripts, c = ``huber_c``, 0.001 there), ``l2`` mean((a - b)^2) over them (LCM's l2)."""
     diff = (a.float() - b.float()).reshape(a.shape[0], -1)
     if distance == "l2":
         return (diff ** 2).mean(1)
+    if distance == "huber_elementwise":
+        c = 0.001 if huber_c is None else float(huber_c)
+        return ((diff ** 2 + c ** 2).sqrt() - c).mean(1)
     if distance == "huber":
         c = huber_c_for(diff.shape[1], huber_c)
         return ((diff ** 2).sum(1) + c ** 2).sqrt() - c
