@@ -95,6 +95,9 @@ def test_bad_teacher_checkpoint_leaves_run_dir_untouched(cli, runs_dir, tmp_path
     run = runs_dir / "digits_kd" / "kd"
     before = _snapshot(run)
     assert {"config.yaml", "last.ckpt", "results.json", "metrics.csv"} <= set(before)
+    # extend the run, so that it loads its teacher again (rerun unchanged, a finished run is left
+    # alone before anything is loaded: tests/test_rerun.py)
+    args.append("trainer.max_steps=8")
     if problem == "missing":
         teacher.unlink()
         needles = ["teacher.checkpoint", "no such file"]
