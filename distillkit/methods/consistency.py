@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from distillkit.diffusion import ddim_step_between, edm_precond, heun_step, multistep_sample, to_x0
+from distillkit.diffusion import ddim_step_between, edm_precond, expand_like, heun_step, multistep_sample, to_x0
 from distillkit.diffusion.consistency import (DISTANCES, apply_boundary, cm_boundary, consistency_distance,
                                               consistency_sample_edm, ict_discretisation, karras_ascending,
                                               lcm_boundary, lcm_timesteps)
@@ -149,7 +149,7 @@ class ConsistencyDistillation(DiffusionMethod):
         if self.is_edm:
             sd, smin = self.schedule.sigma_data, self.schedule.sigma_min
             _, _, c_in, c_noise = edm_precond(t.to(x.dtype), sd)
-            F_x = net.guided(c_in.reshape(-1, *[1] * (x.ndim - 1)) * x, c_noise, cond, guidance)
+            F_x = net.guided(expand_like(c_in, x) * x, c_noise, cond, guidance)
             return apply_boundary(x, F_x.float(), *cm_boundary(t, smin, sd))
         out = net.guided(x, t, cond, guidance)
         x0 = to_x0(out.float(), self.prediction_type, x, self.schedule.alpha(t, like=x), self.schedule.sigma(t, like=x))
@@ -177,8 +177,7 @@ class ConsistencyDistillation(DiffusionMethod):
         w = self.draw_w(B, g)
         teacher_guidance = self.teacher_guidance if w is None else 1 + w
         eps = self.randn(x0.shape, g)
-        x_t = x0.float() + t.to(x0.dtype).reshape(-1, *[1] * (x0.ndim - 1)) * eps if self.is_edm \
-            else self.schedule.add_noise(x0.float(), eps, t)
+        x_t = self.schedule.add_noise(x0.float(), eps, t)  # x0 + sigma eps on EDM schedules
         online = self.consistency(self.train_student, x_t, t, cond, self.student_guidance(w))
         x_s = self.teacher_step(x_t, t, s, cond, teacher_guidance)
         target_net = self.target_network()
