@@ -790,8 +790,9 @@ class Config:
     eval: Any = MISSING
     seed: int = 0
     # Run dir: <runs_dir>/<experiment_name>/<name>. `name` defaults to the command-line
-    # overrides (minus those that may change on resume), so the same command line always
-    # lands in the same run dir and resumes there.
+    # overrides (minus those that may change on resume or set a key to its value anyway, a path
+    # as <file stem>-<hash>: compose.run_name_for), so the same command line always lands in the
+    # same run dir and resumes there.
     name: str = MISSING
     experiment_name: str = "default"
     runs_dir: str = "runs"

@@ -1,7 +1,9 @@
 """Run directories: one per (experiment, name), stable for the same command line.
 
 A run dir holds ``config.yaml`` (the resolved config of the run that created it, written
-once), ``last.ckpt``, ``metrics.csv``, ``results.json`` and the exported student weights.
+once), ``last.ckpt``, ``metrics.csv``, ``results.json``, the exported student weights and
+``commands.log`` (one entry per session: when, how it started, the command line, and where the
+config changed, the ``config.<n>.yaml`` that holds that session's config).
 Starting the same command again resumes from ``last.ckpt``. If the config differs (other
 than in keys that may change on resume, such as ``trainer.max_steps`` or the loggers) and the
 run dir holds a checkpoint or results, the run refuses to start and says how to start fresh or
@@ -39,6 +41,25 @@ def run_name(override_dirname: str) -> str:
         digest = hashlib.sha1(override_dirname.encode()).hexdigest()[:10]
         name = f"{name[: MAX_NAME_LEN - 11]}-{digest}"
     return name or "default"
+
+
+NAME_HASH_LEN = 6
+
+
+def is_path_value(value: Any) -> bool:
+    """Whether an override's value is a path, to be shortened in the run name: it holds a '/' or
+    names an existing file."""
+    return isinstance(value, str) and ("/" in value or os.path.isfile(value))
+
+
+def short_path(value: str) -> str:
+    """A path as a run name shows it: the file's stem (a folder's name) and a short hash of the
+    whole value. The path itself made names unreadable and ran into MAX_NAME_LEN; the hash keeps
+    two files of the same name (every run's ``last.ckpt``) apart."""
+    p = Path(value.rstrip("/") or value)
+    base = p.name if p.is_dir() or not p.suffix else p.stem
+    digest = hashlib.sha1(value.encode()).hexdigest()[:NAME_HASH_LEN]
+    return f"{base or 'path'}-{digest}"
 
 
 def flatten(d: Any, prefix: str = "") -> dict[str, Any]:
@@ -136,18 +157,129 @@ def check_readable(ckpt: Path) -> None:
         ) from None
 
 
-def write_run_config(run_dir: Path, config: dict) -> None:
+def next_config_file(run_dir: Path) -> Path:
+    """``config.<n>.yaml`` with the first free n: every config a run dir held besides config.yaml,
+    numbered in the order they were written (commands.log says which session each belongs to)."""
+    n = 1
+    while (run_dir / f"config.{n}.yaml").exists():
+        n += 1
+    return run_dir / f"config.{n}.yaml"
+
+
+def write_run_config(run_dir: Path, config: dict) -> Optional[Path]:
     """Write ``config.yaml`` (rank 0 only). Never deletes a previous run's files: an earlier
-    config is kept as ``config.<n>.yaml``."""
+    config is kept as ``config.<n>.yaml``, which is returned."""
     cfg_file = run_dir / CONFIG_FILE
     run_dir.mkdir(parents=True, exist_ok=True)
+    kept = None
     if cfg_file.is_file():
-        n = 1
-        while (run_dir / f"config.{n}.yaml").exists():
-            n += 1
-        os.replace(cfg_file, run_dir / f"config.{n}.yaml")
-        log.info("run dir %s: its earlier config is kept as config.%d.yaml", run_dir, n)
+        kept = next_config_file(run_dir)
+        os.replace(cfg_file, kept)
+        log.info("run dir %s: its earlier config is kept as %s", run_dir, kept.name)
     atomic_write_text(cfg_file, yaml.safe_dump(config, sort_keys=False))
+    return kept
+
+
+COMMANDS_LOG = "commands.log"
+MAX_LOGGED_CHANGES = 50
+
+
+def checkpoint_step_and_config(ckpt: Path) -> Optional[tuple[int, dict]]:
+    """The global step of ``ckpt`` and the resolved config it was trained under (memory-mapped:
+    the weights are not read); None for a checkpoint that is not a distillkit run's."""
+    import torch
+
+    try:
+        state = torch.load(ckpt, map_location="cpu", mmap=True, weights_only=True)
+        return int(state["global_step"]), dict((state.get("distillkit") or {}).get("config") or {})
+    except Exception:  # not ours, or not readable: the resume path reports it
+        return None
+
+
+def start_session(run_dir: Path, config: dict, ckpt: Optional[Path], write_config: bool, command: str) -> str:
+    """Rank 0, right before training: write ``config.yaml`` where :func:`check_run_dir` says so;
+    where ``config`` differs from the one ``last.ckpt`` was trained under (a larger
+    ``trainer.max_steps``, ``resume=force``), keep it as this session's config file, so that the
+    config of the latest checkpoint is always on disk; and append this session's entry to
+    ``commands.log``. Returns the session's status: ``fresh``, ``resumed from step N`` (the last
+    session stopped early) or ``extended from step N`` (it had finished)."""
+    kept = write_run_config(run_dir, config) if write_config else None
+    notes = [f"the earlier config.yaml is kept as {kept.name}"] if kept is not None else []
+    if ckpt is None:
+        status = "fresh"
+    else:
+        step, before = checkpoint_step_and_config(ckpt) or (None, None)
+        results = read_results(run_dir)
+        finished = (results is not None and step is not None and results.get("global_step") == step
+                    and not any(k in results for k in SESSION_KEYS))
+        status = f"{'extended' if finished else 'resumed'} from step {step}"
+        changed = config_diff(before, config, ignore=["name"]) if before else []
+        if changed:
+            own = CONFIG_FILE if write_config else _write_session_config(run_dir, config)
+            shown = changed[:MAX_LOGGED_CHANGES] + (["..."] if len(changed) > MAX_LOGGED_CHANGES else [])
+            notes.append(f"{own}: this session's config; changed since step {step}:")
+            notes.extend(f"  {line}" for line in shown)
+    append_command_log(run_dir, status, command, notes)
+    return status
+
+
+def _write_session_config(run_dir: Path, config: dict) -> str:
+    path = next_config_file(run_dir)
+    atomic_write_text(path, yaml.safe_dump(config, sort_keys=False))
+    return path.name
+
+
+def append_command_log(run_dir: Path, status: str, command: str, notes: Iterable[str] = ()) -> None:
+    """One entry per session in ``commands.log``: the UTC time, how it started and the command line,
+    then indented notes. Appended in one write and synced, so that a crash never loses or cuts the
+    earlier entries."""
+    import datetime as dt
+
+    when = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    text = f"{when} {status}: {command}\n" + "".join(f"  {n}\n" for n in notes)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(run_dir / COMMANDS_LOG, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+    try:
+        os.write(fd, text.encode())
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def is_new_run_dir(run_dir: Path) -> bool:
+    """At a session's start: whether the run dir is this session's own, just made by Hydra (it
+    holds nothing but Hydra's empty job log)."""
+    try:
+        entries = list(run_dir.iterdir())
+    except FileNotFoundError:
+        return True
+    return all(e.is_file() and e.suffix == ".log" and e.stat().st_size == 0 for e in entries)
+
+
+def remove_untrained_run_dir(run_dir: Path, user_error: bool) -> bool:
+    """After a session that made ``run_dir`` (:func:`is_new_run_dir`) failed before training:
+    remove it, and its experiment's dir where that is left empty, so that a mistyped command
+    leaves no run dir behind (nor a stale config.yaml). After a user error (DistillError, found
+    before training or at its first step) every file there is this session's set-up; after any
+    other failure only Hydra's job logs may be there. Anything training wrote keeps it."""
+    import shutil
+
+    if not run_dir.is_dir():
+        return False
+    entries = list(run_dir.iterdir())
+    trained = holds_training_output(run_dir) or any((run_dir / f).exists() for f in ("eval.jsonl", "samples"))
+    metrics = run_dir / "metrics.csv"
+    if metrics.is_file():
+        with open(metrics) as f:
+            trained = trained or sum(1 for _ in f) > 1  # rows beyond the header
+    if trained or not (user_error or all(e.is_file() and e.suffix == ".log" for e in entries)):
+        return False
+    shutil.rmtree(run_dir, ignore_errors=True)
+    try:
+        run_dir.parent.rmdir()  # only when empty: another run or a sweep's multirun.yaml keeps it
+    except OSError:
+        pass
+    return not run_dir.exists()
 
 
 def json_safe(obj: Any) -> Any:
@@ -190,14 +322,8 @@ def merge_earlier_results(run_dir: Path, results: dict) -> dict:
 def _checkpoint_state(ckpt: Path) -> Optional[tuple[int, dict]]:
     """The global step of ``ckpt`` and the trainer settings it was written under (memory-mapped:
     the weights are not read)."""
-    import torch
-
-    try:
-        state = torch.load(ckpt, map_location="cpu", mmap=True, weights_only=True)
-        trainer = ((state.get("distillkit") or {}).get("config") or {}).get("trainer") or {}
-        return int(state["global_step"]), trainer
-    except Exception:  # not ours, or not readable: the resume path reports it
-        return None
+    state = checkpoint_step_and_config(ckpt)
+    return None if state is None else (state[0], state[1].get("trainer") or {})
 
 
 def finished_run(run_dir: Path, config: dict, resume_safe_keys: Iterable[str]) -> Optional[tuple[str, dict]]:

@@ -107,14 +107,14 @@ class Runner:
 
     def _plan(self, overrides: list[str]) -> tuple[Path, tuple[str, int]]:
         """(run dir, (results key, value) that a finished run has) for these overrides."""
-        from distillkit.runs import run_name
+        from distillkit.compose import run_name_for
 
         with self._init(config_dir=self._conf_dir, version_base="1.3", job_name="distill"):
             cfg = self._compose("config", overrides=overrides, return_hydra_config=True)
-        excluded = set(cfg.hydra.job.config.override_dirname.exclude_keys)
-        explicit = [o.split("=", 1)[1].strip("'\"") for o in overrides if o.startswith("name=")]
-        name = explicit[0] if explicit else run_name(",".join(sorted(
-            o for o in overrides if o.split("=", 1)[0].lstrip("+~") not in excluded)))
+            explicit = [o.split("=", 1)[1].strip("'\"") for o in overrides if o.startswith("name=")]
+            # the CLI's own naming (the name resolver of conf/config.yaml), from the config just composed
+            name = explicit[0] if explicit else run_name_for(
+                overrides, list(cfg.hydra.job.config.override_dirname.exclude_keys), cfg)
         done = ("global_step", int(cfg.trainer.max_steps)) if int(cfg.trainer.max_steps) > 0 \
             else ("epoch", int(cfg.trainer.max_epochs))
         return self.runs_dir / cfg.experiment_name / name, done

@@ -12,6 +12,7 @@ weight files for ``*.checkpoint`` keys and, like last.ckpt, run checkpoints for
 """
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -25,31 +26,47 @@ from distillkit.errors import DistillError, root_cause
 STUDENT_PREFIX = "student."
 EMA_PREFIX = "ema.module."  # torch.optim.swa_utils.AveragedModel keeps the copy as .module
 NETWORK_WEIGHTS = "network"  # ["distillkit"]["weights"] of a file holding one network's own keys
+ROLES = {"model": "student", "teacher": "teacher"}  # what a *.checkpoint key's network is called in the log
+
+log = logging.getLogger("distillkit")
 
 
 def read_state_dict(path: str | Path, key: str = "teacher.checkpoint") -> dict[str, torch.Tensor]:
     """The network weights in ``path``, whatever the supported format; errors name ``key``."""
+    return read_weights(path, key)[0]
+
+
+def read_weights(path: str | Path, key: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """:func:`read_state_dict`, and what the file says of the weights, for the log line that tells
+    a user which weights a run starts from: the update count of the run that wrote them
+    (``step``), and whether they are that run's EMA (``ema``)."""
     p = Path(path).expanduser()
     if not p.is_file():
         raise DistillError(
             f"{key}={path}: no such file. Point {key} at a weights file: a distillkit "
-            f"last.ckpt, a .pt/.pth state dict or a .safetensors file.{_written_by(p)}"
+            f"last.ckpt, a .pt/.pth state dict or a .safetensors file.{_written_by(p, key)}"
         )
     try:
         if p.suffix == ".safetensors":
             from safetensors.torch import load_file
 
-            return dict(load_file(str(p)))
+            return dict(load_file(str(p))), {}
         obj = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as e:  # corrupt, truncated or not a weights file at all
         raise DistillError(
             f"{key}={path}: cannot read weights from this file ({type(e).__name__}: "
             f"{str(e).splitlines()[0][:200]}). Is it complete, and a checkpoint or state dict?"
         ) from None
-    return _unwrap(obj, key, path)
+    info: dict[str, Any] = {}
+    if isinstance(obj, Mapping):
+        if isinstance(obj.get("global_step"), int):
+            info["step"] = obj["global_step"]
+        if "distillkit" in obj and isinstance(obj.get("state_dict"), Mapping) and not _holds_network(obj):
+            info["ema"] = any(k.startswith(EMA_PREFIX) for k in obj["state_dict"])
+    return _unwrap(obj, key, path), info
 
 
-def _written_by(path: Path) -> str:
+def _written_by(path: Path, key: str) -> str:
     """The command that writes a missing ``<runs_dir>/<experiment>/<name>/last.ckpt``, as a hint:
     the experiments' teacher paths point at other experiments' runs (digits_kd at digits_teacher's),
     which a new user may not have trained yet."""
@@ -59,7 +76,41 @@ def _written_by(path: Path) -> str:
     if path.name != "last.ckpt" or not (Path(CONF_DIR) / "experiment" / f"{experiment}.yaml").is_file():
         return ""
     run = "" if name == "default" else f" (the run named {name!r})"
-    return f" It is written by `distill experiment={experiment}`{run}: train that first."
+    hint = f" It is written by `distill experiment={experiment}`{run}: train that first."
+    found = same_run_elsewhere(path)
+    if found:
+        hint += f" A run of it is in {_shown(found.parent.parent.parent)}: to use that one, add {key}={_shown(found)}"
+    return hint
+
+
+def same_run_elsewhere(path: Path) -> Path | None:
+    """``<runs_dir>/<experiment>/<name>/last.ckpt`` under another runs dir near the working dir or
+    ``runs_dir`` (``runs/demo``, where `make demo` trains the teacher the experiments point at;
+    ``runs_bench``): the newest one. Bounded, so that an error stays instant: only dirs named
+    ``runs*`` there, ``runs_dir`` itself, and two levels below each."""
+    runs_dir = path.parent.parent.parent
+    tail = Path(path.parent.parent.name, path.parent.name, path.name)
+    roots: list[Path] = []
+    for near in (Path.cwd(), runs_dir.parent):
+        try:
+            roots += sorted(d for d in near.glob("runs*") if d.is_dir())
+        except OSError:
+            continue
+    if runs_dir.is_dir():
+        roots.append(runs_dir)
+    missing = path.absolute()
+    found = {c.absolute() for root in dict.fromkeys(roots) for depth in ("", "*", "*/*")
+             for c in root.glob(str(Path(depth) / tail)) if c.is_file()}
+    found.discard(missing)
+    return max(found, key=lambda c: c.stat().st_mtime) if found else None
+
+
+def _shown(p: Path) -> str:
+    """``p`` relative to the working dir where it is under it (as the user would type it)."""
+    try:
+        return str(p.relative_to(Path.cwd()))
+    except ValueError:
+        return str(p)
 
 
 def _unwrap(obj: Any, key: str, path: Any) -> dict[str, torch.Tensor]:
@@ -84,7 +135,8 @@ def _unwrap(obj: Any, key: str, path: Any) -> dict[str, torch.Tensor]:
 
 
 def load_weights(net: nn.Module, path: str | Path, key: str) -> None:
-    sd = matching_keys(net, read_state_dict(path, key))
+    raw, info = read_weights(path, key)
+    sd = matching_keys(net, raw)
     own = net.state_dict()
     missing = [k for k in own if k not in sd]
     unexpected = [k for k in sd if k not in own]
@@ -98,6 +150,14 @@ def load_weights(net: nn.Module, path: str | Path, key: str) -> None:
             f"Check that the architecture option and its settings match the file."
         )
     net.load_state_dict(sd, strict=True)
+    from lightning.pytorch.utilities.rank_zero import rank_zero_only
+
+    if rank_zero_only.rank == 0:  # a run that starts from another's weights says which (once under DDP)
+        role = ROLES.get(key.split(".")[0], key.split(".")[0])
+        said = ([f"step {info['step']}"] if "step" in info else []) + (
+            ["its EMA weights" if info["ema"] else "raw weights: that run kept no EMA"] if "ema" in info else [])
+        log.info("%s: loaded %d tensors into the %s (%s) from %s%s", key, len(sd), role, type(net).__name__,
+                 Path(path).expanduser().resolve(), f" ({', '.join(said)})" if said else "")
 
 
 def build_model(cfg: DictConfig | Mapping, key: str = "model") -> nn.Module:
@@ -178,7 +238,7 @@ def load_run_checkpoint(path: str | Path, key: str = "checkpoint"):
     p = Path(path).expanduser()
     if not p.is_file():
         raise DistillError(f"{key}={path}: no such file; point {key} at a distillkit run's last.ckpt "
-                           f"(or a round_<r>.ckpt / level_<r>.ckpt of step distillation).{_written_by(p)}")
+                           f"(or a round_<r>.ckpt / level_<r>.ckpt of step distillation).{_written_by(p, key)}")
     try:
         ckpt = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as e:
