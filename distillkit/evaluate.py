@@ -140,7 +140,7 @@ def load_datamodule(dataset: str, overrides: list[str]) -> Any:
             if "Could not find 'dataset/" in str(e):
                 options = sorted(p.stem for p in (Path(CONF_DIR) / "dataset").glob("*.yaml"))
                 raise DistillError(f"dataset={dataset}: allowed values are {', '.join(options)}") from None
-            raise DistillError(explain_compose_error(e).replace("\n", " ")) from None
+            raise DistillError(explain_compose_error(e, [f"dataset={dataset}", *overrides]).replace("\n", " ")) from None
     try:
         dm = instantiate(cfg.dataset, _convert_="all")
         dm.prepare_data()

@@ -35,7 +35,7 @@ echo "2. submitit: SIGUSR2 after step 200"
 "$BIN/distill" -m hydra/launcher=submitit_slurm hydra.launcher.partition="$PARTITION" hydra.launcher.timeout_min=30 \
     hydra.launcher.cpus_per_task=1 "${ARGS[@]}" runs_dir="$OUT/submitit" > "$OUT/submitit.log" 2>&1 &
 sweep=$!
-wait_for "$OUT/submitit/digits_diffusion_teacher/*/cli.log" " step 200 " 300
+wait_for "$OUT/submitit/digits_diffusion_teacher/*/cli.log" " step 200[/ ]" 300
 job=$(basename "$(ls -d "$OUT"/submitit/digits_diffusion_teacher/.submitit/*/ | head -1)")
 scancel --signal=USR2 "$job"
 wait "$sweep"
@@ -50,7 +50,7 @@ cat > "$OUT/job.sh" <<EOF
 srun "$BIN/distill" ${ARGS[*]} runs_dir="$OUT/sbatch"
 EOF
 job=$(sbatch --parsable --partition="$PARTITION" "$OUT/job.sh")
-wait_for "$OUT/sbatch/digits_diffusion_teacher/*/cli.log" " step 200 " 300
+wait_for "$OUT/sbatch/digits_diffusion_teacher/*/cli.log" " step 200[/ ]" 300
 scancel --signal=USR1 "$job"
 wait_for "$OUT/sbatch/digits_diffusion_teacher/*/cli.log" "results:" 600
 
@@ -61,7 +61,7 @@ DDP=(trainer.devices=2 trainer.strategy=ddp trainer.accelerator=cpu trainer.max_
     hydra.launcher.cpus_per_task=1 hydra.launcher.tasks_per_node=2 "${ARGS[@]}" "${DDP[@]}" runs_dir="$OUT/ddp" \
     > "$OUT/ddp.log" 2>&1 &
 sweep=$!
-wait_for "$OUT/ddp/digits_diffusion_teacher/*/cli.log" " step 200 " 300
+wait_for "$OUT/ddp/digits_diffusion_teacher/*/cli.log" " step 200[/ ]" 300
 job=$(basename "$(ls -d "$OUT"/ddp/digits_diffusion_teacher/.submitit/*/ | head -1)")
 scancel --signal=USR2 "$job"
 wait "$sweep"

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU check of the paper-setting experiments: each runs a few hundred updates on
 # stand-in data of the real shapes (scripts/fake_paper_data.py), and the plain progress lines
-# ("step N ... (elapsed s)") give the seconds per update; nvidia-smi logs the memory;
+# ("step N/T (epoch E), ..." and their time stamps) give the seconds per update; nvidia-smi logs the memory;
 # scripts/gpu_check_summary.py writes both to OUT/summary.json. First, since they are shorter and a
 # lease may end before the rest, tests/test_host_reads.py runs on the GPU (OUT/host_reads.log) and
 # scripts/probe_unet_compile.py times the CIFAR-10 UNet's update (OUT/probe_unet_compile.json).
@@ -26,7 +26,7 @@ W="callbacks.progress=plain runs_dir=$R name=check trainer.test_after_fit=false 
 run() {  # log name, then the command's arguments
   local n=$1; shift
   timeout "$STAGE_S" $PY "$@" > "$OUT/$n.log" 2>&1; echo "== $n: exit $?"
-  grep -E "step [0-9]+ |(round|level) [0-9]+ of|results:|Error| passed| failed|\"variant\"" "$OUT/$n.log" | tail -12
+  grep -E "step [0-9]+[/ ]|(round|level) [0-9]+ of|results:|Error| passed| failed|\"variant\"" "$OUT/$n.log" | tail -12
 }
 # training updates free of host reads and synchronising CUDA calls (set_sync_debug_mode), on the GPU;
 # its 10 CLI runs in parallel where pytest-xdist is there (the device image has it)

@@ -1,9 +1,9 @@
 """Summarise a GPU check (scripts/gpu_check_paper_settings.sh) into benchmarks/<name>.json.
 
 Per run log: seconds per update, the median over the intervals between consecutive progress
-lines ("epoch E step S ... (elapsed s)") that no round or level change falls in (the median keeps
-the stand-in data's short epochs, each ending with a last.ckpt, from weighing in), the number of
-validations in the log (a run that validated between most updates has no rate worth reading); and,
+lines ("step S/T (epoch E), ..." at the log's time stamps; older logs' "epoch E step S ... (elapsed
+s)") that no round or level change falls in (the median keeps the stand-in data's short epochs,
+each ending with a last.ckpt, from weighing in), the number of validations in the log (a run that validated between most updates has no rate worth reading); and,
 from nvidia-smi's log, the peak memory while the run trained and the mean utilisation from its first
 progress line on.
 
@@ -25,8 +25,9 @@ import readme_tables
 
 NAME = "gpu_check_paper_settings"
 LINE = re.compile(r"^\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3})\]\[distillkit\]\[INFO\] - (.*)$")
-PROGRESS = re.compile(r"^epoch \d+ step (\d+) .*\(([\d.]+)s\)$")
-VALIDATION = re.compile(r"^epoch \d+ step \d+ val/")
+PROGRESS = re.compile(r"^step (\d+)(?:/\d+)? \(epoch \d+\)(?!, val/)")  # distillkit.callbacks.progress
+VALIDATION = re.compile(r"^step \d+(?:/\d+)? \(epoch \d+\), val/|^epoch \d+ step \d+ val/")
+OLD_PROGRESS = re.compile(r"^epoch \d+ step (\d+) .*\(([\d.]+)s\)$")  # logs before the rate and time left
 CHANGE = re.compile(r"^method=\w+: (round|level) \d+ of \d+")
 
 
@@ -48,9 +49,10 @@ def parse_log(path: Path) -> dict:
             changes += 1
             continue
         validations += bool(VALIDATION.match(msg))
-        p = PROGRESS.match(msg)
-        if p:
-            points.append((int(p.group(1)), float(p.group(2)), changes))
+        p, old = PROGRESS.match(msg), OLD_PROGRESS.match(msg)
+        if p or old:
+            points.append((int(p.group(1)), when.timestamp(), changes) if p
+                          else (int(old.group(1)), float(old.group(2)), changes))
             t_steady, t_last = t_steady or when, when
     rates = [(t1 - t0) / (s1 - s0) for (s0, t0, c0), (s1, t1, c1) in zip(points, points[1:])
              if c0 == c1 and s1 > s0]

@@ -160,7 +160,21 @@ def test_other_benchmarks_get_a_generic_or_registered_table():
         readme_tables.FORMATTERS.pop("some_new_bench")
 
 
-def test_gpu_check_summary_rates_skip_round_changes_and_memory_follows_the_window(tmp_path):
+# the progress lines of distillkit.callbacks.progress, and those of logs written before it said the
+# total, rate and time left (the benchmarks' logs)
+PROGRESS_LINES = {
+    "current": ["training from step 0 to 40 (max_steps=40, max_epochs=-1)",
+                "step 10/40 (epoch 0), 10.0 it/s, 3s left, loss=0.5", "step 20/40 (epoch 0), 10.0 it/s, 2s left, loss=0.5",
+                "step 30/40 (epoch 0), 3.8 it/s, 3s left, loss=0.5", "step 30/40 (epoch 0), val/loss=1.0",
+                "step 40/40 (epoch 0), 4.4 it/s, 0s left, loss=0.5"],
+    "old": ["training from step 0 (max_steps=40, max_epochs=-1)", "epoch 0 step 10 loss=0.5 (1.0s)",
+            "epoch 0 step 20 loss=0.5 (2.0s)", "epoch 0 step 30 loss=0.5 (8.0s)", "epoch 0 step 30 val/loss=1.0",
+            "epoch 0 step 40 loss=0.5 (9.0s)"],
+}
+
+
+@pytest.mark.parametrize("lines", PROGRESS_LINES.values(), ids=PROGRESS_LINES.keys())
+def test_gpu_check_summary_rates_skip_round_changes_and_memory_follows_the_window(tmp_path, lines):
     import gpu_check_summary as g
 
     def line(sec: float, msg: str) -> str:
@@ -168,13 +182,13 @@ def test_gpu_check_summary_rates_skip_round_changes_and_memory_follows_the_windo
 
     log = tmp_path / "run.log"
     log.write_text("\n".join([
-        line(1.0, "training from step 0 (max_steps=40, max_epochs=-1)"),
-        line(2.0, "epoch 0 step 10 loss=0.5 (1.0s)"),
-        line(3.0, "epoch 0 step 20 loss=0.5 (2.0s)"),     # 0.1 s per update
+        line(1.0, lines[0]),
+        line(2.0, lines[1]),
+        line(3.0, lines[2]),     # 0.1 s per update
         line(3.5, "method=progressive: round 2 of 2, teacher steps 2 -> student steps 1 (update 20)"),
-        line(9.0, "epoch 0 step 30 loss=0.5 (8.0s)"),     # spans the round change: left out
-        line(9.1, "epoch 0 step 30 val/loss=1.0"),
-        line(10.0, "epoch 0 step 40 loss=0.5 (9.0s)"),    # 0.1 s per update
+        line(9.0, lines[3]),     # spans the round change: left out
+        line(9.1, lines[4]),
+        line(10.0, lines[5]),    # 0.1 s per update
         line(11.0, "results: {}"),
     ]) + "\n")
     csv = tmp_path / "gpu.csv"

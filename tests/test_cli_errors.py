@@ -71,9 +71,36 @@ def test_every_bounded_field_keeps_its_bounds_in_subclasses():
                 assert not lost, f"{schema.__name__} drops the bounds of {lost} declared in {base.__name__}"
 
 
+@pytest.mark.parametrize("args, line", [
+    # a misspelt group option: the closest, then the group's options
+    (["method=kdd"], "unknown option method=kdd. Did you mean method=kd? Options of method: consistency, diffusion, dkd,"),
+    (["dataset=digit"], "unknown option dataset=digit. Did you mean dataset=digits? Options of dataset: cifar10,"),
+    (["experiment=digits_kdd"], "Did you mean experiment=digits_kd?"),
+    (["model=zzz"], "unknown option model=zzz. Options of model: cnn_digits, mlp2d,"),  # nothing close: the list
+    # a key at the wrong depth: the key that exists, in the group the user was in first
+    (["optim.lr=0.1"], "unknown key 'optim.lr'. Did you mean 'optim.optimizer.lr'? Keys allowed in optim: optimizer,"),
+    (["lr=0.1"], "Did you mean 'optim.optimizer.lr' or 'critic_optim.lr'?"),
+    (["optim.name=cosine"], "Did you mean 'optim.scheduler.name'?"),
+    (["scheduler.name=cosine"], "unknown key 'scheduler'. Did you mean 'optim.scheduler.name'?"),
+    (["ema.decay=0.9"], "Did you mean 'callbacks.ema.decay'?"),
+    (["optim.lrr=0.1"], "Did you mean 'optim.optimizer.lr'?"),  # misspelt and at the wrong depth
+    (["method=kd", "temperature=2"], "Did you mean 'method.temperature'?"),  # the keys of the chosen option
+    # a value given to a node of keys
+    (["optim.scheduler=cosine"], "optim.scheduler=cosine: optim.scheduler holds keys (name, milestones"),
+    (["callbacks.ema=true"], "e.g. callbacks.ema.enabled=true"),
+])
+def test_typos_are_answered_with_what_exists(cli, runs_dir, args, line):
+    r = cli(*args, f"runs_dir={runs_dir}", *SMOKE)
+    _clean_error(r, line)
+    assert r.returncode == 2
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr  # one line: the key and what to use
+
+
 def test_hydra_full_error_shows_traceback(cli, runs_dir):
     r = cli("method=kdd", f"runs_dir={runs_dir}", env={"HYDRA_FULL_ERROR": "1"})
     assert r.returncode != 0 and "Traceback" in r.output
+    r = cli("optim.lr=0.1", f"runs_dir={runs_dir}", env={"HYDRA_FULL_ERROR": "1"})
+    assert r.returncode != 0 and "Traceback" in r.output and "optim.optimizer.lr" in r.output
 
 
 def test_wrong_data_dir_names_the_key(cli, runs_dir, tmp_path):
