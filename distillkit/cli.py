@@ -96,7 +96,7 @@ def prevalidate(overrides: list[str], jobs: Optional[list[list[str]]] = None) ->
             try:
                 cfg = compose(config_name="config", overrides=job)
             except Exception as e:  # Hydra/OmegaConf composition errors
-                fail(where + explain_compose_error(e))
+                fail(where + explain_compose_error(e, job))
             keys = missing_values(cfg)
             if keys:
                 fail(where + explain_missing(keys))
@@ -339,6 +339,23 @@ def multi_role_settings(cfg: DictConfig) -> dict:
     return {"critic_optim_cfg": critic, "grad_clip": {"generator": clip, "critic": critic_clip}}
 
 
+def session_command() -> str:
+    """The command line as typed, for commands.log; a sweep's job adds its own overrides (a job
+    started by a cluster launcher has the launcher's argv)."""
+    import shlex
+
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    prog = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "distill"
+    prog = "python -m distillkit.cli" if prog in ("cli.py", "__main__.py") else prog
+    command = " ".join([prog, *(shlex.quote(a) for a in sys.argv[1:])])
+    hc = HydraConfig.get()
+    if hc.mode == RunMode.MULTIRUN:
+        command += f"  # sweep job {hc.job.num}: {shlex.join(hc.overrides.task)}"
+    return command
+
+
 def resume_safe_keys() -> list[str]:
     from hydra.core.hydra_config import HydraConfig
 
@@ -352,14 +369,13 @@ def run(cfg: DictConfig) -> dict:
     import torch
     from hydra.core.hydra_config import HydraConfig
     from hydra.utils import instantiate
-    from lightning.pytorch.callbacks import RichProgressBar
     from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
     from distillkit.callbacks.checkpoint import LastCheckpoint
     from distillkit.callbacks.nonfinite import NonFiniteGuard, NonFiniteStop
-    from distillkit.callbacks.progress import PlainProgress, use_rich
+    from distillkit.callbacks.progress import PlainProgress, StepProgressBar, use_rich
     from distillkit.models.loading import build_model, build_teacher
-    from distillkit.runs import check_run_dir, finished_run, merge_earlier_results, write_results, write_run_config
+    from distillkit.runs import check_run_dir, finished_run, merge_earlier_results, start_session, write_results
 
     keys = missing_values(cfg)
     if keys:
@@ -437,7 +453,7 @@ def run(cfg: DictConfig) -> dict:
     progress = config["callbacks"]["progress"]  # plain strings: enums resolved by to_container
     rich = use_rich(progress)
     if rich:
-        callbacks.append(RichProgressBar())
+        callbacks.append(StepProgressBar())
     elif progress != "none":
         callbacks.append(PlainProgress(cfg.trainer.log_every_n_steps))
     if evaluation is not None:
@@ -446,9 +462,12 @@ def run(cfg: DictConfig) -> dict:
     accelerator = str(cfg.trainer.accelerator)
     loggers = build_loggers(cfg, run_dir)
     trainer = build_trainer(cfg, run_dir, accelerator, callbacks, loggers, progress_bar=rich, manual=bool(roles))
+    for lg in loggers:  # metrics.csv rows at the update count of the progress log, with the wall time
+        if callable(getattr(lg, "follow", None)):
+            lg.follow(trainer, wall_s=lambda: last_ckpt.wall_s)
     log_hyperparameters(loggers, config)
-    if write_config and rank == 0:
-        write_run_config(run_dir, config)
+    if rank == 0:  # config.yaml where needed, this session's config where it changed, commands.log
+        start_session(run_dir, config, ckpt, write_config, session_command())
     if ckpt is not None:
         log.info("resuming from %s", ckpt)
     # Per-rank streams for what happens during training (noise, dropout, augmentation).
@@ -531,20 +550,30 @@ def _hydra_main(cfg: DictConfig) -> Optional[float]:
     import lightning  # noqa: F401  (installs its own log handlers, which we remove)
 
     _configure_logging()
-    from distillkit.callbacks.nonfinite import EXIT_NONFINITE, NonFiniteStop
+    from hydra.core.hydra_config import HydraConfig
+    from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
+    from distillkit.callbacks.nonfinite import EXIT_NONFINITE, NonFiniteStop
+    from distillkit.runs import is_new_run_dir, remove_untrained_run_dir
+
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    new = is_new_run_dir(run_dir) and rank_zero_only.rank == 0
     try:
         run(cfg)
     except DistillError as e:
+        if new:  # a run that fails before training leaves no run dir behind
+            remove_untrained_run_dir(run_dir, user_error=True)
         fail(str(e))
     except NonFiniteStop as e:
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
-        from lightning.pytorch.utilities.rank_zero import rank_zero_only
-
         if rank_zero_only.rank == 0:  # one message, not one per DDP rank
             print(f"distill: error: {e}", file=sys.stderr)
         sys.exit(EXIT_NONFINITE)
+    except (Exception, KeyboardInterrupt):
+        if new:  # a crash before this session wrote anything but Hydra's log
+            remove_untrained_run_dir(run_dir, user_error=False)
+        raise
     return None
 
 
@@ -562,6 +591,10 @@ def main() -> None:
         if jobs:
             prevalidate([], jobs)
     _hydra_main()
+    if flags and set(flags) <= {"-m", "--multirun"}:  # every job has finished: the sweep's table
+        from distillkit.report import print_sweep_summary
+
+        print_sweep_summary([a for a in args if not a.startswith("-")])
 
 
 if __name__ == "__main__":

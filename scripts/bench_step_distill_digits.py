@@ -377,7 +377,7 @@ def welch_p(a: dict, b: dict) -> Optional[float]:
                                       equal_var=False).pvalue)
 
 
-# --------------------------------------------------------------------------- the plot (PIL, no matplotlib)
+# --------------------------------------------------------------------------- the plot
 COLORS = {"progressive": (31, 119, 180), "progressive_annealed": (23, 190, 207),
           "progressive_annealed_8k": (0, 0, 128), "progressive_annealed_long": (0, 0, 0),
           "progressive_annealed_last_heavy": (227, 119, 194), "progressive_1008": (100, 160, 230),
@@ -387,68 +387,16 @@ COLORS = {"progressive": (31, 119, 180), "progressive_annealed": (23, 190, 207),
           "teacher": (90, 90, 90)}
 
 
-def log_ticks(l0: float, l1: float) -> list[float]:
-    """1, 2 and 5 times the powers of ten between 10**l0 and 10**l1."""
-    return [m * 10 ** e for e in range(math.floor(l0), math.ceil(l1) + 1) for m in (1, 2, 5)
-            if l0 - 1e-9 <= math.log10(m * 10 ** e) <= l1 + 1e-9]
-
-
 def plot_fid_vs_nfe(rows: list[dict], path: Path, steps: int = 4) -> Optional[Path]:
     """FID at ``steps`` sampling steps of every checkpoint against the cumulative network
-    evaluations spent up to it (log x, log y: a collapsed run sits orders of magnitude above the
-    rest), one line per method (mean over seeds); the teacher's
-    ``steps``-step FID as a dashed line at the left. PNG written with PIL."""
-    from PIL import Image, ImageDraw
+    evaluations spent up to it (log x, log y), one line per method (mean over seeds), the teacher's
+    ``steps``-step FID dashed: drawn by ``distillkit.report.plot_fid_vs_nfe`` (matplotlib), the
+    drawing of distill-report's curves, in this benchmark's colours."""
+    from distillkit.report import plot_fid_vs_nfe as draw
 
-    pts: dict[str, dict[float, list[float]]] = {}
-    for r in rows:
-        if r.get("steps") != steps or r.get("curve") or r.get("method") in ("floor", "teacher"):
-            continue
-        if r.get("nfe") and r.get("fid") is not None:
-            pts.setdefault(r["method"], {}).setdefault(float(r["nfe"]), []).append(float(r["fid"]))
-    if not pts:
-        return None
-    lines = {m: sorted((x, statistics.fmean(v)) for x, v in d.items()) for m, d in pts.items()}
-    teacher = [float(r["fid"]) for r in rows if r.get("method") == "teacher" and r.get("steps") == steps]
-    xs = [x for ln in lines.values() for x, _ in ln]
-    ys = [y for ln in lines.values() for _, y in ln] + teacher
-    lx0, lx1 = math.log10(min(xs)), math.log10(max(xs))
-    if lx1 - lx0 < 1e-6:
-        lx0, lx1 = lx0 - 0.5, lx1 + 0.5
-    ly0, ly1 = math.log10(min(ys) / 1.15), math.log10(max(ys) * 1.15)
-    W, H, L, R, T, B = 700, 420, 60, 210, 30, 45
-    img = Image.new("RGB", (W, H), "white")
-    d = ImageDraw.Draw(img)
-    px = lambda x: L + (math.log10(x) - lx0) / (lx1 - lx0) * (W - L - R)  # noqa: E731
-    py = lambda y: H - B - (math.log10(y) - ly0) / (ly1 - ly0) * (H - T - B)  # noqa: E731
-    d.rectangle([L, T, W - R, H - B], outline="black")
-    for v in log_ticks(lx0, lx1):
-        d.line([px(v), H - B, px(v), H - B + 4], fill="black")
-        d.text((px(v) - 12, H - B + 6), f"{v:g}", fill="black")
-    for v in log_ticks(ly0, ly1):
-        d.line([L - 4, py(v), L, py(v)], fill="black")
-        d.text((5, py(v) - 6), f"{v:g}", fill="black")
-    d.text((L + 80, H - 18), "cumulative network evaluations (log)", fill="black")
-    d.text((L, 8), f"digits-FID (log) at {steps} steps vs training nfe", fill="black")
-    if teacher:
-        ty = py(statistics.fmean(teacher))
-        for x in range(L, W - R, 10):
-            d.line([x, ty, x + 5, ty], fill=COLORS["teacher"])
-    for m, ln in lines.items():
-        c = COLORS.get(m, (0, 0, 0))
-        p = [(px(x), py(y)) for x, y in ln]
-        if len(p) > 1:
-            d.line(p, fill=c, width=2)
-        for x, y in p:
-            d.ellipse([x - 3, y - 3, x + 3, y + 3], fill=c)
-    legend = [*lines] + (["teacher (DDIM, dashed)"] if teacher else [])
-    for i, m in enumerate(legend):
-        c = COLORS.get(m.split()[0], (0, 0, 0))
-        d.rectangle([W - R + 10, T + 10 + 16 * i, W - R + 20, T + 20 + 16 * i], fill=c)
-        d.text((W - R + 25, T + 8 + 16 * i), m, fill="black")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    img.save(path)
-    return path
+    colors = {m: tuple(c / 255 for c in rgb) for m, rgb in COLORS.items()}
+    return draw(rows, path, steps=steps, colors=colors, reference="teacher", reference_label="teacher (DDIM, dashed)",
+                feature_net="digits")
 
 
 # --------------------------------------------------------------------------- from scratch

@@ -362,7 +362,7 @@ def test_every_variant_runs_through_the_cli(cli, runs_dir, fake_digits_teacher, 
     run = runs_dir / experiment / "smoke"
     rows = _metrics(run)
     assert {float(x["nfe_per_update"]) for x in rows} == nfe
-    assert int(float(rows[-1]["step"])) == steps - 1
+    assert int(float(rows[-1]["step"])) == steps  # the update count, as the progress log's "step N"
     assert float(rows[-1]["nfe"]) == sum(float(x["nfe_per_update"]) for x in rows)
     for f in files:
         assert (run / f).is_file()

@@ -12,7 +12,8 @@ strategy's ``optimizer_step`` (precision plugins and DDP honoured, not counted).
 ``trainer.global_step`` is the number of generator updates, and everything that reads it counts
 generator updates: ``trainer.max_steps``, ``callbacks.checkpoint_every_n_steps``,
 ``eval.every_n_steps``, the LR schedules of every role (stepped once per generator update), the
-progress bar (not Lightning's logging step, which counts batches: methods log ``generator_updates``). With ``method.critic_updates_per_generator_update = K`` (DMD2's
+progress bar and metrics.csv's ``step`` (not the step Lightning gives TensorBoard and wandb, which counts
+batches: methods log ``generator_updates``). With ``method.critic_updates_per_generator_update = K`` (DMD2's
 two time-scale rule) each batch makes one critic update and every K-th batch a generator update
 first, as DMD2's code orders them; the per-role update counts are in every checkpoint
 (``distillkit.role_updates``), so a run stopped between two generator updates resumes
