@@ -9,10 +9,7 @@ values as one error line.
 """
 from __future__ import annotations
 
-import os
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import lightning as L
@@ -21,7 +18,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from conftest import REPO
+from conftest import run_module
 
 SCHEDULE = {"name": "cosine", "num_train_timesteps": 1000, "num_steps": 1, "spacing": "trailing"}
 QUIET = ["callbacks.progress=none", "trainer.limit_val_batches=1", "trainer.test_after_fit=false",
@@ -209,10 +206,9 @@ def toy_args(teacher: Path, *extra: str) -> list[str]:
             "callbacks.checkpoint_every_n_steps=2", *QUIET, *extra]
 
 
-def cli_with_events(*args: str, env: dict) -> subprocess.CompletedProcess:
-    e = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **env)
-    return subprocess.run([sys.executable, str(REPO / "tests" / "cli_with_events.py"), *args], cwd=REPO, env=e,
-                          capture_output=True, text=True, timeout=600)
+def cli_with_events(*args: str, env: dict):
+    """The CLI through tests/cli_with_events.py (signals and deaths at exact steps)."""
+    return run_module("cli_with_events", *args, env=env)
 
 
 def test_sigterm_between_generator_updates_resumes_bit_exact(cli, tmp_path, toy_teacher):
@@ -324,8 +320,8 @@ def test_dmd2_on_digits_samples_in_its_steps_through_evaluation_and_distill_samp
     run = tmp_path / "digits_dmd2" / "r"
     res = json.loads((run / "results.json").read_text())
     assert res["global_step"] == 2 and "fid/2step" in res
-    s = subprocess.run([sys.executable, "-m", "distillkit.sample", f"checkpoint={run / 'last.ckpt'}", "num_samples=4",
-                        f"out={tmp_path / 's.npz'}"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    s = run_module("distillkit.sample", f"checkpoint={run / 'last.ckpt'}", "num_samples=4", f"out={tmp_path / 's.npz'}",
+                   timeout=300)
     assert s.returncode == 0, s.stdout + s.stderr
     assert "2 steps" in s.stdout
 

@@ -5,12 +5,13 @@ CLI runs; the progress bar, checkpoints and evaluation are outside the batch."""
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 import warnings
 from pathlib import Path
 
 import pytest
+
+from conftest import run_module
 
 HERE = Path(__file__).resolve().parent
 T = 1024
@@ -20,8 +21,7 @@ TOY = ["dataset=toy2d", "model=mlp2d", "schedule=cosine", f"schedule.num_train_t
 
 
 def host_reads(out: Path, *args: str) -> dict:
-    p = subprocess.run([sys.executable, str(HERE / "host_reads.py"), str(out), *args], cwd=HERE.parent,
-                       capture_output=True, text=True, timeout=600)
+    p = run_module("host_reads", str(out), *args)
     assert out.is_file(), p.stdout + p.stderr
     result = json.loads(out.read_text())
     assert result["exit_code"] == 0, p.stdout + p.stderr

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +19,7 @@ import torch
 from torch import nn
 
 from distillkit.errors import DistillError
-from tests.conftest import REPO, run_cli
+from conftest import run_cli, run_module
 
 N, STEPS, SEED = 10, 4, 3
 
@@ -309,10 +307,8 @@ def test_bad_arguments_give_one_line_errors(ckpt, tmp_path, capsys, args, messag
 def test_command_exits_2_without_traceback(tmp_path):
     bad = tmp_path / "weights.pt"
     torch.save({"w": torch.zeros(2)}, bad)
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    r = subprocess.run([sys.executable, "-m", "distillkit.pairs", f"checkpoint={bad}", "num_pairs=2",
-                        f"out={tmp_path / 'p.safetensors'}"], cwd=REPO, env=env, capture_output=True, text=True,
-                       timeout=300)
+    r = run_module("distillkit.pairs", f"checkpoint={bad}", "num_pairs=2", f"out={tmp_path / 'p.safetensors'}",
+                   timeout=300)
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
     assert r.stderr.startswith("distill-pairs: error: checkpoint=") and "not a distillkit run checkpoint" in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1, r.stderr

@@ -6,13 +6,11 @@ from __future__ import annotations
 import csv
 import json
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from conftest import REPO, run_cli_all
+from conftest import run_cli_all, run_module
 
 from distillkit import report
 
@@ -103,8 +101,7 @@ def test_bad_paths_are_one_line_and_exit_2(sweep, tmp_path, capsys):
         assert err.count("\n") == 1 and err.startswith(f"distill-report: error: {bad}: {says}"), err
     assert not (tmp_path / "x").exists()  # nothing written
     # the installed command: no traceback
-    p = subprocess.run([sys.executable, "-m", "distillkit.report", str(tmp_path / "nowhere")], cwd=REPO,
-                       capture_output=True, text=True, timeout=300)
+    p = run_module("distillkit.report", str(tmp_path / "nowhere"), timeout=300)
     assert p.returncode == 2 and p.stderr == f"distill-report: error: {tmp_path / 'nowhere'}: no such file or directory\n"
 
 

@@ -17,7 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import REPO, run_cli
+from conftest import REPO, run_cli, run_module
 
 # 4 batches per epoch (train_fraction 0.25 of the training split, batch 64); SGD with
 # momentum and a step decay at epochs 2 and 5; EMA on; dropout-free CNN.
@@ -84,12 +84,9 @@ def test_resume_after_signal_is_bit_exact(runs_dir: Path, reference: dict, sig):
         assert torch.equal(a[k], b[k]), f"{k} differs after resuming from step {stopped_at}"
 
 
-def _run_with_events(*args: str, env: dict) -> subprocess.CompletedProcess:
+def _run_with_events(*args: str, env: dict):
     """The CLI through tests/cli_with_events.py (signals and deaths at exact steps)."""
-    e = dict(os.environ, **THREADS, PYTHONUNBUFFERED="1", **env)
-    e.pop("HYDRA_FULL_ERROR", None)
-    return subprocess.run([sys.executable, str(REPO / "tests" / "cli_with_events.py"), *args], cwd=REPO, env=e,
-                          capture_output=True, text=True, timeout=300)
+    return run_module("cli_with_events", *args, env={**THREADS, **env}, timeout=300)
 
 
 @pytest.mark.parametrize("event", ["stop", "die"], ids=["signal-in-an-epochs-last-batch", "killed-after-an-epoch-end-checkpoint"])

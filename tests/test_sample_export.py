@@ -10,23 +10,19 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from tests.conftest import REPO, run_cli
+from conftest import run_cli, run_module
 
 N, STEPS, SEED = 12, 4, 3
 
 
-def run_cmd(module: str, *args: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    return subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=300)
+def run_cmd(module: str, *args: str):
+    return run_module(module, *args, timeout=300)
 
 
 @pytest.fixture(scope="module")
