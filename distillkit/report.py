@@ -310,7 +310,8 @@ def group_runs(runs: Sequence[Run]) -> list[Group]:
 
 def group_labels(groups: Sequence[Group], ignore: Sequence[str], shown: int = 4) -> list[str]:
     """Each group's experiment name, followed, where groups of one experiment differ, by the keys
-    they differ in (the first ``shown``) with the group's values."""
+    they differ in (the first ``shown``) with the group's values, and by its first run dir's name
+    where those still read alike."""
     by_exp: dict[str, list[int]] = {}
     for i, g in enumerate(groups):
         by_exp.setdefault(str(g.runs[0].config.get("experiment_name", g.runs[0].path.parent.name)), []).append(i)
@@ -323,7 +324,9 @@ def group_labels(groups: Sequence[Group], ignore: Sequence[str], shown: int = 4)
             if len(keys) > shown:
                 parts.append(f"+{len(keys) - shown} more")
             labels[i] = exp + (f": {', '.join(parts)}" if parts else "")
-    return labels
+    # groups told apart only by keys past the first `shown`: their run dirs' names tell them apart
+    alike = {label for label in labels if labels.count(label) > 1}
+    return [f"{label} [{g.runs[0].path.name}]" if label in alike else label for label, g in zip(labels, groups)]
 
 
 def _short(v: Any) -> str:

@@ -153,3 +153,18 @@ def test_number_format():
     assert report.fmt(6.0) == "6" and report.fmt(6.0, 0.0) == "6"
     assert report.fmt(0.09375) == "0.09375" and report.fmt(None) == "—"
     assert report.mean_std([1.0]) == (1.0, None)
+
+
+def test_groups_that_differ_past_the_shown_keys_are_labelled_by_their_run_dirs(tmp_path):
+    """Five keys differ between the groups; the first four are shown and two groups agree on them:
+    those two carry their run dirs' names, the third reads as before."""
+    def run(name: str, **cfg) -> report.Run:
+        return report.Run(tmp_path / name, {"experiment_name": "x", **cfg}, {}, [], [])
+
+    base = dict(a=1, b=1, c=1, d=1)
+    groups = [report.Group([run("r1", **base, e=1)]), report.Group([run("r2", **base, e=2)]),
+              report.Group([run("r3", a=2, b=2, c=2, d=2, e=2)])]
+    labels = report.group_labels(groups, ignore=[])
+    assert labels[0] == "x: a=1, b=1, c=1, d=1, +1 more [r1]"
+    assert labels[1] == "x: a=1, b=1, c=1, d=1, +1 more [r2]"
+    assert labels[2] == "x: a=2, b=2, c=2, d=2, +1 more"
