@@ -5,7 +5,7 @@ directory, environment and argv, sends its stdout and stderr to files, and runs 
 ``__main__`` exactly as ``python -m`` does, so a run sees what a fresh process sees less the import
 time. The server itself never runs a torch operation or starts a thread, so the fork is clean.
 
-    python tests/cli_server.py SOCKET_PATH     # serves until the socket's file is removed
+    python tests/cli_server.py SOCKET_PATH     # serves until the socket's file is removed or its parent exits
 
 One JSON line per connection: {"module", "args", "cwd", "env", "out", "err"}. The child answers
 {"pid": N} at once and {"rc": N} when the module has finished (the exit status a process would have
@@ -50,6 +50,7 @@ def _run(request: dict) -> None:
         os.dup2(f, fd)
         os.close(f)
     sys.argv = ["-m", *request["args"]]  # run_module puts the module's file in argv[0], as -m does
+    sys.path.insert(0, request["cwd"])  # as -m does; the tests' folder stays behind it (cli_with_events)
     if "OMP_NUM_THREADS" in os.environ:
         import torch
 
@@ -116,7 +117,8 @@ def serve(path: str) -> None:
     server.bind(path + ".tmp")
     os.rename(path + ".tmp", path)  # the client waits for the path: it appears once the server listens
     server.listen(64)
-    while os.path.exists(path) and os.getppid() != 1:
+    parent = os.getppid()
+    while os.path.exists(path) and os.getppid() == parent:  # the pytest worker is gone: stop
         while True:  # reap finished children
             try:
                 pid, _ = os.waitpid(-1, os.WNOHANG)
