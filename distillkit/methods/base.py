@@ -11,7 +11,8 @@ from __future__ import annotations
 import bisect
 import math
 import random
-from typing import Any, Optional
+from contextlib import contextmanager
+from typing import Any, Iterator, Optional
 
 import lightning as L
 import numpy as np
@@ -264,6 +265,18 @@ class DistillMethod(L.LightningModule):
 
     def world_size_now(self) -> int:
         return int(self.trainer.world_size) if self._trainer is not None else 1
+
+
+@contextmanager
+def eval_mode(net: nn.Module) -> Iterator[nn.Module]:
+    """``net`` in eval mode (no dropout) inside the block, its mode restored afterwards: the target
+    evaluation of a network that is also being trained (DSD's, the consistency target)."""
+    was = net.training
+    net.eval()
+    try:
+        yield net
+    finally:
+        net.train(was)
 
 
 def to_plain(obj: Any) -> Any:

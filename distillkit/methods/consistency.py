@@ -42,6 +42,7 @@ from distillkit.diffusion.consistency import (DISTANCES, apply_boundary, cm_boun
                                               lcm_boundary, lcm_timesteps)
 from distillkit.diffusion.from_config import plain
 from distillkit.errors import DistillError
+from distillkit.methods.base import eval_mode
 from distillkit.methods.diffusion import DiffusionMethod
 from distillkit.methods.ema import EMA
 from distillkit.models.denoiser import Cond, Guidance
@@ -180,14 +181,8 @@ class ConsistencyDistillation(DiffusionMethod):
         x_t = self.schedule.add_noise(x0.float(), eps, t)  # x0 + sigma eps on EDM schedules
         online = self.consistency(self.train_student, x_t, t, cond, self.student_guidance(w))
         x_s = self.teacher_step(x_t, t, s, cond, teacher_guidance)
-        target_net = self.target_network()
-        with torch.no_grad():
-            was = target_net.training
-            target_net.eval()
-            try:
-                target = self.consistency(target_net, x_s, s, cond, self.student_guidance(w))
-            finally:
-                target_net.train(was)
+        with torch.no_grad(), eval_mode(self.target_network()) as target_net:
+            target = self.consistency(target_net, x_s, s, cond, self.student_guidance(w))
         guided = self.student.is_conditional and (w is not None or self.teacher_guidance != 1)
         nfe = 1 + (2 if self.is_edm else 1) * (2 if guided else 1) + 1
         return consistency_distance(online, target.detach(), self.distance, self.huber_c), nfe

@@ -57,7 +57,7 @@ from torch import nn
 from distillkit.diffusion import ddim_step_between
 from distillkit.diffusion.from_config import plain
 from distillkit.errors import DistillError
-from distillkit.methods.base import gather_from_ranks, this_ranks
+from distillkit.methods.base import eval_mode, gather_from_ranks, this_ranks
 from distillkit.methods.ema import EMA
 from distillkit.methods.step_distill import StepDistillation, single_and_double_step, two_ddim_steps, x_space_loss
 
@@ -99,12 +99,8 @@ def eval_mode_fn(net: nn.Module):
     """``net`` as a function evaluated in eval mode (no dropout), its mode restored afterwards: the
     no-gradient target evaluation of a network that is also being trained."""
     def fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        was = net.training
-        net.eval()
-        try:
+        with eval_mode(net):
             return net(x, t).float()
-        finally:
-            net.train(was)
     return fn
 
 
