@@ -197,6 +197,14 @@ def consistency_digits_table(bench: dict) -> str:
                                   "lcm_cond": "LCM, class-conditional (guidance 2)"}, "updates")
 
 
+@formatter("smoke_cpu")
+def smoke_cpu_table(bench: dict) -> str:
+    """command | seconds (one process, start to exit) | exit status; the verdict against the target."""
+    body = [[f"`{r['command']}`", _num(r["seconds"], 1), str(r["exit"])] for r in bench["rows"]]
+    table = md_table(["command", "seconds", "exit"], body, ["---", "--:", "--:"])
+    return table + "\n\n" + " ".join(bench.get("verdict", [])) + "\n\n" + provenance(bench)
+
+
 @formatter("gpu_check_paper_settings")
 def gpu_check_table(bench: dict) -> str:
     """experiment | code (the commit measured) | s per update | updates logged | validations | peak MiB | mean utilisation."""

@@ -35,6 +35,15 @@ def test_experiment_composes(experiment):
     assert not missing_values(cfg)
     assert cfg.experiment_name == experiment
     OmegaConf.to_container(cfg.method, resolve=False)
+    # debug=smoke is a seconds-long check of the whole path (scripts/bench_smoke.py times each
+    # experiment: under 20 s on 2 cores): no experiment may override its small budget, and the
+    # evaluation runs on 64 samples at the experiment's own step counts
+    smoke = _compose([f"experiment={experiment}", *fill, "debug=smoke"])
+    assert smoke.trainer.max_steps == 6 and smoke.trainer.limit_val_batches == smoke.trainer.limit_test_batches == 2
+    assert smoke.dataset.batch_size == 16
+    if cfg.eval.enabled:
+        assert smoke.eval.enabled and smoke.eval.num_samples == smoke.eval.batch_size == 64
+        assert list(smoke.eval.steps) == list(cfg.eval.steps)
 
 
 @pytest.mark.parametrize("group", ["model", "method", "dataset", "optim", "schedule", "logger", "teacher"])
