@@ -73,11 +73,15 @@ def verdict(summary: list[dict]) -> list[str]:
             lines.append(f"Consistency distillation, {k} step{'s' * (k > 1)}: digits-FID {s['fid_mean']:.3f} after "
                          f"{s['updates']} updates; progressive distillation {pf} after {pu}: "
                          + ("better" if s["fid_mean"] < pf else "worse"))
-    for k in STEPS:
-        a, b = longest.get(("cm", k)), longest.get(("cm_online_target", k))
-        if a and b:
-            lines.append(f"EMA target 0.95 against the online target at {k} step{'s' * (k > 1)}: {a['fid_mean']:.3f} "
-                         f"against {b['fid_mean']:.3f} (" + ("helps" if a["fid_mean"] < b["fid_mean"] else "does not help") + ")")
+    at = {(s["config"], s["steps"], s["updates"]): s for s in summary}
+    for k in STEPS:  # the two targets at the most updates both ran
+        common = [u for (c, kk, u) in at if c == "cm" and kk == k and ("cm_online_target", k, u) in at]
+        if common:
+            u = max(common)
+            a, b = at[("cm", k, u)], at[("cm_online_target", k, u)]
+            lines.append(f"EMA target 0.95 against the online target at {k} step{'s' * (k > 1)}, {u} updates: "
+                         f"{a['fid_mean']:.3f} against {b['fid_mean']:.3f} ("
+                         + ("helps" if a["fid_mean"] < b["fid_mean"] else "does not help") + ")")
     s = longest.get(("lcm_cond", 4))
     if s:
         f, acc = s["fid_mean"], s.get("class_acc_mean") or 0.0
