@@ -71,11 +71,10 @@ def _run(request: dict) -> None:
     except BaseException:  # noqa: BLE001  (what the interpreter does with an uncaught exception)
         traceback.print_exc()
         rc = 1
-    # The interpreter's own shutdown: join the threads a run left, then the exit handlers
+    # The interpreter's own shutdown, in its order: threading's exit hooks (which stop executors'
+    # workers, e.g. inductor's compile pool) and the join of non-daemon threads, then the exit handlers
     try:
-        for t in threading.enumerate():
-            if t is not threading.main_thread() and not t.daemon:
-                t.join()
+        threading._shutdown()
         atexit._run_exitfuncs()
     finally:
         for stream in (sys.stdout, sys.stderr):
