@@ -205,6 +205,16 @@ def smoke_cpu_table(bench: dict) -> str:
     return table + "\n\n" + " ".join(bench.get("verdict", [])) + "\n\n" + provenance(bench)
 
 
+@formatter("overhead_cpu")
+def overhead_cpu_table(bench: dict) -> str:
+    """experiment | ms per update (CPU time) through distill | in a plain loop | ratio, and the wall-time ratio; the verdict."""
+    body = [[f"`{r['experiment']}`", f"{r['updates'][0]} / {r['updates'][1]}", _num(r["ms_per_update_distill"], 1),
+             _num(r["ms_per_update_plain"], 1), _num(r["ratio"], 2) + "x", _num(r["ratio_wall"], 2) + "x"] for r in bench["rows"]]
+    table = md_table(["experiment", "updates (short / long run)", "ms per update, distill", "ms per update, plain loop",
+                      "ratio", "ratio of wall times"], body, ["---", "--:", "--:", "--:", "--:", "--:"])
+    return table + "\n\n" + " ".join(bench.get("verdict", [])) + "\n\n" + provenance(bench)
+
+
 @formatter("gpu_check_paper_settings")
 def gpu_check_table(bench: dict) -> str:
     """experiment | code (the commit measured) | s per update | updates logged | validations | peak MiB | mean utilisation."""
