@@ -79,20 +79,24 @@ class _ForkServer:
         with self.lock:
             if self.proc is None:
                 self.dir = tempfile.mkdtemp(prefix="dk-fork-")
-                path = os.path.join(self.dir, "s")
                 env = dict(os.environ, PYTHONUNBUFFERED="1")
                 env.setdefault("OMP_NUM_THREADS", "1")
-                log = open(os.path.join(self.dir, "server.log"), "w")
-                self.proc = subprocess.Popen([sys.executable, str(REPO / "tests" / "cli_server.py"), path], cwd=REPO,
-                                             env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
+                with open(os.path.join(self.dir, "server.log"), "w") as log:  # the server holds its own copy
+                    self.proc = subprocess.Popen([sys.executable, str(REPO / "tests" / "cli_server.py"), self.path],
+                                                 cwd=REPO, env=env, stdin=subprocess.DEVNULL, stdout=log,
+                                                 stderr=subprocess.STDOUT)
                 atexit.register(self.stop)
                 deadline = time.time() + 300
-                while not os.path.exists(path):
+                while not os.path.exists(self.path):
                     if self.proc.poll() is not None or time.time() > deadline:
                         raise RuntimeError("the tests' fork server did not start: "
                                            + Path(self.dir, "server.log").read_text())
                     time.sleep(0.05)
-            return os.path.join(self.dir, "s")
+            return self.path
+
+    @property
+    def path(self) -> str:
+        return os.path.join(self.dir, "s")
 
     def stop(self):
         if self.proc is not None:
