@@ -447,7 +447,8 @@ def run(cfg: DictConfig) -> dict:
                                "does not: use eval=none")
         evaluation = SampleEvaluation.from_config(cfg.eval, dataset_name=HydraConfig.get().runtime.choices.get("dataset"))
 
-    last_ckpt = LastCheckpoint(run_dir, cfg.callbacks.checkpoint_every_n_steps, started_at=t0)
+    last_ckpt = LastCheckpoint(run_dir, cfg.callbacks.checkpoint_every_n_steps, started_at=t0,
+                               every_seconds=cfg.callbacks.checkpoint_every_seconds)
     guard = NonFiniteGuard(config["callbacks"]["nonfinite"], cfg.callbacks.max_nonfinite_skips)
     callbacks: list = [guard, last_ckpt]  # the guard first: a batch that fails it writes no checkpoint
     progress = config["callbacks"]["progress"]  # plain strings: enums resolved by to_container

@@ -710,8 +710,11 @@ class NonFinite(str, Enum):
 
 @dataclass
 class CallbacksConfig:
-    # last.ckpt is rewritten (atomically) every this many optimizer steps and at the end.
-    checkpoint_every_n_steps: int = bounded(100, at_least=0)
+    # last.ckpt is rewritten (atomically) every this many seconds of wall time (0: off), every
+    # checkpoint_every_n_steps optimizer steps (0: off), at the end of training and on a stop
+    # signal; not at every epoch's end (distillkit/callbacks/checkpoint.py, docs/long_runs.md).
+    checkpoint_every_seconds: float = bounded(600.0, at_least=0)
+    checkpoint_every_n_steps: int = bounded(0, at_least=0)
     progress: Progress = Progress.auto
     ema: EMAConfig = field(default_factory=EMAConfig)
     # A non-finite loss (any logged train/ term) or gradient: stop the run at that update, before it

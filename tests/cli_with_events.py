@@ -9,7 +9,10 @@ Environment:
 - ``LAUNCHER_SIGNAL=USR2``: before the CLI starts, a handler for that signal is installed as a
   cluster launcher does (submitit's requeues the job); it writes the signal and the step of
   ``LAUNCHER_CKPT`` (the run's last.ckpt) to ``LAUNCHER_RECORD`` when it is called and exits with
-  status 3, as submitit exits after requeueing.
+  status 3, as submitit exits after requeueing;
+- ``SAVE_RECORD=path``: every write of ``last.ckpt`` appends a line ``<global_step> <hook>`` to
+  path, the hook being the callback method that wrote it (``on_train_batch_end``,
+  ``on_train_epoch_end``, ``on_train_end``).
 """
 from __future__ import annotations
 
@@ -35,6 +38,19 @@ def on_train_batch_end(self, trainer, *args, **kwargs):
 
 
 checkpoint.LastCheckpoint.on_train_batch_end = on_train_batch_end
+
+if os.environ.get("SAVE_RECORD"):
+    save = checkpoint.LastCheckpoint.save
+
+    def recording_save(self, trainer, *args, **kwargs):
+        hook = sys._getframe(1).f_code.co_name
+        before = self.path.stat().st_ino if self.path.exists() else None
+        save(self, trainer, *args, **kwargs)
+        if trainer.is_global_zero and self.path.stat().st_ino != before:  # a new file renamed over it
+            with open(os.environ["SAVE_RECORD"], "a") as f:
+                f.write(f"{trainer.global_step} {hook}\n")
+
+    checkpoint.LastCheckpoint.save = recording_save
 
 if os.environ.get("LAUNCHER_SIGNAL"):
     def launcher_handler(signum, frame):

@@ -12,12 +12,14 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from conftest import REPO, run_cli, run_module
+from distillkit.callbacks import checkpoint
 
 # 4 batches per epoch (train_fraction 0.25 of the training split, batch 64); SGD with
 # momentum and a step decay at epochs 2 and 5; EMA on; dropout-free CNN.
@@ -93,11 +95,13 @@ def _run_with_events(*args: str, env: dict):
 def test_resume_at_an_epoch_boundary_is_bit_exact(runs_dir: Path, reference: dict, event: str):
     """Step 8 ends epoch 1 (4 batches per epoch), one epoch before the LR milestone at epoch 2.
     A stop signal in an epoch's last batch is served at the epoch's end, and a run that dies
-    later resumes from that epoch-end checkpoint: both continue like the uninterrupted run (before,
+    later resumes from the checkpoint of an epoch's end (every 4 steps: a save due in an epoch's
+    last batch is written at the epoch's end): both continue like the uninterrupted run (before,
     the first resumed a mid-end state Lightning restarts without the epoch's end, and both put the
     milestone an epoch late)."""
     env = {"STOP_AT_STEP": "8"} if event == "stop" else {"DIE_AT_STEP": "9"}
-    args = [*ARGS, f"runs_dir={runs_dir}", "name=boundary"]
+    every = [] if event == "stop" else ["callbacks.checkpoint_every_n_steps=4"]
+    args = [*ARGS, *every, f"runs_dir={runs_dir}", "name=boundary"]
     r = _run_with_events(*args, env=env)
     out = r.stdout + r.stderr
     assert r.returncode == (128 + signal.SIGTERM if event == "stop" else 9), out
@@ -197,3 +201,102 @@ def test_resume_with_gradient_accumulation_is_bit_exact(runs_dir: Path):
     ref = _weights(runs_dir / "whole" / "digits_student" / "acc")
     for k, v in _weights(run).items():
         assert torch.equal(ref[k], v), f"{k} differs after resuming inside an accumulating epoch"
+
+
+# ARGS with the default checkpoint cadence (every 600 s, no step interval), 11 updates: epochs end
+# at steps 4 and 8, and step 11 is the third batch of the third epoch.
+CADENCE = [a for a in ARGS if not a.startswith("callbacks.checkpoint_every_n_steps=")] + ["trainer.max_steps=11"]
+
+
+@pytest.mark.parametrize("overrides, saves", [
+    ([], ["11 on_train_end"]),
+    (["callbacks.checkpoint_every_seconds=1e-9"],
+     ["1 on_train_batch_end", "2 on_train_batch_end", "3 on_train_batch_end", "4 on_train_epoch_end",
+      "5 on_train_batch_end", "6 on_train_batch_end", "7 on_train_batch_end", "8 on_train_epoch_end",
+      "9 on_train_batch_end", "10 on_train_batch_end", "11 on_train_batch_end"]),
+    (["callbacks.checkpoint_every_n_steps=2"],
+     ["2 on_train_batch_end", "4 on_train_epoch_end", "6 on_train_batch_end", "8 on_train_epoch_end",
+      "10 on_train_batch_end", "11 on_train_end"]),
+], ids=["default-no-epoch-end-saves", "every-seconds", "every-n-steps"])
+def test_checkpoint_cadence(runs_dir: Path, tmp_path: Path, overrides: list, saves: list):
+    """last.ckpt is written by wall time (callbacks.checkpoint_every_seconds, 600 s by default) and
+    every callbacks.checkpoint_every_n_steps updates (off by default), at the end of training and on
+    a stop signal, not at every epoch's end (a save costs about as much as a few of the digits
+    experiments' updates: issue 29, item 9). A save that falls due in an epoch's last batch is
+    written at the epoch's end; the run's end writes one unless its step was just saved."""
+    record = tmp_path / "saves.txt"
+    r = _run_with_events(*CADENCE, *overrides, f"runs_dir={runs_dir}", "name=cadence", env={"SAVE_RECORD": str(record)})
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert record.read_text().splitlines() == saves
+    ckpt = torch.load(runs_dir / "digits_student" / "cadence" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert ckpt["global_step"] == 11
+
+
+class _Trainer:
+    """What LastCheckpoint reads of a Lightning Trainer, for one rank; ``others`` is what the other
+    ranks add to the per-batch all-reduce."""
+
+    def __init__(self, rank: int = 0, world_size: int = 1, others: int = 0):
+        self.global_step, self.world_size, self.is_global_zero = 0, world_size, rank == 0
+        self.num_training_batches, self.lightning_module = 100, None
+        self.saved, self.reductions, self.others = [], 0, others
+        self.strategy = SimpleNamespace(root_device=torch.device("cpu"), barrier=lambda name: None, reduce=self._reduce)
+
+    def _reduce(self, votes: torch.Tensor, reduce_op: str) -> torch.Tensor:
+        assert reduce_op == "sum"
+        self.reductions += 1
+        return votes + self.others
+
+    def save_checkpoint(self, path) -> None:
+        self.saved.append(self.global_step)
+        Path(path).write_bytes(b"")
+
+
+def _callback(tmp_path: Path, monkeypatch, clock: list, every_seconds: float) -> checkpoint.LastCheckpoint:
+    """A LastCheckpoint on a clock the test sets, as on_train_start leaves it at step 0 (without
+    installing its signal handlers in pytest's process)."""
+    monkeypatch.setattr(checkpoint, "time", SimpleNamespace(monotonic=lambda: clock[0], time=time.time))
+    cb = checkpoint.LastCheckpoint(tmp_path, every_seconds=every_seconds)
+    cb._last_saved_step = cb._batch_step = 0
+    return cb
+
+
+def test_a_save_by_time_waits_for_the_end_of_an_accumulation_window(tmp_path: Path, monkeypatch):
+    """With gradient accumulation, global_step stays put over a window's batches: a save that falls
+    due inside a window waits for the batch whose update ends it (a checkpoint inside one loses the
+    half-accumulated gradient), then the clock starts again."""
+    clock = [0.0]
+    cb = _callback(tmp_path, monkeypatch, clock, every_seconds=10)
+    trainer = _Trainer()
+    # (time at the batch's end, global_step after it): an update on every second batch; the saves
+    # fall due at t=11 (batch 2) and t=22 (batch 6), inside windows
+    prev = 0
+    for i, (t, step) in enumerate([(1, 0), (5, 1), (11, 1), (12, 2), (13, 2), (21, 3), (22, 3), (23, 4)]):
+        clock[0], trainer.global_step = t, step
+        n = len(trainer.saved)
+        cb.on_train_batch_end(trainer, None, None, None, i)
+        assert len(trainer.saved) == n or step != prev, f"saved inside an accumulation window at batch {i}"
+        prev = step
+    assert trainer.saved == [2, 4] and trainer.reductions == 0  # one process: no collective
+
+
+@pytest.mark.parametrize("rank, others, saves", [(0, 0, [1]), (1, 0, []), (1, 1, [1]), (1, 2, "stop"), (1, 3, "stop")],
+                         ids=["rank0-clock", "rank1-clock-alone", "rank0-says-save", "a-rank-stops",
+                              "a-rank-stops-as-rank0-says-save"])
+def test_ddp_ranks_follow_rank_0s_clock_in_the_stop_all_reduce(tmp_path: Path, monkeypatch, rank: int, others: int, saves):
+    """Under DDP every rank must take part in a save (it is collective): the per-batch all-reduce that
+    spreads a stop signal also carries rank 0's decision to save by time (each stop votes 2, rank 0's
+    timed save 1), so the ranks agree with no other collective, and another rank's clock counts for
+    nothing."""
+    clock = [0.0]
+    cb = _callback(tmp_path, monkeypatch, clock, every_seconds=10)
+    trainer = _Trainer(rank=rank, world_size=2, others=others)
+    clock[0], trainer.global_step = 11, 1
+    if saves == "stop":
+        with pytest.raises(SystemExit) as stopped:
+            cb.on_train_batch_end(trainer, None, None, None, 0)
+        assert stopped.value.code == 128 + signal.SIGTERM and trainer.saved == [1]
+    else:
+        cb.on_train_batch_end(trainer, None, None, None, 0)
+        assert trainer.saved == saves
+    assert trainer.reductions == 1

@@ -1,7 +1,17 @@
-"""``last.ckpt``, written atomically: every N optimizer steps, at the end of each epoch,
-at the end of fitting, and when the job is told to stop (SIGTERM; SIGUSR1, which SLURM sends
-before a time limit with ``--signal=USR1@90``; SIGUSR2, submitit's preemption signal), so a
-restarted run resumes from where this one stopped.
+"""``last.ckpt``, written atomically: every ``callbacks.checkpoint_every_seconds`` of wall time
+(default 600, as Lightning's ``ModelCheckpoint(train_time_interval=...)``), every
+``callbacks.checkpoint_every_n_steps`` optimizer steps when that is set (default 0: off), at the
+end of fitting, and when the job is told to stop (SIGTERM; SIGUSR1, which SLURM sends before a
+time limit with ``--signal=USR1@90``; SIGUSR2, submitit's preemption signal), so a restarted run
+resumes from where this one stopped.
+
+Not at every epoch's end: a save costs about 0.1 s on a CPU, as much as several updates of a small
+model whose epochs are a few updates long. A save that falls due in an epoch's
+last batch (by time or by step count) is taken at the epoch's end instead (``on_train_epoch_end``,
+after validation): Lightning restarts a state saved after the epoch's last batch but before its
+end without that end. A save by time waits for a batch that made an update, so it never falls
+inside a gradient-accumulation window. Under DDP every rank saves (the save is collective): rank
+0's clock decides, through the one all-reduce per batch that also spreads a stop signal.
 
 On a cluster the job is then requeued: a signal that had a handler before training (submitit's,
 when ``distill -m hydra/launcher=submitit_slurm`` launched the job) is handed to it once the
@@ -37,6 +47,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
 from lightning.pytorch.callbacks import Callback
 
 log = logging.getLogger("distillkit")
@@ -66,10 +77,15 @@ def slurm_job_id() -> str | None:
 
 
 class LastCheckpoint(Callback):
-    def __init__(self, run_dir: str | Path, every_n_steps: int = 100, started_at: float | None = None):
+    def __init__(self, run_dir: str | Path, every_n_steps: int = 0, started_at: float | None = None,
+                 every_seconds: float = 600.0):
         self.path = Path(run_dir) / "last.ckpt"
         self.every_n_steps = max(0, int(every_n_steps))
+        self.every_seconds = max(0.0, float(every_seconds))  # 0: no saves by time
         self._last_saved_step = -1
+        self._saved_at = time.monotonic()  # of the last save, or of the session's start
+        self._batch_step = -1  # global_step at the end of the previous batch
+        self._save_at_epoch_end = False  # a save fell due in an epoch's last batch
         self._stop_signal = 0
         self._stop_at_epoch_end = False  # a stop signal came during an epoch's last batch
         self.started_at = time.time() if started_at is None else started_at
@@ -100,6 +116,7 @@ class LastCheckpoint(Callback):
             os.replace(tmp, self.path)
         trainer.strategy.barrier("last_ckpt")
         self._last_saved_step = trainer.global_step
+        self._saved_at = time.monotonic()
 
     def _tmp(self) -> Path:
         return self.path.with_name(f".last.ckpt.tmp{os.getpid()}")
@@ -116,6 +133,8 @@ class LastCheckpoint(Callback):
 
     def on_train_start(self, trainer: "L.Trainer", pl_module: "L.LightningModule") -> None:
         self._last_saved_step = trainer.global_step  # a resumed session starts from a saved state
+        self._batch_step = trainer.global_step
+        self._saved_at = time.monotonic()
         # Replaces Lightning's SIGTERM handler (installed just before), which would end the
         # epoch and exit before a mid-epoch checkpoint is written; Lightning restores the
         # original handlers at teardown.
@@ -145,9 +164,16 @@ class LastCheckpoint(Callback):
 
     def on_train_batch_end(self, trainer: "L.Trainer", pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         step = trainer.global_step
+        # This batch's update made the count (not a batch inside an accumulation window, nor one of
+        # a critic's updates between two generator updates: distillkit.methods.roles).
+        updated = step != self._batch_step
+        self._batch_step = step
         stop = bool(self._stop_signal)
+        # Rank 0's clock alone decides a save by time, so that the ranks agree.
+        timed = (self.every_seconds > 0 and trainer.is_global_zero
+                 and time.monotonic() - self._saved_at >= self.every_seconds)
         if trainer.world_size > 1:  # every rank must take part in the collective save
-            stop = trainer.strategy.reduce_boolean_decision(stop, all=False)
+            stop, timed = self._agree(trainer, stop, timed)
         # After an epoch's last batch the checkpoint to take is the one at the epoch's end
         # (on_train_epoch_end, after validation): Lightning restarts a state saved here, with the
         # epoch's batches done but not its end, without that end (tests/test_resume.py).
@@ -161,9 +187,25 @@ class LastCheckpoint(Callback):
             self._stop(trainer, step)
         # Once per update count: global_step stays put over the batches of an accumulation window
         # and over a critic's updates between two generator updates (distillkit.methods.roles), and
-        # the first batch that shows the new count is the one whose update made it.
-        if self.every_n_steps and step > 0 and step % self.every_n_steps == 0 and not last_batch:
-            self.save(trainer, once_per_step=True)
+        # the first batch that shows the new count is the one whose update made it. A save by time
+        # waits for such a batch.
+        due = timed and updated
+        if self.every_n_steps and step > 0 and step % self.every_n_steps == 0:
+            due = True
+        if due and step != self._last_saved_step:
+            if last_batch:
+                self._save_at_epoch_end = True
+            else:
+                self.save(trainer, once_per_step=True)
+
+    @staticmethod
+    def _agree(trainer: "L.Trainer", stop: bool, timed: bool) -> tuple[bool, bool]:
+        """The ranks' decisions in one all-reduce (the one a stop signal needs anyway): a stop
+        signal on any rank stops them all, and a save by time is rank 0's (only rank 0 proposes
+        one, so the sum's parity is its vote)."""
+        votes = torch.tensor(2 * int(stop) + int(timed), device=trainer.strategy.root_device)
+        total = int(trainer.strategy.reduce(votes, reduce_op="sum").item())
+        return total >= 2, total % 2 == 1
 
     def _stop(self, trainer: "L.Trainer", step: int) -> None:
         signum = self._stop_signal
@@ -192,7 +234,9 @@ class LastCheckpoint(Callback):
                 log.warning("`scontrol requeue %s` failed (%s): resubmit the job to resume", job, rc)
 
     def on_train_epoch_end(self, trainer: "L.Trainer", pl_module: Any) -> None:
-        self.save(trainer, once_per_step=True)  # once: a session resumed here passes here again
+        if self._save_at_epoch_end or self._stop_at_epoch_end:
+            self._save_at_epoch_end = False
+            self.save(trainer, once_per_step=True)  # once: a session resumed here passes here again
         if self._stop_at_epoch_end:
             self._stop(trainer, trainer.global_step)
 

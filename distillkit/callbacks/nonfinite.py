@@ -11,7 +11,8 @@ are checked for NaN and inf: one reduction over all of them (the gradients' max-
   :class:`NonFiniteStop`, naming that update's step and term. Nothing is saved after it
   (``last.ckpt`` stays the last finite checkpoint); the ``distill`` command prints one message and
   exits with :data:`EXIT_NONFINITE`. The updates between the non-finite one and the next
-  checkpoint (``callbacks.checkpoint_every_n_steps``) still run, on weights that are discarded.
+  checkpoint (``callbacks.checkpoint_every_seconds``, ``callbacks.checkpoint_every_n_steps``) still
+  run, on weights that are discarded.
 - ``skip``: one host read per update (the decision to skip must be taken before the optimizer
   step). The update is not applied (its gradients are dropped, so the optimizer step changes
   neither the weights nor the optimizer's moments), counted in ``train/nonfinite_skipped``, and the
