@@ -13,7 +13,8 @@ The JSON gives each site's count (``reads``) and the training batches it occurre
 (``batches``, 0-based), so that work done once per round can be told from work done per update.
 Left out: reads that stay on the CPU in a GPU run too (torch's optimizers keep their step
 counts on the CPU; the timestep range check in ``diffusion/schedules.py`` runs for CPU
-timesteps only), and Lightning's accumulator of a logged value, built once per key and epoch.
+timesteps only; DMD's ``host_randint`` draws a multi-step generator's step index from a CPU
+generator), and Lightning's accumulator of a logged value, built once per key and epoch.
 """
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ import warnings
 import torch
 
 LEFT_OUT = (("torch/optim/optimizer.py", "_get_value"), ("torch/optim/", "_init_group"),
-            ("distillkit/diffusion/schedules.py", "_ac"),
+            ("distillkit/diffusion/schedules.py", "_ac"), ("distillkit/methods/dmd.py", "host_randint"),
             ("lightning/pytorch/trainer/connectors/logger_connector/result.py", "__init__"))
 READS = ("item", "__bool__", "__float__", "__int__", "__index__", "tolist", "numpy")
 BUILDS = ("tensor", "as_tensor")

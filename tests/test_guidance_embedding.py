@@ -73,6 +73,20 @@ def inputs(B=2, shape=(1, 8, 8)):
     return torch.randn(B, *shape, generator=g), torch.tensor([50, 700])[:B]
 
 
+def test_the_embedding_is_diffusers_bit_for_bit_built_without_a_host_copy():
+    """distillkit's copy of get_guidance_scale_embedding fills its one constant on the device (diffusers'
+    torch.tensor(10000.0) is a host copy at every network call on a GPU): the same values, even and odd
+    widths, any w dtype."""
+    from distillkit.models.denoiser import guidance_scale_embedding
+
+    ws = [torch.zeros(3), torch.tensor([0.0, 1.0, 2.5, 14.0]), torch.rand(5, dtype=torch.float64) * 14,
+          torch.linspace(-1, 20, 9).half()]
+    for dim in (4, 17, 256):
+        for w in ws:
+            ours, theirs = guidance_scale_embedding(w, dim), embedding(w, dim)
+            assert ours.dtype == theirs.dtype == torch.float32 and torch.equal(ours, theirs), (dim, w.dtype)
+
+
 def test_add_guidance_embedding_is_idempotent_and_only_for_unets():
     from distillkit.models.mlp import MLPDenoiser
 

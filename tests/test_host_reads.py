@@ -15,9 +15,10 @@ from conftest import run_module
 
 HERE = Path(__file__).resolve().parent
 T = 1024
-TOY = ["dataset=toy2d", "model=mlp2d", "schedule=cosine", f"schedule.num_train_timesteps={T}",
-       "callbacks.ema.enabled=true", "debug=smoke", "callbacks.progress=none", "trainer.max_steps=8",
-       "dataset.batch_size=32"]
+VP = ["schedule=cosine", f"schedule.num_train_timesteps={T}"]
+TOY_RUN = ["dataset=toy2d", "model=mlp2d", "callbacks.ema.enabled=true", "debug=smoke", "callbacks.progress=none",
+           "trainer.max_steps=8", "dataset.batch_size=32"]
+TOY = [*TOY_RUN, *VP]
 
 
 def host_reads(out: Path, *args: str) -> dict:
@@ -71,6 +72,58 @@ def test_step_distillation_updates_read_nothing_back(tmp_path, toy_teacher, meth
     assert per_update == {}, per_update
     for site, batches in r["batches"].items():  # only on a GPU: CPU runs see no syncs
         assert per_round(site) and all(b % per_round_updates == 0 for b in batches), (site, batches)
+
+
+# The few-step generators on toy2d, the mlp2d teacher's: DMD and DMD2 (two roles under manual
+# optimization; trainer.max_steps counts generator updates, each batch makes a critic update and every
+# K-th a generator update first, so 8 generator updates at K = 2 are 15 batches) and consistency
+# distillation. PAIRS: DMD's regression pairs (tests/test_dmd.py writes such a file), kept in host memory.
+PAIRS = "pairs.safetensors"
+
+
+@pytest.mark.parametrize("method,updates", [
+    (["method=dmd", f"method.pairs={PAIRS}"], 8),
+    (["method=dmd2", "method.critic_updates_per_generator_update=2"], 15),
+    # four steps, backward simulation: the step index trained sets how many no-grad steps run first
+    (["method=dmd2", "method.timesteps=[1023,767,511,255]", "method.critic_updates_per_generator_update=2"], 15),
+    (["method=consistency"], 8),
+    # EDM (Heun teacher steps, sigma boundary), iCT's curriculum through 4 discretisations (4 to 32
+    # steps: a new one every 2 updates) and no target network
+    (["method=consistency", "schedule=edm", "method.curriculum=ict", "method.curriculum_start=4",
+      "method.curriculum_end=32", "method.target_decay=0", "method.distance=huber_elementwise"], 8),
+], ids=["dmd", "dmd2", "dmd2_multistep_backward", "consistency", "consistency_edm_ict"])
+def test_few_step_generator_updates_read_nothing_back(tmp_path, toy_teacher, method, updates):
+    import torch
+
+    from distillkit.pairs import save_pairs
+
+    g = torch.Generator().manual_seed(0)
+    save_pairs(tmp_path / PAIRS, torch.randn(64, 2, generator=g), torch.randn(64, 2, generator=g))
+    method = [a.replace(PAIRS, str(tmp_path / PAIRS)) for a in method]
+    schedule = [] if any(a.startswith("schedule=") for a in method) else VP
+    r = host_reads(tmp_path / "reads.json", *TOY_RUN, *schedule, "teacher=mlp2d", f"teacher.checkpoint={toy_teacher}",
+                   *method, f"runs_dir={tmp_path / 'runs'}")
+    assert r["updates"] == updates
+    assert r["reads"] == {}, r["reads"]
+
+
+# Class-conditional digits (a randomly initialised unet_digits teacher with 10 classes): LCM's guided
+# teacher steps and the student's guidance embedding; DMD2's guided real score, its GAN head on the
+# UNet's mid block and a two-step generator fed noised real data.
+@pytest.mark.parametrize("experiment,extra,updates", [
+    ("digits_cond_lcm", [], 3),
+    ("digits_cond_dmd2", ["method.timesteps=[1023,511]", "method.generator_inputs=real",
+                          "method.critic_updates_per_generator_update=2"], 5),
+], ids=["lcm", "dmd2_two_step_real"])
+def test_class_conditional_generator_updates_read_nothing_back(tmp_path, experiment, extra, updates):
+    from test_dmd import digits_teacher
+
+    teacher = digits_teacher(tmp_path / "teacher.pt", num_classes=10)
+    r = host_reads(tmp_path / "reads.json", f"experiment={experiment}", f"teacher.checkpoint={teacher}",
+                   "callbacks.ema.enabled=true", "debug=smoke", "callbacks.progress=none", "eval=none",
+                   "trainer.max_steps=3", *extra, f"runs_dir={tmp_path / 'runs'}")
+    assert r["updates"] == updates
+    assert r["reads"] == {}, r["reads"]
 
 
 @pytest.mark.parametrize("method", ["kd", "dkd", "fitnet"])

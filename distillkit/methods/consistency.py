@@ -102,6 +102,7 @@ class ConsistencyDistillation(DiffusionMethod):
         self.prepare_student()
         # The target network theta^-: an EMA of the online network, apart from the sampling EMA.
         self.target_net: Optional[EMA] = None
+        self._device_points: dict[tuple[int, str], torch.Tensor] = {}
         if self.target_decay > 0:
             self.target_net = EMA(self.student, self.target_decay)
             self.target_net.requires_grad_(False)
@@ -135,11 +136,35 @@ class ConsistencyDistillation(DiffusionMethod):
             return karras_ascending(self.schedule, steps + 1)
         return lcm_timesteps(self.schedule.num_train_timesteps, steps)
 
+    def discretisation_steps(self) -> list[int]:
+        """Every number of steps :meth:`steps_now` can give: ``num_timesteps``, or each of iCT's
+        curriculum (curriculum_start doubled until curriculum_end)."""
+        if self.curriculum == "fixed":
+            return [self.num_timesteps]
+        start, end = self.curriculum_range
+        steps = [start * 2 ** j for j in range(max(end // start, 1).bit_length()) if start * 2 ** j < end]
+        return steps + [end]
+
+    def device_points(self, steps: int) -> torch.Tensor:
+        """:meth:`points` of ``steps`` on this device, copied there once (:meth:`on_fit_start` copies every
+        step count of the run before its first update: a copy from host memory inside an update would
+        wait for all the work queued on a GPU)."""
+        key = (int(steps), str(self.device))
+        if key not in self._device_points:
+            self._device_points[key] = self.points(steps).to(self.device)
+        return self._device_points[key]
+
+    def on_fit_start(self) -> None:
+        super().on_fit_start()
+        for steps in self.discretisation_steps():
+            self.device_points(steps)
+
     def pair_times(self, n: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        """(t_{n+k}, t_n) per sample: n ~ U{0, ..., steps - k} on :meth:`points`, on this device."""
-        pts = self.points()
-        idx = torch.randint(0, len(pts) - self.skip, (n,), generator=g, device=g.device).cpu()
-        return pts[idx + self.skip].to(self.device), pts[idx].to(self.device)
+        """(t_{n+k}, t_n) per sample: n ~ U{0, ..., steps - k} on :meth:`points`, on this device
+        (drawn, indexed and kept there: nothing read back)."""
+        pts = self.device_points(self.steps_now())
+        idx = torch.randint(0, len(pts) - self.skip, (n,), generator=g, device=g.device).to(self.device)
+        return pts[idx + self.skip], pts[idx]
 
     # ------------------------------------------------------------------ the consistency function
     def consistency(self, net: nn.Module, x: torch.Tensor, t: torch.Tensor, cond: Cond,

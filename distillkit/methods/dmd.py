@@ -82,6 +82,20 @@ def gan_generator_loss(d_fake: torch.Tensor) -> torch.Tensor:
     return F.softplus(-d_fake).mean()
 
 
+def host_randint(n: int, host: torch.Generator) -> int:
+    """``torch.randint(0, n, ())`` from the CPU generator ``host``, as a Python int: read from a CPU
+    tensor, so no device is waited for (tests/host_reads.py leaves this read out)."""
+    return int(torch.randint(0, n, (), generator=host))
+
+
+def to_device_async(v: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A CPU tensor on ``device``. To a GPU through pinned memory without blocking: a copy from
+    pageable memory would wait for all the work queued on the GPU."""
+    if torch.device(device).type == "cuda":
+        return v.pin_memory().to(device, non_blocking=True)
+    return v.to(device)
+
+
 class GANHead(nn.Module):
     """DMD2's classifier branch on the fake score's bottleneck: for (B, C, h, w) features a strided
     4x4 convolution, GroupNorm, SiLU, global average pooling and a linear map to one logit (DMD2's
@@ -214,6 +228,20 @@ class DMD(MultiRoleMethod, DiffusionMethod):
                                   generator=g, pred_type=self.prediction_type)
             return self.schedule.add_noise(x0, self.randn(z.shape, g), self.timesteps[i])
 
+    def generator_step_index(self, g: torch.Generator, host: torch.Generator) -> int:
+        """The generator step i this update trains, uniform over ``timesteps`` (0 for one step).
+        Backward simulation runs i steps, so the host needs i; drawn on ``g``'s device, it would have
+        to be read back (on a GPU: wait for all queued work) at every update. So ``g`` draws it and
+        moves on as before, and i is read from ``host``, the update's CPU generator seeded as ``g``,
+        whose first draw this is: on a CPU ``g``'s own draw, bit for bit; on a GPU a draw of the same
+        distribution (CUDA's generator is not the CPU's), equally a function of the update, so
+        resumed runs agree."""
+        n = len(self.timesteps)
+        if n == 1:
+            return 0
+        torch.randint(0, n, (), generator=g, device=g.device)
+        return host_randint(n, host)
+
     def discriminate(self, x: torch.Tensor, cond: Cond, g: torch.Generator) -> torch.Tensor:
         """D(x): the GAN head on the fake score's bottleneck at x noised to t ~ U{0, ..., gan_max_timestep - 1}."""
         t = self._t(x.shape[0], 0, self.gan_max_timestep - 1, g)
@@ -230,14 +258,20 @@ class DMD(MultiRoleMethod, DiffusionMethod):
             grad = distribution_matching_grad(x.detach().float(), x0_real, x0_fake)
         return distribution_matching_loss(x, grad)
 
-    def regression_loss(self, n: int, g: torch.Generator) -> torch.Tensor:
-        """|| G(z) - y ||^2 over n of the teacher's pairs (z, y), drawn from g (the generator's first step)."""
+    def regression_loss(self, n: int, g: torch.Generator, host: torch.Generator) -> torch.Tensor:
+        """|| G(z) - y ||^2 over n of the teacher's pairs (z, y) (the generator's first step). The
+        pairs stay in host memory, so their indices are needed there: ``g`` draws them (its later
+        noise as before), and on a GPU they come from ``host`` instead (reading g's would wait for
+        all queued work); the batch goes to the GPU through pinned memory (:func:`to_device_async`).
+        On a CPU the indices are ``g``'s, bit for bit."""
         assert self.pairs is not None
-        idx = torch.randint(0, len(self.pairs.noise), (n,), generator=g, device=g.device).cpu()
+        idx = torch.randint(0, len(self.pairs.noise), (n,), generator=g, device=g.device)
+        if idx.device.type != "cpu":
+            idx = torch.randint(0, len(self.pairs.noise), (n,), generator=host)
         z, y, cond = self.pairs.batch(idx)
-        cond = map_cond(cond, lambda v: v.to(self.device))
-        x = self.generator_step(self.train_student, z.to(self.device), 0, cond)
-        return mean_flat((x - y.to(self.device).float()) ** 2).mean()
+        cond = map_cond(cond, lambda v: to_device_async(v, self.device))
+        x = self.generator_step(self.train_student, to_device_async(z, self.device), 0, cond)
+        return mean_flat((x - to_device_async(y, self.device).float()) ** 2).mean()
 
     # ------------------------------------------------------------------ one batch
     def training_step(self, batch: Any, batch_idx: int) -> None:
@@ -253,8 +287,8 @@ class DMD(MultiRoleMethod, DiffusionMethod):
                                "method.gan_critic_weight=0")
         g = self.noise_generator(self.updates_of("critic"))
         generator_turn = self.updates_of("critic") % self.critic_updates_per_generator_update == 0
-        n = len(self.timesteps)
-        i = int(torch.randint(0, n, (), generator=g, device=g.device)) if n > 1 else 0
+        host = torch.Generator().manual_seed(g.initial_seed())  # the draws the host reads (CPU: as g's)
+        i = self.generator_step_index(g, host)
         nfe = 1 + (i if self.generator_inputs == "backward" else 0)
         logs: dict[str, torch.Tensor] = {}
 
@@ -274,7 +308,7 @@ class DMD(MultiRoleMethod, DiffusionMethod):
                     loss = loss + self.gan_generator_weight * gan
                     nfe += 1
                 if self.regression_weight > 0:
-                    reg = self.regression_loss(int(self.regression_batch_size or B), g)
+                    reg = self.regression_loss(int(self.regression_batch_size or B), g, host)
                     logs["train/regression_loss"] = reg.detach()
                     loss = loss + self.regression_weight * reg
                     nfe += 1

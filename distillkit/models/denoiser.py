@@ -114,6 +114,25 @@ def _hook_time_embedding(module: nn.Module) -> None:
         module.register_forward_pre_hook(_condition_time_embedding, with_kwargs=True)
 
 
+def guidance_scale_embedding(w: torch.Tensor, embedding_dim: int) -> torch.Tensor:
+    """(len(w), embedding_dim) float32 sinusoidal embedding of 1000 w: diffusers'
+    ``StableDiffusionPipeline.get_guidance_scale_embedding`` (the embedding LCM's pipelines feed
+    ``timestep_cond``) op for op on w's device, so the same values bit for bit, except that its
+    constant log(10000) comes from a scalar filled on the device: diffusers' ``torch.tensor(10000.0)``
+    is a copy from host memory (under a GPU default device), which waits for all queued GPU work at
+    every network call."""
+    assert w.ndim == 1
+    w = w * 1000.0
+    half_dim = embedding_dim // 2
+    emb = torch.log(torch.full((), 10000.0, device=w.device)) / (half_dim - 1)
+    emb = torch.exp(torch.arange(half_dim, dtype=torch.float32, device=w.device) * -emb)
+    emb = w.to(torch.float32)[:, None] * emb[None, :]
+    emb = torch.cat([torch.sin(emb), torch.cos(emb)], dim=1)
+    if embedding_dim % 2 == 1:  # zero pad
+        emb = torch.nn.functional.pad(emb, (0, 1))
+    return emb
+
+
 class _Bottleneck(Exception):
     """Raised by the forward hook of :meth:`Denoiser.bottleneck` to stop the forward there."""
 
@@ -304,18 +323,13 @@ class Denoiser(nn.Module):
 
     def guidance_embedding(self, guidance: Guidance, batch: int, device: torch.device) -> torch.Tensor:
         """(batch, dim) embedding of diffusers' guidance scale ``w`` (None: 1), in the network's dtype:
-        diffusers' own ``get_guidance_scale_embedding`` of LCM's w' = w - 1, as the pipelines call it."""
-        from diffusers import StableDiffusionPipeline
-
+        diffusers' ``get_guidance_scale_embedding`` (:func:`guidance_scale_embedding`, built on the device)
+        of LCM's w' = w - 1, as the pipelines call it."""
         if isinstance(guidance, torch.Tensor):
             w = (guidance.to(device, torch.float32) - 1).reshape(-1).expand(batch)
         else:  # w - 1 in Python, as the pipelines' torch.tensor(guidance_scale - 1)
             w = torch.full((batch,), (1.0 if guidance is None else float(guidance)) - 1, device=device)
-        # its frequencies are built on the current default device: build them next to w, no host copy
-        with torch.device(device):
-            emb = StableDiffusionPipeline.get_guidance_scale_embedding(None, w,
-                                                                       embedding_dim=self.guidance_embedding_dim)
-        return emb.to(self.dtype)
+        return guidance_scale_embedding(w, self.guidance_embedding_dim).to(self.dtype)
 
     # ------------------------------------------------------------------ the network
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond: Optional[Cond] = None,
@@ -496,5 +510,5 @@ def as_denoiser(net: nn.Module, schedule: Any, prediction_type: str, condition: 
     return net.configure(schedule, prediction_type)
 
 
-__all__ = ["Denoiser", "as_denoiser", "no_guidance", "map_cond", "cat_cond",
+__all__ = ["Denoiser", "as_denoiser", "no_guidance", "guidance_scale_embedding", "map_cond", "cat_cond",
            "where_cond", "cond_batch_size", "CONDITION_KINDS"]
