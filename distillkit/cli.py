@@ -276,17 +276,22 @@ def is_compile_failure(e: BaseException) -> bool:
 
 
 def build_trainer(cfg: DictConfig, run_dir: Path, accelerator: str, callbacks: list, loggers: list,
-                  progress_bar: bool, manual: bool = False) -> Any:
+                  progress_bar: bool, manual: bool = False, module: Any = None) -> Any:
     """Lightning's Trainer from ``trainer.*``; settings it refuses (a strategy or precision it does
     not know, a GPU that is not there) become one message naming the trainer overrides given.
     ``manual``: the method updates several roles itself (distillkit.methods.roles): it clips their
-    gradients, and under DDP each backward reaches one role, so DDP must find unused parameters."""
+    gradients, and under DDP each backward reaches one role, so DDP must find unused parameters.
+    ``trainer.strategy=fsdp`` shards ``module``'s UNets block by block (distillkit.parallel)."""
     import lightning as L
     from hydra.core.hydra_config import HydraConfig
     from lightning.fabric.utilities.exceptions import MisconfigurationException
 
     t = cfg.trainer
     strategy = "ddp_find_unused_parameters_true" if manual and t.strategy == "ddp" else t.strategy
+    if t.strategy == "fsdp" and module is not None:
+        from distillkit.parallel import fsdp_strategy
+
+        strategy = fsdp_strategy(module)
     clip = None if manual else gradient_clip(cfg)
     try:
         return L.Trainer(
@@ -462,7 +467,8 @@ def run(cfg: DictConfig) -> dict:
     ckpt, write_config = check_run_dir(run_dir, config, config["resume"], resume_safe_keys())
     accelerator = str(cfg.trainer.accelerator)
     loggers = build_loggers(cfg, run_dir)
-    trainer = build_trainer(cfg, run_dir, accelerator, callbacks, loggers, progress_bar=rich, manual=bool(roles))
+    trainer = build_trainer(cfg, run_dir, accelerator, callbacks, loggers, progress_bar=rich, manual=bool(roles),
+                            module=method)
     for lg in loggers:  # metrics.csv rows at the update count of the progress log, with the wall time
         if callable(getattr(lg, "follow", None)):
             lg.follow(trainer, wall_s=lambda: last_ckpt.wall_s)
@@ -513,12 +519,13 @@ def run(cfg: DictConfig) -> dict:
                     "resumed_from": str(ckpt) if ckpt else None})
     if ckpt is not None:  # keep the earlier sessions' results (a val/loss this one did not measure)
         results = merge_earlier_results(run_dir, results)
+    from distillkit.parallel import full_state_dict
+
+    weights = full_state_dict(method.eval_network())  # collective under trainer.strategy=fsdp
     if trainer.is_global_zero:
         from safetensors.torch import save_file
 
-        net = method.eval_network()
-        save_file({k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()},
-                  str(run_dir / "student.safetensors"))
+        save_file({k: v.detach().cpu().contiguous() for k, v in weights.items()}, str(run_dir / "student.safetensors"))
         mask = os.umask(0)  # safetensors writes 0600: give it the mode of the user's umask (0644)
         os.umask(mask)
         os.chmod(run_dir / "student.safetensors", 0o666 & ~mask)

@@ -221,8 +221,11 @@ class NonFiniteGuard(Callback):
 
     @staticmethod
     def _grad_max_norms(params: list[torch.Tensor], device: torch.device) -> torch.Tensor:
-        """max |g| of each gradient (NaN where it holds a NaN, inf where an inf) as one tensor."""
-        grads = [p.grad for p in params]
+        """max |g| of each gradient (NaN where it holds a NaN, inf where an inf) as one tensor. Under
+        trainer.strategy=fsdp of this device's shard of it (a DTensor's local part; an empty shard
+        counts as 0): the ranks' verdicts are combined where they are read."""
+        grads = [p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad for p in params]
+        grads = [g if g.numel() else g.new_zeros(1) for g in grads]
         if any(g.is_sparse for g in grads):
             norms = [torch.linalg.vector_norm(g.coalesce().values(), float("inf")) for g in grads]
         else:

@@ -9,6 +9,7 @@ Decisions).
 from __future__ import annotations
 
 import bisect
+import logging
 import math
 import random
 from contextlib import contextmanager
@@ -22,6 +23,8 @@ from torch import nn
 from distillkit.cycles import cycle_lengths, cycle_position
 from distillkit.errors import DistillError
 from distillkit.methods.ema import EMA
+
+log = logging.getLogger("distillkit")
 
 
 class DistillMethod(L.LightningModule):
@@ -95,6 +98,19 @@ class DistillMethod(L.LightningModule):
         guard = self.__dict__.get("_nonfinite_guard")
         if guard is not None:
             guard.check_update(self.trainer, self, optimizer, role)
+
+    def configure_model(self) -> None:
+        """Under ``trainer.strategy=fsdp``: shard the networks over the devices (distillkit.parallel),
+        once (Lightning calls this hook again for testing after fitting)."""
+        from distillkit.parallel import is_fsdp, shard
+
+        if is_fsdp(self._trainer) and not self.__dict__.get("_sharded", False):
+            mesh = self.device_mesh["data_parallel"]
+            units = shard(self, mesh)
+            self.__dict__["_sharded"] = True
+            if self.global_rank == 0:
+                log.info("trainer.strategy=fsdp: %d units (diffusers blocks and networks) sharded over %d devices",
+                         units, mesh.size())
 
     # ------------------------------------------------------------------ teacher
     def _teacher_to_device(self) -> None:

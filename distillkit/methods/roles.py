@@ -165,7 +165,9 @@ class MultiRoleMethod(DistillMethod):
         """Under DDP every role's parameters must be the same on every rank after training (each
         role's gradients are all-reduced at its own backward); a difference means a role was
         updated from a gradient that was not reduced. Compares one checksum per role."""
-        if self.world_size_now() <= 1:
+        from distillkit.parallel import is_fsdp
+
+        if self.world_size_now() <= 1 or is_fsdp(self._trainer):  # FSDP: each weight has one copy, sharded
             return
         sums = {name: float(sum(p.double().sum() for p in ps)) for name, ps in self.role_parameters().items()}
         from distillkit.methods.base import gather_from_ranks
