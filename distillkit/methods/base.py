@@ -83,10 +83,19 @@ class DistillMethod(L.LightningModule):
 
     def log(self, name: str, value: Any, *args: Any, **kwargs: Any) -> None:
         """Lightning's ``log``; a training term (``train/...``) also goes to the non-finite check of
-        its update (``callbacks.nonfinite``: :mod:`distillkit.callbacks.nonfinite`), no host sync."""
+        its update (``callbacks.nonfinite``: :mod:`distillkit.callbacks.nonfinite`), no host sync.
+        A per-update training term reaches Lightning only on the updates the loggers write
+        (``trainer.log_every_n_steps``, :meth:`logged_now`): on the others Lightning stores it and
+        drops it, at about half a millisecond a call on a CPU, several calls an update
+        (scripts/bench_overhead.py). Terms averaged over the epoch (``on_epoch=True``) go every time,
+        and so do those of methods with several roles (distillkit.methods.roles), whose generator
+        terms, logged on the generator's batch, Lightning writes on a later batch's log step."""
         guard = self.__dict__.get("_nonfinite_guard")
         if guard is not None and name.startswith("train/"):
             guard.record(name, value)
+        if (name.startswith("train/") and self.automatic_optimization and not kwargs.get("on_epoch")
+                and not self.logged_now()):
+            return
         super().log(name, value, *args, **kwargs)
 
     def check_update(self, optimizer: Any, role: Optional[str] = None) -> None:
