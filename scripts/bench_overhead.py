@@ -6,23 +6,25 @@
 What is measured (issue 29, item 9; target: at most 1.10x for every method):
 
 - distill: `python -m distillkit.cli experiment=X runs_dir=TMP callbacks.progress=none
-  trainer.max_steps=N`, one thread, everything else as a user gets it (checkpoint cadence,
-  validation, logging, the non-finite check, the test at the end), at two lengths N1 < N2; the
-  ms per update is (t2 - t1) / (N2 - N1), so start-up, building and the final test cancel out and
-  the epoch ends, validations and checkpoints the longer run crosses are in it.
+  trainer.max_steps=N2`, one thread, everything else as a user gets it (checkpoint cadence,
+  validation, logging, the non-finite check). The ms per update is read inside the run: the
+  difference of metrics.csv's `wall_s` at its first row at or after update N1 and its last at or
+  before N2 (the loggers write every `trainer.log_every_n_steps`), over the updates between. Start-up, building, the
+  final checkpoint and test fall outside, and the epoch ends, validations and checkpoints between N1
+  and N2 are in it. (Timing whole processes at two lengths, as this script first did, left the
+  answer to the noise of two ~10 s start-ups: a 120-update difference of ~1 s moved by 30%.)
 - plain: the same objects, built by distillkit from the same composed config (dataset, networks,
   method with its optimizer, LR schedule and EMA), driven by a bare `for` loop over a torch
   DataLoader of the same training split and batch size: the method's own `training_step` (its
   maths), then backward, gradient clipping where configured, optimizer and LR-schedule step and
   the EMA update (multi-role methods, DMD2, do all of that inside `training_step`). Lightning is
   replaced by a stub that holds the update count and the optimizers; `self.log` does nothing.
-  Timed the same way, at the same two lengths, each length in a fresh process.
+  Timed the same way: the clock at updates N1 and N2 of one run.
 
-The runs alternate (distill N1, distill N2, plain N1, plain N2, repeated) and the medians are taken,
-as the machine is shared. The ratio is of CPU time (the process's user + system time; one thread and
-no loader workers, so it equals the wall time on an idle machine), which other jobs on the machine
-do not inflate; the wall-time figures are kept alongside (`*_wall`). Teachers are trained first with a few updates, as `name=default`, where
-the students' configs look for them.
+The runs alternate (distill, plain, repeated) and the median of each side's ms per update is
+taken. The clock is the wall clock (one thread, no loader workers): run it on an otherwise idle
+machine. Teachers are trained first with a few updates, as `name=default`, where the students'
+configs look for them.
 """
 from __future__ import annotations
 
@@ -35,7 +37,6 @@ import shlex
 import statistics
 import subprocess
 import sys
-import resource
 import tempfile
 import time
 from pathlib import Path
@@ -52,7 +53,7 @@ EXPERIMENTS = ["digits_diffusion_teacher", "digits_progressive", "digits_dsdi", 
                "digits_dkd", "digits_fitnet", "digits_dmd2", "digits_consistency"]
 # updates (generator updates for DMD2, each 5 batches) of the short and the long run: both cross several
 # digits epochs (21 diffusion / 4 classifier updates) and checkpoint intervals
-LENGTHS = {"digits_dmd2": (5, 20)}
+LENGTHS = {"digits_dmd2": (10, 30)}
 DEFAULT_LENGTHS = (40, 160)
 
 
@@ -115,8 +116,8 @@ def build(experiment: str, runs_dir: str, max_steps: int):
     return cfg, dm, method, cli.gradient_clip(cfg)
 
 
-def plain_run(experiment: str, runs_dir: str, updates: int) -> dict:
-    """Wall and CPU seconds of `updates` updates in a bare loop (building excluded; the caller subtracts two lengths anyway)."""
+def plain_run(experiment: str, runs_dir: str, updates: int, first: int) -> dict:
+    """Wall-clock seconds of updates ``first + 1`` to ``updates`` in a bare loop."""
     import torch
     from torch.utils.data import DataLoader
 
@@ -142,7 +143,7 @@ def plain_run(experiment: str, runs_dir: str, updates: int) -> dict:
             [p for g in opt.param_groups for p in g["params"]], gradient_clip_val)
     method.on_fit_start()
     loader = DataLoader(dm.train_set, batch_size=dm.batch_size, shuffle=True, drop_last=True)
-    t0, c0 = time.perf_counter(), time.process_time()
+    t_first = None
     for stub.current_epoch in itertools.count():
         for i, batch in enumerate(loader):
             method.on_train_batch_start(batch, i)
@@ -159,37 +160,46 @@ def plain_run(experiment: str, runs_dir: str, updates: int) -> dict:
                     s.step()
                 method.update_ema()
                 stub.global_step += 1
+            if stub.global_step == first and t_first is None:
+                t_first = time.perf_counter()
             if stub.global_step >= updates:
                 break
         if stub.global_step >= updates:
             break
-    return {"wall": time.perf_counter() - t0, "cpu": time.process_time() - c0}
+    return {"wall": time.perf_counter() - t_first}
 
 
 # --------------------------------------------------------------------------- the driver
-def cpu_of_children() -> float:
-    r = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return r.ru_utime + r.ru_stime
-
-
-def timed(cmd: list[str], env: dict) -> dict:
-    """Wall and CPU seconds of one process, or, with --plain, of its loop alone."""
-    t0, c0 = time.perf_counter(), cpu_of_children()
+def run(cmd: list[str], env: dict) -> str:
     p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
-    seconds = {"wall": time.perf_counter() - t0, "cpu": cpu_of_children() - c0}
     if p.returncode != 0:
         raise SystemExit(f"{shlex.join(cmd)} failed ({p.returncode}):\n{(p.stdout + p.stderr)[-3000:]}")
-    return json.loads(p.stdout.strip().splitlines()[-1]) if "--plain" in cmd else seconds
+    return p.stdout
 
 
-def distill_cmd(experiment: str, runs: str, updates: int, name: str) -> list[str]:
-    return [sys.executable, "-m", "distillkit.cli", f"experiment={experiment}", f"runs_dir={runs}",
-            "callbacks.progress=none", f"trainer.max_steps={updates}", f"name={name}"]
+def distill_ms(experiment: str, runs: str, n1: int, n2: int, name: str, env: dict) -> float:
+    """ms per update between updates n1 and n2 of one `distill` run, from its metrics.csv's wall_s:
+    the first row at or after n1 and the last at or before n2 (DMD2's rows fall on the generator
+    updates its logging batches end, not on multiples of 10)."""
+    import csv
+
+    run([sys.executable, "-m", "distillkit.cli", f"experiment={experiment}", f"runs_dir={runs}",
+         "callbacks.progress=none", f"trainer.max_steps={n2}", f"name={name}"], env)
+    wall: dict[int, float] = {}
+    with open(Path(runs) / experiment / name / "metrics.csv") as f:
+        for row in csv.DictReader(f):
+            if row.get("wall_s") and row.get("step") and n1 <= int(float(row["step"])) <= n2:
+                wall.setdefault(int(float(row["step"])), float(row["wall_s"]))
+    if len(wall) < 2:
+        raise SystemExit(f"{experiment}: metrics.csv has fewer than two rows with wall_s between steps {n1} and {n2}")
+    a, b = min(wall), max(wall)
+    return 1000 * (wall[b] - wall[a]) / (b - a)
 
 
-def plain_cmd(experiment: str, runs: str, updates: int) -> list[str]:
-    # the loop's own time: a fresh process per length, as for distill
-    return [sys.executable, __file__, "--plain", experiment, "--runs", runs, "--updates", str(updates)]
+def plain_ms(experiment: str, runs: str, n1: int, n2: int, env: dict) -> float:
+    out = run([sys.executable, __file__, "--plain", experiment, "--runs", runs, "--updates", str(n2),
+               "--first", str(n1)], env)
+    return 1000 * json.loads(out.strip().splitlines()[-1])["wall"] / (n2 - n1)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -200,37 +210,34 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--plain", help=argparse.SUPPRESS)
     ap.add_argument("--runs", help=argparse.SUPPRESS)
     ap.add_argument("--updates", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--first", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.plain:
         import warnings
 
         warnings.filterwarnings("ignore")
-        print(json.dumps(plain_run(args.plain, args.runs, args.updates)))
+        print(json.dumps(plain_run(args.plain, args.runs, args.updates, args.first)))
         return
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     chosen = [e for e in EXPERIMENTS if not args.only or e in args.only]
     with tempfile.TemporaryDirectory(prefix="bench-overhead-") as runs:
         for teacher, students in TEACHERS.items():  # a few updates: the students need a checkpoint, not a good one
             if any(s in chosen for s in students):
-                timed(distill_cmd(teacher, runs, 20, "default"), env)
+                run([sys.executable, "-m", "distillkit.cli", f"experiment={teacher}", f"runs_dir={runs}",
+                     "callbacks.progress=none", "trainer.max_steps=20", "name=default"], env)
         for exp in chosen:
             n1, n2 = LENGTHS.get(exp, DEFAULT_LENGTHS)
-            times: dict[tuple[str, int], list[dict]] = {}
-            for rep in range(args.repeats):
-                for n in (n1, n2):  # each run in a fresh run dir of its own, so none resumes another
-                    times.setdefault(("distill", n), []).append(timed(distill_cmd(exp, runs, n, f"r{rep}n{n}"), env))
-                for n in (n1, n2):
-                    times.setdefault(("plain", n), []).append(timed(plain_cmd(exp, runs, n), env))
-            row: dict = {"experiment": exp, "updates": [n1, n2], "repeats": args.repeats}
-            for clock in ("cpu", "wall"):
-                med = {k: statistics.median(t[clock] for t in v) for k, v in times.items()}
-                ms = {how: 1000 * (med[(how, n2)] - med[(how, n1)]) / (n2 - n1) for how in ("distill", "plain")}
-                suffix = "" if clock == "cpu" else "_wall"
-                row.update({f"ms_per_update_distill{suffix}": round(ms["distill"], 1),
-                            f"ms_per_update_plain{suffix}": round(ms["plain"], 1),
-                            f"ratio{suffix}": round(ms["distill"] / ms["plain"], 3)})
-            print(f"{exp:28s} distill {row['ms_per_update_distill']:7.1f} ms  plain {row['ms_per_update_plain']:7.1f} ms"
-                  f"  {row['ratio']:.2f}x (CPU time; wall {row['ratio_wall']:.2f}x)", flush=True)
+            ms: dict[str, list[float]] = {"distill": [], "plain": []}
+            for rep in range(args.repeats):  # each distill run in a fresh run dir of its own, so none resumes another
+                ms["distill"].append(distill_ms(exp, runs, n1, n2, f"r{rep}", env))
+                ms["plain"].append(plain_ms(exp, runs, n1, n2, env))
+            med = {k: statistics.median(v) for k, v in ms.items()}
+            row = {"experiment": exp, "updates": [n1, n2], "repeats": args.repeats,
+                   "ms_per_update_distill": round(med["distill"], 2), "ms_per_update_plain": round(med["plain"], 2),
+                   "ratio": round(med["distill"] / med["plain"], 3),
+                   "runs_ms_distill": [round(v, 2) for v in ms["distill"]], "runs_ms_plain": [round(v, 2) for v in ms["plain"]]}
+            print(f"{exp:28s} distill {row['ms_per_update_distill']:7.2f} ms  plain {row['ms_per_update_plain']:7.2f} ms"
+                  f"  {row['ratio']:.2f}x", flush=True)
             write(args.out, row)
     subprocess.run([sys.executable, str(ROOT / "scripts" / "readme_tables.py"), NAME], cwd=ROOT, check=True)
 
