@@ -17,7 +17,7 @@ from conftest import run_cli
 # its epoch 0 (step 3) and stops at max_steps=4, mid-epoch.
 ARGS = ("experiment=digits_student", "dataset.batch_size=16", "trainer.limit_train_batches=3",
         "trainer.limit_val_batches=2", "trainer.limit_test_batches=2", "trainer.log_every_n_steps=1",
-        "callbacks.progress=none", "name=mine")
+        "trainer.check_val_every_n_epoch=1", "callbacks.progress=none", "name=mine")
 FILES = ("results.json", "metrics.csv", "last.ckpt", "config.yaml", "student.safetensors")
 
 
