@@ -194,7 +194,8 @@ def dmd_digits_table(bench: dict) -> str:
 def consistency_digits_table(bench: dict) -> str:
     return few_step_table(bench, {"cm": "consistency distillation (EMA target 0.95)",
                                   "cm_online_target": "consistency, online target (iCT)",
-                                  "lcm_cond": "LCM, class-conditional (guidance 2)"}, "updates")
+                                  "lcm_cond": "LCM, class-conditional (guidance 2)",
+                                  "lcm_cond_g1": "LCM, class-conditional (guidance 1)"}, "updates")
 
 
 @formatter("smoke_cpu")
