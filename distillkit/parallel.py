@@ -89,19 +89,15 @@ def shard(module: nn.Module, mesh: Any) -> int:
     number of units. Every parameter ends in a unit (else it would be neither sharded nor reduced)."""
     from torch.distributed.fsdp import fully_shard
 
-    units = 0
-    for m in list(module.modules()):
-        if isinstance(m, fsdp_block_classes()):
-            fully_shard(m, mesh=mesh)
-            units += 1
-    for net in networks(module):
-        fully_shard(net, mesh=mesh)
-        units += 1
-    covered = {id(p) for net in networks(module) for p in net.parameters()}
+    nets = networks(module)
+    covered = {id(p) for net in nets for p in net.parameters()}
     left = [n for n, p in module.named_parameters() if id(p) not in covered]
     if left:
         raise RuntimeError(f"trainer.strategy=fsdp: parameters outside every network: {left[:3]}")
-    return units
+    blocks = [m for m in module.modules() if isinstance(m, fsdp_block_classes())]
+    for unit in blocks + nets:  # the blocks first: fully_shard leaves a sharded submodule to its own unit
+        fully_shard(unit, mesh=mesh)
+    return len(blocks) + len(nets)
 
 
 def fsdp_strategy(module: nn.Module, **kwargs: Any) -> Any:

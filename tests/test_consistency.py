@@ -19,7 +19,8 @@ from torch import nn
 
 from distillkit.diffusion import GaussianData, NoiseSchedule, ddim_step_between
 from distillkit.diffusion.consistency import (apply_boundary, cm_boundary, consistency_distance, huber_c_for,
-                                              ict_discretisation, karras_ascending, lcm_boundary, lcm_timesteps)
+                                              ict_discretisation, ict_discretisation_values, karras_ascending, lcm_boundary,
+                                              lcm_timesteps)
 
 QUIET = ["callbacks.progress=none", "trainer.limit_val_batches=1", "trainer.test_after_fit=false",
          "trainer.log_every_n_steps=1", "trainer.max_epochs=-1"]
@@ -83,6 +84,9 @@ def test_lcm_discretisation_and_icts_curriculum():
     assert bool((pts[1:] > pts[:-1]).all())
     # iCT: s0 = 10, s1 = 1280, K = 1000 -> K' = floor(1000 / 8) = 125; N doubles every 125 updates
     assert [ict_discretisation(u, 1000) for u in (0, 124, 125, 250, 874, 875, 999)] == [10, 10, 20, 40, 640, 1280, 1280]
+    # the values a run can meet (its discretisations go to the device before training): the curriculum's own
+    for start, end in ((10, 1280), (10, 1000), (4, 4), (3, 17)):
+        assert ict_discretisation_values(start, end) == sorted({ict_discretisation(u, 500, start, end) for u in range(500)})
 
 
 def test_sampling_times_are_lcmschedulers_choice():

@@ -130,6 +130,11 @@ def ict_discretisation(update: int, total_updates: int, start: int = 10, end: in
     return min(start * 2 ** (int(update) // K_prime), end)
 
 
+def ict_discretisation_values(start: int = 10, end: int = 1280) -> list[int]:
+    """Every value :func:`ict_discretisation` takes, ascending: s0 2^j below s1, then s1."""
+    return sorted({min(start * 2 ** j, end) for j in range(int(math.log2(end // start)) + 2)})
+
+
 # --------------------------------------------------------------------------- sampling
 def consistency_sample_edm(f: Callable, z: torch.Tensor, sigmas: Sequence[float], sigma_min: float,
                            generator: Optional[torch.Generator] = None) -> torch.Tensor:

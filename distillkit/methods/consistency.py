@@ -38,8 +38,8 @@ from torch import nn
 
 from distillkit.diffusion import ddim_step_between, edm_precond, expand_like, heun_step, multistep_sample, to_x0
 from distillkit.diffusion.consistency import (DISTANCES, apply_boundary, cm_boundary, consistency_distance,
-                                              consistency_sample_edm, ict_discretisation, karras_ascending,
-                                              lcm_boundary, lcm_timesteps)
+                                              consistency_sample_edm, ict_discretisation, ict_discretisation_values,
+                                              karras_ascending, lcm_boundary, lcm_timesteps)
 from distillkit.diffusion.from_config import plain
 from distillkit.errors import DistillError
 from distillkit.methods.base import eval_mode
@@ -141,9 +141,7 @@ class ConsistencyDistillation(DiffusionMethod):
         curriculum (curriculum_start doubled until curriculum_end)."""
         if self.curriculum == "fixed":
             return [self.num_timesteps]
-        start, end = self.curriculum_range
-        steps = [start * 2 ** j for j in range(max(end // start, 1).bit_length()) if start * 2 ** j < end]
-        return steps + [end]
+        return ict_discretisation_values(*self.curriculum_range)
 
     def device_points(self, steps: int) -> torch.Tensor:
         """:meth:`points` of ``steps`` on this device, copied there once (:meth:`on_fit_start` copies every
