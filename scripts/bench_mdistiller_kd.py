@@ -26,7 +26,6 @@ benchmarks/mdistiller_kd_cpu.json (issue 29, item 9: target at most 1.05x).
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime as dt
 import importlib.util
 import json
@@ -60,20 +59,12 @@ def write_fake_cifar100(folder: Path, batches: int = 40) -> Path:
 
 
 def distill_ms(runs: Path, data: Path, teacher: Path, n1: int, n2: int, name: str) -> float:
+    from bench_overhead import distill_ms as overhead_distill_ms
+
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    cmd = [sys.executable, "-m", "distillkit.cli", "experiment=cifar100_kd", f"dataset.data_dir={data}",
-           f"teacher.checkpoint={teacher}", f"runs_dir={runs}", f"name={name}", "dataset.num_workers=1",
-           "trainer.cpu_threads=1", f"trainer.max_steps={n2}", f"trainer.log_every_n_steps={n1}",
-           "trainer.test_after_fit=false", "callbacks.progress=none"]
-    p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
-    if p.returncode != 0:
-        raise SystemExit(f"distill failed ({p.returncode}):\n{(p.stdout + p.stderr)[-3000:]}")
-    wall = {}
-    with open(runs / "cifar100_kd" / name / "metrics.csv") as f:
-        for row in csv.DictReader(f):
-            if row.get("wall_s") and row.get("step"):
-                wall.setdefault(int(float(row["step"])), float(row["wall_s"]))
-    return 1000 * (wall[n2] - wall[n1]) / (n2 - n1)
+    return overhead_distill_ms("cifar100_kd", str(runs), n1, n2, name, env, f"dataset.data_dir={data}",
+                               f"teacher.checkpoint={teacher}", "dataset.num_workers=1", "trainer.cpu_threads=1",
+                               f"trainer.log_every_n_steps={n1}", "trainer.test_after_fit=false")
 
 
 def load_mdistiller(path: Path) -> types.SimpleNamespace:

@@ -177,21 +177,26 @@ def run(cmd: list[str], env: dict) -> str:
     return p.stdout
 
 
-def distill_ms(experiment: str, runs: str, n1: int, n2: int, name: str, env: dict) -> float:
-    """ms per update between updates n1 and n2 of one `distill` run, from its metrics.csv's wall_s:
-    the first row at or after n1 and the last at or before n2 (DMD2's rows fall on the generator
-    updates its logging batches end, not on multiples of 10)."""
+def distill_ms(experiment: str, runs: str, n1: int, n2: int, name: str, env: dict, *overrides: str) -> float:
+    """ms per update between updates n1 and n2 of one `distill` run (:func:`ms_between`)."""
+    run([sys.executable, "-m", "distillkit.cli", f"experiment={experiment}", f"runs_dir={runs}",
+         "callbacks.progress=none", f"trainer.max_steps={n2}", f"name={name}", *overrides], env)
+    return ms_between(Path(runs) / experiment / name / "metrics.csv", n1, n2)
+
+
+def ms_between(metrics_csv: Path, n1: int, n2: int) -> float:
+    """ms per update from a run's metrics.csv's wall_s: between its first row at or after update n1
+    and its last at or before n2 (DMD2's rows fall on the generator updates its logging batches
+    end, not on multiples of 10)."""
     import csv
 
-    run([sys.executable, "-m", "distillkit.cli", f"experiment={experiment}", f"runs_dir={runs}",
-         "callbacks.progress=none", f"trainer.max_steps={n2}", f"name={name}"], env)
     wall: dict[int, float] = {}
-    with open(Path(runs) / experiment / name / "metrics.csv") as f:
+    with open(metrics_csv) as f:
         for row in csv.DictReader(f):
             if row.get("wall_s") and row.get("step") and n1 <= int(float(row["step"])) <= n2:
                 wall.setdefault(int(float(row["step"])), float(row["wall_s"]))
     if len(wall) < 2:
-        raise SystemExit(f"{experiment}: metrics.csv has fewer than two rows with wall_s between steps {n1} and {n2}")
+        raise SystemExit(f"{metrics_csv}: fewer than two rows with wall_s between steps {n1} and {n2}")
     a, b = min(wall), max(wall)
     return 1000 * (wall[b] - wall[a]) / (b - a)
 
