@@ -29,7 +29,7 @@ median time between the starts of consecutive generator-update batches (``torch.
 at each), over ``--updates`` cycles after ``--warmup`` cycles, so it includes the Trainer's own
 overhead and the host-to-device copy of each batch.
 
-FLOPs. The first warm-up cycle runs under ``torch.utils.flop_counter.FlopCounterMode``: every
+FLOPs. One more cycle after the timed ones runs under ``torch.utils.flop_counter.FlopCounterMode``: every
 matmul, convolution and attention kernel of the cycle, forward and backward, at 2 FLOPs per
 multiply-add, as executed (``flops_per_update``). Gradient checkpointing's recomputation (forwards
 of modules run inside the backward) is counted apart (``recompute_flops_per_update``); the model
@@ -46,10 +46,16 @@ Memory. ``weights_gb``: memory allocated once the method is built (all networks 
 gradients, optimizer states, autocast's bf16 weight copies, activations); ``fits_80gb``: that
 peak under 80 GiB (85.9 GB; the CUDA context and the allocator's slack, ``peak_reserved_gb``,
 come on top); ``peak_mem_gb_generator_batch`` and ``peak_mem_gb_critic_batch``: the peak within the
-batches that make a generator update (and a critic update) and within the critic-only ones. A
-configuration that runs out of memory gives a row with ``"oom": true``. On an H200 the three
-configurations at batch 2 take about 4 minutes in all, most of it ``lora_nockpt``'s and the
-FLOP-counted cycles; give a device call at least 6.
+batches that make a generator update (and a critic update) and within the critic-only ones. The
+FLOP-counted cycle comes last and is left out of all three (``peak_mem_gb_flop_counted_cycle``):
+FlopCounterMode defeats gradient checkpointing's savings, and when it counted the FIRST cycle (as
+this script did until 2026-12-04) the H200 showed LoRA DMD2 at batch 2 peaking at 97.4 GB in that
+cycle and 96.5 GB in every later generator batch, against 10.5 GB in a run that never counted
+(docs/memory.md). ``--no-flops`` skips the count. ``--memory-trace`` records the last timed cycle's
+allocations and writes what is live at its peak, summed by the code that allocated it
+(``memory_trace``). A configuration that runs out of memory gives a row with ``"oom": true``. On
+an H200 the three configurations at batch 2 with ``--warmup 2 --updates 3`` took 460 s in all
+(the FLOP-counted cycles included).
 
     python scripts/probe_dmd2_sdxl.py          # one GPU; writes benchmarks/gpu_dmd2_sdxl.json a row at a time
     python scripts/probe_dmd2_sdxl.py --configs lora --batch-size 4 --out /tmp/lora_b4.json
@@ -145,6 +151,60 @@ class CycleFlops(FlopCounterMode):
         return out
 
 
+def live_at_peak(events: list[dict], baseline: int = 0) -> tuple[int, dict, list[dict]]:
+    """Replays a CUDA allocator trace (``torch.cuda.memory._snapshot()["device_traces"][i]``: events
+    ``alloc`` / ``free_requested`` / ``free_completed`` with ``addr``, ``size`` and Python ``frames``,
+    innermost first): the peak of the bytes allocated during the trace (over ``baseline``, what was
+    allocated before it began), the blocks live at that peak by address, and the frames of the
+    allocation that reached it."""
+    live: dict[int, dict] = {}
+    cur = peak = 0
+    at = -1
+    for i, e in enumerate(events):
+        if e["action"] == "alloc":
+            live[e["addr"]] = e
+            cur += e["size"]
+            if cur > peak:
+                peak, at = cur, i
+        elif e["action"] == "free_requested" and e["addr"] in live:
+            cur -= live.pop(e["addr"])["size"]
+    live = {}
+    for e in events[:at + 1]:  # again, up to the peak's allocation
+        if e["action"] == "alloc":
+            live[e["addr"]] = e
+        elif e["action"] == "free_requested":
+            live.pop(e["addr"], None)
+    return baseline + peak, live, (events[at].get("frames", []) if at >= 0 else [])
+
+
+def frame_key(frames: list[dict], parts: tuple[str, ...]) -> str:
+    """``file:line function`` of the innermost frame whose path holds one of ``parts``."""
+    for f in frames:
+        name = f.get("filename", "")
+        for part in parts:
+            if part in name:
+                return f"{name[name.rindex(part) + 1:].removeprefix('site-packages/')}:{f.get('line')} {f.get('name')}"
+    return "(other)"
+
+
+def memory_summary(events: list[dict], baseline: int, top: int = 25) -> dict:
+    """What is live at the traced cycle's peak, summed by where it was allocated: by the innermost
+    distillkit frame (which phase of the update) and by the innermost diffusers / peft / torch frame
+    (which layer), in GB, largest first."""
+    peak, live, frames = live_at_peak(events, baseline)
+    out = {"peak_gb": round(peak / 1e9, 3), "baseline_gb": round(baseline / 1e9, 3),
+           "live_blocks_at_peak": len(live), "peak_reached_at": [frame_key(frames, (p,)) for p in
+                                                                 ("/distillkit/", "/diffusers/", "/peft/")]}
+    for name, parts in (("by_distillkit_frame", ("/distillkit/", "/scripts/")),
+                        ("by_library_frame", ("/diffusers/", "/peft/", "/site-packages/torch/"))):
+        sums: dict[str, int] = {}
+        for e in live.values():
+            key = frame_key(e.get("frames", []), parts)
+            sums[key] = sums.get(key, 0) + e["size"]
+        out[name] = {k: round(v / 1e9, 3) for k, v in sorted(sums.items(), key=lambda kv: -kv[1])[:top]}
+    return out
+
+
 def peak_tflops(device: torch.device, override: float | None) -> tuple[float | None, str]:
     if override:
         return float(override), "--peak-tflops"
@@ -192,13 +252,17 @@ def build(config: str, unet_cfg: dict, device: torch.device, lora_rank: int, rec
 
 
 class Probe(L.Callback):
-    """Times the cycles (a generator update and its critic updates) and counts the FLOPs of the first."""
+    """Times the cycles (a generator update and its critic updates) and counts the FLOPs of cycle
+    ``count_cycle`` (None: no count), the last, so that the counter touches nothing measured."""
 
-    def __init__(self, k: int, sync) -> None:
+    def __init__(self, k: int, sync, count_cycle: int | None = None, trace_cycle: int | None = None) -> None:
         self.k, self.sync = k, sync
+        self.count_cycle = count_cycle
         self.starts: list[float] = []
         self.nfe: list[int] = []
-        self.counter: CycleFlops | None = CycleFlops()
+        self.counter: CycleFlops | None = CycleFlops() if count_cycle is not None else None
+        self.trace_cycle = trace_cycle  # the cycle whose allocations are recorded (memory_summary)
+        self.trace: dict | None = None
         self.flops: int | None = None
         self.recompute: int | None = None
         self.peaks: dict[str, int] = {}  # bytes: the peak of generator(-and-critic) batches, critic-only ones
@@ -207,26 +271,39 @@ class Probe(L.Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         self.kind = "critic_batch" if pl_module.updates_of("critic") % self.k else "generator_batch"
         if torch.cuda.is_available() and pl_module.device.type == "cuda":  # each kind of batch's own peak
-            self.peaks["before"] = max(self.peaks.get("before", 0), torch.cuda.max_memory_allocated())
             torch.cuda.reset_peak_memory_stats()
         if self.kind == "critic_batch":
             return
         self.sync()
-        if len(self.starts) == 1 and self.counter is not None:  # the first cycle, counted, ends
+        if self.counting():  # the counted cycle ends
             self.counter.__exit__(None, None, None)
             self.flops, self.recompute = self.counter.get_total_flops(), self.counter.recompute
             self.counter = None
+        if self.trace_cycle is not None and len(self.starts) == self.trace_cycle + 1:  # the traced cycle ends
+            events = torch.cuda.memory._snapshot()["device_traces"][torch.cuda.current_device()]
+            torch.cuda.memory._record_memory_history(enabled=None)
+            self.trace = memory_summary(events, self.trace_baseline)
         self.starts.append(time.perf_counter())
         self.nfe.append(int(pl_module.nfe))
-        if len(self.starts) == 1:
+        if self.counter is not None and len(self.starts) == self.count_cycle + 1:
             self.counter.__enter__()
+        if self.trace_cycle is not None and len(self.starts) == self.trace_cycle + 1:  # the traced cycle begins
+            self.trace_baseline = torch.cuda.memory_allocated()
+            torch.cuda.memory._record_memory_history(context="alloc", stacks="python", max_entries=2_000_000)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if torch.cuda.is_available() and pl_module.device.type == "cuda":
-            self.peaks[self.kind] = max(self.peaks.get(self.kind, 0), torch.cuda.max_memory_allocated())
+            # FlopCounterMode holds on to tensors: the counted cycle's peak is kept apart from the run's
+            kind = "flop_counted_cycle" if self.counting() else self.kind
+            self.peaks[kind] = max(self.peaks.get(kind, 0), torch.cuda.max_memory_allocated())
+
+    def counting(self) -> bool:
+        return self.counter is not None and self.counter.mode is not None
 
     def on_exception(self, trainer, pl_module, exception) -> None:
-        if self.counter is not None and self.counter.mode is not None:
+        if self.trace_cycle is not None and torch.cuda.is_available():
+            torch.cuda.memory._record_memory_history(enabled=None)
+        if self.counting():
             self.counter.__exit__(None, None, None)
         self.counter = None
 
@@ -273,29 +350,33 @@ def run_config(config: str, unet_cfg: dict, args: argparse.Namespace, rec: dict,
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
 
-    cycles = args.warmup + args.updates
-    cb = Probe(k, torch.cuda.synchronize if cuda else (lambda: None))
+    timed = args.warmup + args.updates
+    cycles = timed + (0 if args.no_flops else 1)  # the counted cycle comes last
+    cb = Probe(k, torch.cuda.synchronize if cuda else (lambda: None), count_cycle=None if args.no_flops else timed,
+               trace_cycle=timed - 1 if args.memory_trace and cuda else None)
     trainer = L.Trainer(accelerator="gpu" if cuda else "cpu", devices=1, precision="bf16-mixed" if cuda else "32-true",
                         max_steps=cycles + 1, max_epochs=-1, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
                         limit_val_batches=0, callbacks=[cb])
     trainer.fit(method, train_dataloaders=random_loader(unet_cfg, args.batch_size, k * cycles + 1))
 
-    times = [b - a for a, b in zip(cb.starts, cb.starts[1:])][args.warmup:]
+    times = [b - a for a, b in zip(cb.starts, cb.starts[1:])][args.warmup:timed]
     s = statistics.median(times)
-    model_flops = cb.flops - cb.recompute
+    model_flops = cb.flops - cb.recompute if cb.flops is not None else None
     fwd = row["unet_forward_flops"]
     row.update(generator_updates=method.updates_of("generator"), critic_updates=method.updates_of("critic"),
                timed_updates=len(times), s_per_update=round(s, 5), s_per_update_min=round(min(times), 5),
                nfe_per_update=cb.nfe[1] - cb.nfe[0], flops_per_update=cb.flops,
                recompute_flops_per_update=cb.recompute, model_flops_per_update=model_flops,
-               forward_equivalents=round(model_flops / fwd, 2) if fwd else None,
-               mfu=round(model_flops / s / (peak * 1e12), 4) if peak else None,
-               hfu=round(cb.flops / s / (peak * 1e12), 4) if peak else None)
+               forward_equivalents=round(model_flops / fwd, 2) if fwd and model_flops else None,
+               mfu=round(model_flops / s / (peak * 1e12), 4) if peak and model_flops else None,
+               hfu=round(cb.flops / s / (peak * 1e12), 4) if peak and model_flops else None)
+    if cb.trace is not None:
+        row["memory_trace"] = cb.trace
     if cuda:
-        peak = max([torch.cuda.max_memory_allocated(device), *cb.peaks.values()])
+        peak = max(v for k, v in cb.peaks.items() if k != "flop_counted_cycle")
         row["peak_mem_gb"] = round(peak / 1e9, 3)
-        row.update({f"peak_mem_gb_{k}": round(v / 1e9, 3) for k, v in cb.peaks.items() if k != "before"})
+        row.update({f"peak_mem_gb_{k}": round(v / 1e9, 3) for k, v in cb.peaks.items()})
         row["fits_80gb"] = peak < GiB80
         row["peak_reserved_gb"] = round(torch.cuda.max_memory_reserved(device) / 1e9, 3)
     else:
@@ -307,11 +388,14 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--configs", nargs="+", choices=list(CONFIGS), default=list(CONFIGS))
     p.add_argument("--batch-size", type=int, default=None, help="default: the recipe's dataset.batch_size (--tiny: 1)")
-    p.add_argument("--warmup", type=int, default=None, help="warm-up generator updates, at least 1: the first is the "
-                   "FLOP count's (default 2; --tiny: 1)")
+    p.add_argument("--warmup", type=int, default=None, help="warm-up generator updates, at least 1 (default 2; "
+                   "--tiny: 1)")
     p.add_argument("--updates", type=int, default=None, help="timed generator updates (default 5; --tiny: 1)")
     p.add_argument("--lora-rank", type=int, default=None, help="default 64 (--tiny: 4)")
     p.add_argument("--peak-tflops", type=float, default=None, help="the GPU's dense bf16 peak (default: from its name)")
+    p.add_argument("--no-flops", action="store_true", help="skip the FLOP-counted cycle (no mfu / hfu)")
+    p.add_argument("--memory-trace", action="store_true", help="record the last timed cycle's CUDA allocations and "
+                   "write what is live at its peak, by where it was allocated, into the row (memory_trace)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--tiny", action="store_true", help="the tiny SDXL-style UNet: a check of the script")
     p.add_argument("--out", type=Path, default=None, help=f"default {DEFAULT_OUT.relative_to(ROOT)} (CUDA only)")
@@ -323,8 +407,8 @@ def main(argv=None) -> int:
     args.updates = args.updates if args.updates is not None else (1 if args.tiny else 5)
     args.lora_rank = args.lora_rank or (4 if args.tiny else 64)
     if args.warmup < 1 or args.updates < 1:
-        raise SystemExit("probe_dmd2_sdxl: --warmup and --updates must be at least 1 (the first warm-up update is "
-                         "the FLOP count's)")
+        raise SystemExit("probe_dmd2_sdxl: --warmup and --updates must be at least 1 (the first cycles build "
+                         "cuDNN's plans and the allocator's pool)")
     unet_cfg = TINY_UNET if args.tiny else bench.SDXL_UNET
 
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else

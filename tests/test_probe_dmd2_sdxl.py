@@ -25,7 +25,7 @@ def test_tiny_run_writes_rows(tmp_path):
     assert result["method"]["critic_updates_per_generator_update"] == 5 and result["peak_bf16_tflops"] == 1.0
     rows = {r["config"]: r for r in result["rows"]}
     assert list(rows) == list(probe.CONFIGS)
-    k, cycles = 5, result["warmup"] + result["updates"]
+    k, cycles = 5, result["warmup"] + result["updates"] + 1  # the FLOP-counted cycle comes after the timed ones
     for r in rows.values():
         assert r["method"] == "dmd2" and r["batch_size"] == 1 and r["resolution"] == 64 and not r.get("oom")
         assert r["critic_updates_per_generator_update"] == k
@@ -61,3 +61,36 @@ def test_refusals_are_one_line():
     with pytest.raises(SystemExit) as e:  # the SDXL-size probe needs CUDA
         probe.main(["--device", "cpu", "--out", "/nonexistent/x.json"])
     assert "needs a CUDA GPU" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_no_flops_run_leaves_the_flop_fields_empty(tmp_path):
+    out = tmp_path / "x.json"
+    assert probe.main(["--tiny", "--device", "cpu", "--configs", "lora", "--no-flops", "--memory-trace",
+                       "--out", str(out)]) == 0
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["flops_per_update"] is None and row["mfu"] is None and row["forward_equivalents"] is None
+    assert math.isfinite(row["s_per_update"]) and "memory_trace" not in row  # the trace is CUDA's
+    assert row["generator_updates"] == 1 + 1 + 1 and row["timed_updates"] == 1  # no counted cycle
+
+
+def test_memory_summary_replays_the_trace_to_its_peak():
+    M = 10 ** 7  # bytes: 100 M = 1 GB
+
+    def fr(*names):
+        return [{"filename": n.split(":")[0], "line": int(n.split(":")[1]), "name": "f"} for n in names]
+
+    a = fr("/opt/torch/.venv/site-packages/torch/nn/conv.py:1", "/x/diffusers/unet.py:5", "/r/distillkit/methods/dmd.py:10")
+    b = fr("/x/peft/lora.py:2", "/r/distillkit/methods/dmd.py:20")
+    events = [{"action": "alloc", "addr": 1, "size": 100 * M, "frames": a},
+              {"action": "alloc", "addr": 2, "size": 50 * M, "frames": b},
+              {"action": "free_requested", "addr": 1, "size": 100 * M, "frames": a},
+              {"action": "free_completed", "addr": 1, "size": 100 * M, "frames": a},
+              {"action": "alloc", "addr": 3, "size": 120 * M, "frames": a},  # peak: 50 + 120
+              {"action": "free_requested", "addr": 3, "size": 120 * M, "frames": a},
+              {"action": "alloc", "addr": 4, "size": 10 * M, "frames": b}]
+    peak, live, frames = probe.live_at_peak(events, baseline=1000 * M)
+    assert peak == 1170 * M and set(live) == {2, 3} and frames == a
+    s = probe.memory_summary(events, 1000 * M)
+    assert s["live_blocks_at_peak"] == 2 and s["peak_reached_at"][0] == "distillkit/methods/dmd.py:10 f"
+    assert s["by_distillkit_frame"] == {"distillkit/methods/dmd.py:10 f": 1.2, "distillkit/methods/dmd.py:20 f": 0.5}
+    assert s["by_library_frame"] == {"torch/nn/conv.py:1 f": 1.2, "peft/lora.py:2 f": 0.5}
