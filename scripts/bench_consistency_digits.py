@@ -41,10 +41,20 @@ STEPS = (1, 2, 4)
 CONFIGS: dict[str, tuple[str, list[str]]] = {
     "cm": ("digits_consistency", []),  # LCM's EMA target 0.95, pseudo-Huber
     "cm_online_target": ("digits_consistency", ["method.target_decay=0"]),  # iCT's target
-    "lcm_cond": ("digits_cond_lcm", []),  # guided teacher, w ~ U[0, 2], sampled at guidance 2
-    "lcm_cond_g1": ("digits_cond_lcm", ["eval.guidance=1"]),  # the same training, sampled at guidance 1
+    # guided teacher, w ~ U[0, 2], sampled at guidance 2, on the 32-step discretisation of the recipe before 2026-12-04
+    "lcm_cond": ("digits_cond_lcm", ["method.num_timesteps=32"]),
+    "lcm_cond_g1": ("digits_cond_lcm", ["method.num_timesteps=32", "eval.guidance=1"]),  # the same, sampled at guidance 1
+    "lcm_cond_n64": ("digits_cond_lcm", ["method.num_timesteps=64"]),  # the recipe's 64 steps since then
+    # probes of the consistency recipe (docs/consistency.md; --out benchmarks/consistency_digits_probes.json)
+    "cm_cosine_lr": ("digits_consistency", ["optim.scheduler.name=cosine"]),  # lr 1e-4 decayed to 0
+    "cm_n64": ("digits_consistency", ["method.num_timesteps=64"]),  # a finer discretisation
+    "cm_n128": ("digits_consistency", ["method.num_timesteps=128"]),
+    "cm_ict_32_512": ("digits_consistency", ["method.curriculum=ict", "method.curriculum_start=32",
+                                             "method.curriculum_end=512"]),  # iCT's curriculum, 32 to 512 steps
+    "lcm_cond_n128": ("digits_cond_lcm", ["method.num_timesteps=128"]),
 }
-LCM_GUIDANCE = {"lcm_cond": 2.0, "lcm_cond_g1": 1.0}
+LCM_GUIDANCE = {"lcm_cond": 2.0, "lcm_cond_g1": 1.0, "lcm_cond_n64": 2.0}  # sampling guidance
+LCM_GRID = {"lcm_cond": 32, "lcm_cond_g1": 32, "lcm_cond_n64": 64}  # the discretisation's steps
 TEACHER_64 = 2.234  # the unconditional teacher's 64-step digits-FID (benchmarks/step_distill_digits.json)
 PROGRESSIVE = {4: (2.975, 4000), 2: (3.936, 5000), 1: (5.655, 6000)}  # progressive distillation: FID, updates
 # the class-conditional teacher at each guidance, 64 DDIM steps (benchmarks/cond_teacher_digits.json): FID, class accuracy
@@ -89,7 +99,8 @@ def verdict(summary: list[dict]) -> list[str]:
         if s:
             f, acc = s["fid_mean"], s.get("class_acc_mean") or 0.0
             t_f, t_acc = COND_TEACHER_64[w]
-            lines.append(f"LCM, class-conditional, 4 steps at guidance {w:g}: digits-FID {f:.3f} against 1.5x the teacher's "
+            lines.append(f"LCM, class-conditional, {LCM_GRID[config]}-step grid, 4 steps at guidance {w:g}: digits-FID "
+                         f"{f:.3f} against 1.5x the teacher's "
                          f"64-step {1.5 * t_f:.3f} (" + ("meets" if f <= 1.5 * t_f else "misses") + f"), class accuracy "
                          f"{100 * acc:.1f}% against the teacher's {100 * t_acc:.1f}% ("
                          + ("within" if t_acc - acc <= 0.01 else "not within") + " 1 point)")

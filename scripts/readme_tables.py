@@ -187,15 +187,22 @@ def dmd_digits_table(bench: dict) -> str:
     return few_step_table(bench, {"dmd_1step": "DMD (regression pairs, no GAN)", "dmd2_1step": "DMD2",
                                   "dmd2_4step_backward": "DMD2, backward simulation",
                                   "dmd2_4step_real": "DMD2, noised real inputs",
-                                  "cond_dmd2_1step": "DMD2, class-conditional (real guidance 2)"}, "generator updates")
+                                  "cond_dmd2_1step": "DMD2, class-conditional (real guidance 2)",
+                                  "dmd2_1step_cosine_lr": "DMD2, cosine lr", "dmd2_1step_ema999": "DMD2, sampling EMA 0.999"},
+                          "generator updates")
 
 
 @formatter("consistency_digits")
 def consistency_digits_table(bench: dict) -> str:
     return few_step_table(bench, {"cm": "consistency distillation (EMA target 0.95)",
                                   "cm_online_target": "consistency, online target (iCT)",
-                                  "lcm_cond": "LCM, class-conditional (guidance 2)",
-                                  "lcm_cond_g1": "LCM, class-conditional (guidance 1)"}, "updates")
+                                  "lcm_cond": "LCM, class-conditional, 32-step grid (guidance 2)",
+                                  "lcm_cond_g1": "LCM, class-conditional, 32-step grid (guidance 1)",
+                                  "lcm_cond_n64": "LCM, class-conditional, 64-step grid (guidance 2)",
+                                  "cm_cosine_lr": "consistency, cosine lr",
+                                  "cm_n64": "consistency, 64-step grid", "cm_n128": "consistency, 128-step grid",
+                                  "cm_ict_32_512": "consistency, iCT curriculum 32 to 512",
+                                  "lcm_cond_n128": "LCM, class-conditional, 128-step grid (guidance 2)"}, "updates")
 
 
 @formatter("smoke_cpu")
