@@ -48,6 +48,8 @@ CONFIGS: dict[str, tuple[str, list[str]]] = {
     # probes of the one-step recipe (docs/dmd.md; --out benchmarks/dmd_digits_probes.json)
     "dmd2_1step_cosine_lr": ("digits_dmd2", ["optim.scheduler.name=cosine"]),  # lr 1e-4 decayed to 0
     "dmd2_1step_ema999": ("digits_dmd2", ["callbacks.ema.decay=0.999"]),  # a sampling EMA over ~1,000 updates
+    "dmd2_1step_gan1e-2": ("digits_dmd2", ["method.gan_generator_weight=1e-2"]),  # the generator's GAN weight x10
+    "dmd2_1step_gan3e-2": ("digits_dmd2", ["method.gan_generator_weight=3e-2"]),  # x30
 }
 TEACHER_64 = 2.234  # the unconditional teacher's 64-step digits-FID (benchmarks/step_distill_digits.json)
 PROGRESSIVE_1STEP = (4.870, 6000)  # progressive distillation's best one-step FID at 6,000 updates

@@ -293,7 +293,7 @@ class Probe(L.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if torch.cuda.is_available() and pl_module.device.type == "cuda":
-            # FlopCounterMode holds on to tensors: the counted cycle's peak is kept apart from the run's
+            # FlopCounterMode defeats checkpointing's savings: the counted cycle's peak is kept apart
             kind = "flop_counted_cycle" if self.counting() else self.kind
             self.peaks[kind] = max(self.peaks.get(kind, 0), torch.cuda.max_memory_allocated())
 

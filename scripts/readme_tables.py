@@ -188,7 +188,9 @@ def dmd_digits_table(bench: dict) -> str:
                                   "dmd2_4step_backward": "DMD2, backward simulation",
                                   "dmd2_4step_real": "DMD2, noised real inputs",
                                   "cond_dmd2_1step": "DMD2, class-conditional (real guidance 2)",
-                                  "dmd2_1step_cosine_lr": "DMD2, cosine lr", "dmd2_1step_ema999": "DMD2, sampling EMA 0.999"},
+                                  "dmd2_1step_cosine_lr": "DMD2, cosine lr", "dmd2_1step_ema999": "DMD2, sampling EMA 0.999",
+                                  "dmd2_1step_gan1e-2": "DMD2, generator GAN weight 1e-2",
+                                  "dmd2_1step_gan3e-2": "DMD2, generator GAN weight 3e-2"},
                           "generator updates")
 
 
