@@ -45,6 +45,7 @@ CONFIGS: dict[str, tuple[str, list[str]]] = {
     "lcm_cond": ("digits_cond_lcm", ["method.num_timesteps=32"]),
     "lcm_cond_g1": ("digits_cond_lcm", ["method.num_timesteps=32", "eval.guidance=1"]),  # the same, sampled at guidance 1
     "lcm_cond_n64": ("digits_cond_lcm", ["method.num_timesteps=64"]),  # the recipe's 64 steps since then
+    "lcm_cond_n64_g1": ("digits_cond_lcm", ["method.num_timesteps=64", "eval.guidance=1"]),  # sampled at guidance 1
     # probes of the consistency recipe (docs/consistency.md; --out benchmarks/consistency_digits_probes.json)
     "cm_cosine_lr": ("digits_consistency", ["optim.scheduler.name=cosine"]),  # lr 1e-4 decayed to 0
     "cm_n64": ("digits_consistency", ["method.num_timesteps=64"]),  # a finer discretisation
@@ -53,8 +54,8 @@ CONFIGS: dict[str, tuple[str, list[str]]] = {
                                              "method.curriculum_end=512"]),  # iCT's curriculum, 32 to 512 steps
     "lcm_cond_n128": ("digits_cond_lcm", ["method.num_timesteps=128"]),
 }
-LCM_GUIDANCE = {"lcm_cond": 2.0, "lcm_cond_g1": 1.0, "lcm_cond_n64": 2.0}  # sampling guidance
-LCM_GRID = {"lcm_cond": 32, "lcm_cond_g1": 32, "lcm_cond_n64": 64}  # the discretisation's steps
+LCM_GUIDANCE = {"lcm_cond": 2.0, "lcm_cond_g1": 1.0, "lcm_cond_n64": 2.0, "lcm_cond_n64_g1": 1.0}  # sampling guidance
+LCM_GRID = {"lcm_cond": 32, "lcm_cond_g1": 32, "lcm_cond_n64": 64, "lcm_cond_n64_g1": 64}  # the discretisation's steps
 TEACHER_64 = 2.234  # the unconditional teacher's 64-step digits-FID (benchmarks/step_distill_digits.json)
 PROGRESSIVE = {4: (2.975, 4000), 2: (3.936, 5000), 1: (5.655, 6000)}  # progressive distillation: FID, updates
 # the class-conditional teacher at each guidance, 64 DDIM steps (benchmarks/cond_teacher_digits.json): FID, class accuracy

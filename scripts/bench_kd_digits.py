@@ -90,8 +90,27 @@ def machine() -> str:
 
 
 # --------------------------------------------------------------------------- runs
+COMPARED = ("model", "teacher", "method", "schedule", "optim", "critic_optim", "dataset", "eval", "callbacks", "seed")
+
+
+def config_drift(saved: dict, now: dict, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between a run's saved config and the one a command composes
+    now, among the keys both have (a key added to a schema since the run is not a difference)."""
+    out: list[str] = []
+    for k in saved.keys() & now.keys():
+        a, b = saved[k], now[k]
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += config_drift(a, b, f"{prefix}{k}.")
+        elif a != b:
+            out.append(f"{prefix}{k}")
+    return sorted(out)
+
+
 class Runner:
-    """Runs (or reuses) one ``distill`` command and returns its results.json."""
+    """Runs (or reuses) one ``distill`` command and returns its results.json. A finished run is
+    reused only if its config.yaml agrees with what the command composes now (:func:`config_drift`
+    over COMPARED): a run dir named by the overrides alone would otherwise hand back a run of an
+    earlier default (a recipe's changed value is left out of the name like any default)."""
 
     def __init__(self, runs_dir: Path):
         from hydra import compose, initialize_config_dir
@@ -105,8 +124,11 @@ class Runner:
         self._compose, self._init = compose, initialize_config_dir
         self._conf_dir = CONF_DIR
 
-    def _plan(self, overrides: list[str]) -> tuple[Path, tuple[str, int]]:
-        """(run dir, (results key, value) that a finished run has) for these overrides."""
+    def _plan(self, overrides: list[str]) -> tuple[Path, tuple[str, int], dict]:
+        """(run dir, (results key, value) that a finished run has, the COMPARED sections resolved)
+        for these overrides."""
+        from omegaconf import OmegaConf
+
         from distillkit.compose import run_name_for
 
         with self._init(config_dir=self._conf_dir, version_base="1.3", job_name="distill"):
@@ -115,14 +137,29 @@ class Runner:
             # the CLI's own naming (the name resolver of conf/config.yaml), from the config just composed
             name = explicit[0] if explicit else run_name_for(
                 overrides, list(cfg.hydra.job.config.override_dirname.exclude_keys), cfg)
+            sections = {}
+            for k in COMPARED:
+                try:
+                    v = cfg.get(k)
+                    sections[k] = OmegaConf.to_container(v, resolve=True) if OmegaConf.is_config(v) else v
+                except Exception:  # an interpolation only the CLI resolves: not compared
+                    pass
         done = ("global_step", int(cfg.trainer.max_steps)) if int(cfg.trainer.max_steps) > 0 \
             else ("epoch", int(cfg.trainer.max_epochs))
-        return self.runs_dir / cfg.experiment_name / name, done
+        return self.runs_dir / cfg.experiment_name / name, done, sections
 
     def __call__(self, overrides: list[str]) -> dict:
         overrides = [*overrides, f"runs_dir={self.runs_dir}", *COMMON]
-        run_dir, (key, want) = self._plan(overrides)
+        run_dir, (key, want), sections = self._plan(overrides)
         results = run_dir / "results.json"
+        if (run_dir / "config.yaml").is_file():
+            import yaml
+
+            saved = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
+            drift = config_drift({k: saved[k] for k in sections if k in saved}, sections)
+            if drift:
+                sys.exit(f"{run_dir} holds a run of another configuration ({', '.join(drift[:5])} differ from what "
+                         f"{shlex.join(overrides[:4])} composes now): delete it or use another --runs-dir")
         if results.is_file():
             res = json.loads(results.read_text())
             if int(res.get(key, -1)) > want:

@@ -201,6 +201,7 @@ def consistency_digits_table(bench: dict) -> str:
                                   "lcm_cond": "LCM, class-conditional, 32-step grid (guidance 2)",
                                   "lcm_cond_g1": "LCM, class-conditional, 32-step grid (guidance 1)",
                                   "lcm_cond_n64": "LCM, class-conditional, 64-step grid (guidance 2)",
+                                  "lcm_cond_n64_g1": "LCM, class-conditional, 64-step grid (guidance 1)",
                                   "cm_cosine_lr": "consistency, cosine lr",
                                   "cm_n64": "consistency, 64-step grid", "cm_n128": "consistency, 128-step grid",
                                   "cm_ict_32_512": "consistency, iCT curriculum 32 to 512",

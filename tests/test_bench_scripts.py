@@ -275,3 +275,14 @@ def test_dmd_benchmark_summarises_per_configuration_and_updates_and_renders_its_
     assert "= 2.00x DMD2's" in lines[2] and "misses" in lines[2]
     table = readme_tables.render("dmd_digits", {"summary": summary, "verdict": lines, "rows": rows})
     assert "| DMD2 | 1 | 600 | 2 | 5.000 ± 1.414 |" in table
+
+
+def test_a_cached_run_of_another_configuration_is_told_apart():
+    from bench_kd_digits import config_drift
+
+    saved = {"method": {"num_timesteps": 32, "w_max": 2.0, "gone": 1}, "seed": 0}
+    now = {"method": {"num_timesteps": 64, "w_max": 2.0, "new_key": 3}, "seed": 0}
+    # the recipe's changed default differs; keys only one side has (a schema grown since) do not
+    assert config_drift(saved, now) == ["method.num_timesteps"]
+    assert config_drift(saved, {"method": {"num_timesteps": 32, "w_max": 2.0}, "seed": 0}) == []
+    assert config_drift({"seed": 0}, {"seed": 1}) == ["seed"]
