@@ -44,7 +44,10 @@ def assert_compiled_trains_like_eager(cli, runs_dir: Path, *args: str) -> None:
     # the DSD target network is an EMA copy of the student; its evaluation 2 stays eager
     ["teacher=self", "method=dsd", "method.variant=dsdi", "method.target=ema", "method.denoise_weight=0.5",
      "method.teacher_steps=8", "method.final_steps=2", "method.updates_per_level=4"],
-], ids=["diffusion", "diffusion_ddp", "progressive", "dsdi"])
+    # DMD2: the generator, the guided teacher's pair and the fake score (both turns) compiled; the
+    # GAN's bottleneck pass (a forward stopped by a hook) stays eager
+    ["teacher=mlp2d", "method=dmd2", "method.critic_updates_per_generator_update=2", "method.real_guidance=1.5"],
+], ids=["diffusion", "diffusion_ddp", "progressive", "dsdi", "dmd2"])
 def test_compiled_training_matches_eager(cli, runs_dir, toy_teacher, method):
     teacher = [f"teacher.checkpoint={toy_teacher}"] if "teacher=mlp2d" in method else []
     assert_compiled_trains_like_eager(cli, runs_dir, *TOY, *method, *teacher, "trainer.max_steps=8")

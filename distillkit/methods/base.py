@@ -148,7 +148,7 @@ class DistillMethod(L.LightningModule):
 
     def set_compile(self, mode: str) -> None:
         """Train through ``torch.compile(net, mode=mode)`` (``trainer.compile``): the student's
-        forward and the frozen teacher's, the networks every update evaluates.
+        forward and the frozen teacher's, the networks every update evaluates (and DMD's fake score).
 
         Each compiled wrapper shares its network's parameters but is kept out of the module tree,
         so checkpoints hold the same keys and a run compiled or not resumes the other's files. The

@@ -201,9 +201,11 @@ class DMD(MultiRoleMethod, DiffusionMethod):
         return torch.randint(lo, hi + 1, (n,), generator=g, device=g.device).to(self.device)
 
     def x0_of(self, net: nn.Module, x_t: torch.Tensor, t: torch.Tensor, cond: Cond, guidance: Guidance = None,
-              pred_type: Optional[str] = None) -> torch.Tensor:
-        """The denoiser's x0-prediction at (x_t, t) in float32."""
-        out = net.guided(x_t, t, cond, guidance) if guidance is not None else net(x_t, t, cond)
+              pred_type: Optional[str] = None, role: Optional[str] = None) -> torch.Tensor:
+        """The denoiser's x0-prediction at (x_t, t) in float32; with ``role``, through that role's
+        torch.compile wrapper when ``trainer.compile`` is set (:meth:`compiled`)."""
+        call = self.compiled(role, net) if role else net
+        out = net.guided(x_t, t, cond, guidance, forward=call) if guidance is not None else call(x_t, t, cond)
         x_t = x_t.float()
         return to_x0(out.float(), pred_type or self.prediction_type, x_t,
                      self.schedule.alpha(t, like=x_t), self.schedule.sigma(t, like=x_t))
@@ -253,8 +255,9 @@ class DMD(MultiRoleMethod, DiffusionMethod):
         t = self._t(x.shape[0], *self.dm_t_range, g)
         with torch.no_grad():
             x_t = self.schedule.add_noise(x.detach().float(), self.randn(x.shape, g), t)
-            x0_real = self.x0_of(self.teacher, x_t, t, cond, self.real_guidance, self.teacher.prediction_type)
-            x0_fake = self.x0_of(self.fake_score, x_t, t, cond)
+            x0_real = self.x0_of(self.teacher, x_t, t, cond, self.real_guidance, self.teacher.prediction_type,
+                                 role="teacher")
+            x0_fake = self.x0_of(self.fake_score, x_t, t, cond, role="fake_score")
             grad = distribution_matching_grad(x.detach().float(), x0_real, x0_fake)
         return distribution_matching_loss(x, grad)
 
@@ -318,7 +321,7 @@ class DMD(MultiRoleMethod, DiffusionMethod):
         # the critic's turn: the fake score learns the generator's current samples
         with self.updating("critic") as step:
             x = x_fake.detach()
-            loss = self.denoising_loss(self.fake_score, x, generator=g, cond=cond).mean()
+            loss = self.denoising_loss(self.compiled("fake_score", self.fake_score), x, generator=g, cond=cond).mean()
             logs["train/fake_score_loss"] = loss.detach()
             nfe += 1
             if self.gan_critic_weight > 0:

@@ -398,17 +398,19 @@ class Denoiser(nn.Module):
         return held[0]
 
     def guided(self, x_t: torch.Tensor, t: torch.Tensor, cond: Optional[Cond] = None,
-               guidance: Guidance = None) -> torch.Tensor:
+               guidance: Guidance = None, forward: Optional[Callable] = None) -> torch.Tensor:
         """Classifier-free guidance: one batched call on [x; x] with [uncond; cond] (as the pipelines
         make it), then ``uncond + w (cond - uncond)``; at w = 1 only the conditional half runs. A
         network with a guidance-scale embedding takes w in it instead: one call (the pipelines run
-        no classifier-free guidance when ``time_cond_proj_dim`` is set)."""
+        no classifier-free guidance when ``time_cond_proj_dim`` is set). ``forward``: what is called
+        instead of this denoiser (its torch.compile wrapper, ``trainer.compile``)."""
+        net = self if forward is None else forward
         if self.embeds_guidance:
-            return self(x_t, t, cond, guidance)
+            return net(x_t, t, cond, guidance)
         if not self.is_conditional or no_guidance(guidance):
-            return self(x_t, t, cond)
+            return net(x_t, t, cond)
         both = cat_cond(self.null_condition(cond), cond)
-        out_u, out_c = self(torch.cat([x_t, x_t]), torch.cat([t, t]), both).chunk(2)
+        out_u, out_c = net(torch.cat([x_t, x_t]), torch.cat([t, t]), both).chunk(2)
         return guided(out_u, out_c, guidance)
 
     def model_fn(self, cond: Optional[Cond] = None, guidance: Guidance = None) -> Callable:
