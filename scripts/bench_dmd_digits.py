@@ -45,7 +45,7 @@ CONFIGS: dict[str, tuple[str, list[str]]] = {
     "dmd2_4step_backward": ("digits_dmd2", [*FOUR, "method.generator_inputs=backward"]),
     "dmd2_4step_real": ("digits_dmd2", [*FOUR, "method.generator_inputs=real"]),
     "cond_dmd2_1step": ("digits_cond_dmd2", []),
-    # probes of the one-step recipe (docs/dmd.md; --out benchmarks/dmd_digits_probes.json)
+    # probes of the one-step recipe (docs/benchmarks.md; --out benchmarks/dmd_digits_probes.json)
     "dmd2_1step_cosine_lr": ("digits_dmd2", ["optim.scheduler.name=cosine"]),  # lr 1e-4 decayed to 0
     "dmd2_1step_ema999": ("digits_dmd2", ["callbacks.ema.decay=0.999"]),  # a sampling EMA over ~1,000 updates
     "dmd2_1step_gan1e-2": ("digits_dmd2", ["method.gan_generator_weight=1e-2"]),  # the generator's GAN weight x10
