@@ -30,7 +30,6 @@ import datetime as dt
 import importlib.util
 import json
 import os
-import pickle
 import statistics
 import subprocess
 import sys
@@ -41,21 +40,11 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(ROOT / "tests"))
+from test_data_cifar import write_cifar100  # noqa: E402  (the tests' writer of the real file format)
+
 TARGET = 1.05
 BATCH = 64
-
-
-def write_fake_cifar100(folder: Path, batches: int = 40) -> Path:
-    """Random images in CIFAR-100's python layout (train, test, meta)."""
-    import numpy as np
-
-    rng = np.random.default_rng(0)
-    folder.mkdir(parents=True, exist_ok=True)
-    for name, n in (("train", BATCH * batches), ("test", BATCH)):
-        d = {b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8), b"fine_labels": rng.integers(0, 100, n).tolist()}
-        (folder / name).write_bytes(pickle.dumps(d))
-    (folder / "meta").write_bytes(pickle.dumps({b"fine_label_names": [f"c{i}".encode() for i in range(100)]}))
-    return folder
 
 
 def distill_ms(runs: Path, data: Path, teacher: Path, n1: int, n2: int, name: str) -> float:
@@ -145,7 +134,7 @@ def main(argv: list[str] | None = None) -> None:
     ms: dict[str, list[float]] = {"distill": [], "mdistiller": []}
     with tempfile.TemporaryDirectory(prefix="bench-mdistiller-") as tmp:
         tmp = Path(tmp)
-        data = write_fake_cifar100(tmp / "cifar-100-python")
+        data = write_cifar100(tmp, n_train=BATCH * 40, n_test=BATCH)  # 40 batches an epoch
         teacher = tmp / "resnet32x4.pt"
         torch.save(resnet32x4(num_classes=100).state_dict(), teacher)
         for rep in range(args.repeats):
