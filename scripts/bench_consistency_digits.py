@@ -54,8 +54,8 @@ CONFIGS: dict[str, tuple[str, list[str]]] = {
                                              "method.curriculum_end=512"]),  # iCT's curriculum, 32 to 512 steps
     "lcm_cond_n128": ("digits_cond_lcm", ["method.num_timesteps=128"]),
 }
-LCM_GUIDANCE = {"lcm_cond": 2.0, "lcm_cond_g1": 1.0, "lcm_cond_n64": 2.0, "lcm_cond_n64_g1": 1.0}  # sampling guidance
-LCM_GRID = {"lcm_cond": 32, "lcm_cond_g1": 32, "lcm_cond_n64": 64, "lcm_cond_n64_g1": 64}  # the discretisation's steps
+# the LCM rows the verdict judges: configuration -> (sampling guidance, the discretisation's steps)
+LCM_ROWS = {"lcm_cond": (2.0, 32), "lcm_cond_g1": (1.0, 32), "lcm_cond_n64": (2.0, 64), "lcm_cond_n64_g1": (1.0, 64)}
 TEACHER_64 = 2.234  # the unconditional teacher's 64-step digits-FID (benchmarks/step_distill_digits.json)
 PROGRESSIVE = {4: (2.975, 4000), 2: (3.936, 5000), 1: (5.655, 6000)}  # progressive distillation: FID, updates
 # the class-conditional teacher at each guidance, 64 DDIM steps (benchmarks/cond_teacher_digits.json): FID, class accuracy
@@ -95,12 +95,12 @@ def verdict(summary: list[dict]) -> list[str]:
             lines.append(f"EMA target 0.95 against the online target at {k} step{'s' * (k > 1)}, {u} updates: "
                          f"{a['fid_mean']:.3f} against {b['fid_mean']:.3f} ("
                          + ("helps" if a["fid_mean"] < b["fid_mean"] else "does not help") + ")")
-    for config, w in LCM_GUIDANCE.items():
+    for config, (w, grid) in LCM_ROWS.items():
         s = longest.get((config, 4))
         if s:
             f, acc = s["fid_mean"], s.get("class_acc_mean") or 0.0
             t_f, t_acc = COND_TEACHER_64[w]
-            lines.append(f"LCM, class-conditional, {LCM_GRID[config]}-step grid, 4 steps at guidance {w:g}: digits-FID "
+            lines.append(f"LCM, class-conditional, {grid}-step grid, 4 steps at guidance {w:g}: digits-FID "
                          f"{f:.3f} against 1.5x the teacher's "
                          f"64-step {1.5 * t_f:.3f} (" + ("meets" if f <= 1.5 * t_f else "misses") + f"), class accuracy "
                          f"{100 * acc:.1f}% against the teacher's {100 * t_acc:.1f}% ("
