@@ -212,6 +212,12 @@ class UNetConfig(DenoiserConfig):
     # class-conditional: a class embedding of num_classes + 1 entries (the last is the null class of
     # classifier-free guidance); None: unconditional
     num_classes: Optional[int] = bounded(None, at_least=1)
+    # train a LoRA adapter of this rank on the network, frozen as the teacher's copy (LCM-LoRA, DMD on
+    # digits; distillkit.models.lora) instead of the whole network (None: full)
+    lora_rank: Optional[int] = bounded(None, at_least=1)
+    # LoRA's alpha (None: the rank, a scale of 1)
+    lora_alpha: Optional[float] = bounded(None, above=0)
+    lora_target_modules: List[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
 
 
 @dataclass

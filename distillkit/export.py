@@ -84,6 +84,7 @@ import torch
 
 from distillkit.errors import DistillError
 from distillkit.kvargs import Arg, command_main, parse_bool, parse_kv
+from distillkit.models.lora import fused_copy
 
 PROG = "distill-export"
 DIFFUSERS_PREDICTION = {"eps": "epsilon", "v": "v_prediction", "x0": "sample"}
@@ -250,6 +251,8 @@ def export_pipeline(method, out: str | Path, use_ema: bool = True, source: str =
         model = (method.run_config.get("model") or {}).get("_target_", type(net).__name__)
         raise DistillError(f"distill-export needs a diffusers UNet student (model=unet_digits or model=unet); "
                            f"this run's network is {model}")
+    if getattr(net, "lora", None):  # a digits LoRA student: the adapter fused into its base
+        unet = fused_copy(unet)
     pipe = DDIMPipeline(unet=unet, scheduler=ddim_scheduler(method))
     if generator_timesteps(method) is not None or is_consistency(method):
         # DDIMPipeline turns any scheduler into a DDIMScheduler; the folder keeps the LCMScheduler

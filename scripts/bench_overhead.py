@@ -53,7 +53,9 @@ EXPERIMENTS = ["digits_diffusion_teacher", "digits_progressive", "digits_dsdi", 
                "digits_dkd", "digits_fitnet", "digits_dmd2", "digits_consistency"]
 # updates (generator updates for DMD2, each 5 batches) of the short and the long run: both cross several
 # digits epochs (21 diffusion / 4 classifier updates) and checkpoint intervals
-LENGTHS = {"digits_dmd2": (10, 30)}
+# The classifier updates take ~8 ms: 360 of them (their whole 100-epoch runs after the first 10 epochs) give a
+# window of ~3 s, where 120 gave ~1 s and left the ratio to the noise of a few milliseconds.
+LENGTHS = {"digits_dmd2": (10, 30), "digits_kd": (40, 400), "digits_dkd": (40, 400), "digits_fitnet": (40, 400)}
 DEFAULT_LENGTHS = (40, 160)
 
 
@@ -170,8 +172,12 @@ def plain_run(experiment: str, runs_dir: str, updates: int, first: int) -> dict:
 
 
 # --------------------------------------------------------------------------- the driver
+CPU: set[int] | None = None  # --cpu: the one core every timed process is pinned to
+
+
 def run(cmd: list[str], env: dict) -> str:
-    p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    pin = (lambda: os.sched_setaffinity(0, CPU)) if CPU else None
+    p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, preexec_fn=pin)
     if p.returncode != 0:
         raise SystemExit(f"{shlex.join(cmd)} failed ({p.returncode}):\n{(p.stdout + p.stderr)[-3000:]}")
     return p.stdout
@@ -212,6 +218,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--only", nargs="*", help="these experiments (their teachers are trained too)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / f"{NAME}.json")
+    ap.add_argument("--cpu", type=int, help="pin every timed process to this core (both sides on the same one: "
+                    "no migrations between cores, whose caches and clocks differ)")
     ap.add_argument("--plain", help=argparse.SUPPRESS)
     ap.add_argument("--runs", help=argparse.SUPPRESS)
     ap.add_argument("--updates", type=int, help=argparse.SUPPRESS)
@@ -223,6 +231,8 @@ def main(argv: list[str] | None = None) -> None:
         warnings.filterwarnings("ignore")
         print(json.dumps(plain_run(args.plain, args.runs, args.updates, args.first)))
         return
+    global CPU
+    CPU = None if args.cpu is None else {args.cpu}
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     chosen = [e for e in EXPERIMENTS if not args.only or e in args.only]
     with tempfile.TemporaryDirectory(prefix="bench-overhead-") as runs:
@@ -237,7 +247,7 @@ def main(argv: list[str] | None = None) -> None:
                 ms["distill"].append(distill_ms(exp, runs, n1, n2, f"r{rep}", env))
                 ms["plain"].append(plain_ms(exp, runs, n1, n2, env))
             med = {k: statistics.median(v) for k, v in ms.items()}
-            row = {"experiment": exp, "updates": [n1, n2], "repeats": args.repeats,
+            row = {"experiment": exp, "updates": [n1, n2], "repeats": args.repeats, "cpu": args.cpu,
                    "ms_per_update_distill": round(med["distill"], 2), "ms_per_update_plain": round(med["plain"], 2),
                    "ratio": round(med["distill"] / med["plain"], 3),
                    "runs_ms_distill": [round(v, 2) for v in ms["distill"]], "runs_ms_plain": [round(v, 2) for v in ms["plain"]]}

@@ -142,7 +142,7 @@ def vp_method(student=None, teacher=None, **kw):
     teacher = teacher(sched) if callable(teacher) and not isinstance(teacher, nn.Module) else teacher
     kw.setdefault("init_from_teacher", False)
     return ConsistencyDistillation(student or MLPDenoiser(), as_denoiser(teacher or MLPDenoiser(), sched, "x0"),
-                                   schedule_cfg=cfg, input_shape=(2,), prediction_type="x0",
+                                   schedule_cfg=cfg, input_shape=kw.pop("input_shape", (2,)), prediction_type="x0",
                                    optim_cfg={"optimizer": {"_target_": "torch.optim.Adam", "_partial_": True, "lr": 1e-3}},
                                    **kw)
 
@@ -268,6 +268,34 @@ def test_lcm_teacher_step_at_w_zero_is_the_unguided_step():
     assert not torch.equal(method.teacher_step(x, t, s, cond, 1 + torch.full((4,), 3.0)), plain)
 
 
+def test_a_digits_lora_student_starts_as_the_teacher_which_is_its_base_with_the_adapter_off():
+    """model.lora_rank on unet_digits: the teacher's weights go into the frozen base (so the student
+    starts as the teacher), and the teacher the method keeps is that base, shared, with the adapter off:
+    training the adapter leaves it alone."""
+    from distillkit.models.unet import DiffusersUNet
+
+    arch = dict(sample_size=8, in_channels=1, block_out_channels=(16, 32), layers_per_block=1,
+                down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+                attention_head_dim=32, norm_num_groups=8)
+    torch.manual_seed(0)
+    teacher = DiffusersUNet(**arch)
+    student = DiffusersUNet(**arch, lora_rank=4, lora_target_modules=["to_q", "to_v", "conv1"])
+    m = vp_method(lambda s: student, lambda s: teacher, init_from_teacher=True, input_shape=(1, 8, 8))
+    x, t = torch.randn(2, 1, 8, 8), torch.tensor([900, 100])
+    with torch.no_grad():
+        want = teacher(x, t)
+        assert torch.equal(m.student(x, t, {}), want)
+        trainable = [n for n, p in m.student.named_parameters() if p.requires_grad]
+        assert trainable and all("lora_" in n for n in trainable)
+        for n, p in m.student.named_parameters():
+            if "lora_B" in n:
+                p.add_(0.1)
+        assert not torch.allclose(m.student(x, t, {}), want)
+        assert torch.equal(m.teacher(x, t, {}), want)
+    frozen = {id(p) for n, p in m.student.named_parameters() if "lora_" not in n}
+    assert frozen == {id(p) for n, p in m.teacher.named_parameters() if "lora_" not in n}
+
+
 # --------------------------------------------------------------------------- the CLI
 def digits_teacher(path, num_classes=None):
     from test_dmd import digits_teacher as make
@@ -304,6 +332,39 @@ def test_lcm_on_class_conditional_digits(cli, tmp_path):
     assert "class_acc/1step" in res and "fid/1step" in res
     ck = torch.load(run / "last.ckpt", weights_only=True)
     assert any("cond_proj" in k for k in ck["state_dict"])
+
+
+def test_lcm_lora_on_class_conditional_digits_trains_only_the_adapter_over_the_teacher(cli, tmp_path):
+    """experiment=digits_cond_lcm_lora: the frozen base is the teacher's weights, only the adapter moves,
+    the target network is an EMA of it, and the checkpoint alone rebuilds the student, whose export (the
+    adapter fused into a plain UNet2DModel) computes what the student computes."""
+    from diffusers import UNet2DModel
+
+    from distillkit.export import export_pipeline
+    from distillkit.models.loading import load_run_checkpoint
+    from distillkit.models.lora import base_name
+
+    teacher = digits_teacher(tmp_path / "t.pt", num_classes=10)
+    r = cli("experiment=digits_cond_lcm_lora", f"teacher.checkpoint={teacher}", f"runs_dir={tmp_path}", "name=r",
+            "eval.steps=[1]", *DIGITS)
+    assert r.returncode == 0, r.output
+    run = tmp_path / "digits_cond_lcm_lora" / "r"
+    assert "class_acc/1step" in json.loads((run / "results.json").read_text())
+    sd = torch.load(run / "last.ckpt", weights_only=True)["state_dict"]
+    t = torch.load(teacher, weights_only=True)
+    base = {base_name(k[len("student."):]): v for k, v in sd.items() if k.startswith("student.") and "lora_" not in k}
+    assert base.keys() == t.keys() and all(torch.equal(v, t[k]) for k, v in base.items())  # frozen, the teacher's
+    assert any("lora_B" in k and v.abs().sum() > 0 for k, v in sd.items() if k.startswith("student."))  # trained
+    assert any(k.startswith("target_net.") and "lora_B" in k for k in sd) and not any("cond_proj" in k for k in sd)
+
+    method = load_run_checkpoint(run / "last.ckpt")
+    out = export_pipeline(method, tmp_path / "export")
+    unet = UNet2DModel.from_pretrained(str(out / "unet")).eval()
+    x, ts, y = torch.randn(3, 1, 8, 8), torch.tensor([999, 500, 20]), torch.tensor([1, 5, 9])
+    with torch.no_grad():
+        want = method.eval_network()(x, ts, {"class_labels": y})
+        assert torch.allclose(unet(x, ts, class_labels=y).sample, want, atol=1e-5)
+        assert not torch.allclose(UNet2DModel.from_config(unet.config).eval()(x, ts, class_labels=y).sample, want)
 
 
 def test_consistency_on_an_edm_schedule(cli, tmp_path, toy_teacher):

@@ -46,6 +46,7 @@ from distillkit.methods.base import eval_mode
 from distillkit.methods.diffusion import DiffusionMethod
 from distillkit.methods.ema import EMA
 from distillkit.models.denoiser import Cond, Guidance
+from distillkit.models.lora import has_lora
 
 CURRICULA = ("fixed", "ict")
 
@@ -97,7 +98,7 @@ class ConsistencyDistillation(DiffusionMethod):
         self.sampling_timesteps_cfg = None if sampling_timesteps is None else [plain(t) for t in sampling_timesteps]
         self.num_steps = len(self.sampling_timesteps_cfg) if self.sampling_timesteps_cfg else 4
         if self.teacher is not None:
-            lora = any("lora_" in n for n, _ in self.student.named_parameters())
+            lora = has_lora(self.student)
             self.start_from_teacher(init_from_teacher, lora)
         self.prepare_student()
         # The target network theta^-: an EMA of the online network, apart from the sampling EMA.
@@ -272,7 +273,7 @@ class LCM(ConsistencyDistillation):
             raise DistillError("method=lcm distils a guided teacher: use a conditional model (class-conditional "
                                "digits: experiment=digits_cond_lcm; text: model=sd15 / sdxl), or method=consistency")
         student = self.student
-        lora = any("lora_" in n for n, _ in student.named_parameters())
+        lora = has_lora(student)
         dim = self._lcm[2]
         dim = (0 if lora else 256) if dim is None else int(dim)
         if dim and lora:

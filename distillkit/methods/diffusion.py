@@ -51,6 +51,7 @@ from distillkit.errors import DistillError
 from distillkit.methods.base import DistillMethod
 from distillkit.methods.ema import copy_sharing_frozen
 from distillkit.models.denoiser import Cond, Denoiser, Guidance, as_denoiser, map_cond
+from distillkit.models.lora import copy_into_base, set_adapters
 
 WEIGHTINGS = ("none", "min_snr", "edm")
 # Validation / test noise (t and eps) come from this seed plus the batch index, so the val/test
@@ -355,23 +356,29 @@ class DiffusionMethod(DistillMethod):
     # ------------------------------------------------------------------ starting from the teacher
     def start_from_teacher(self, init_from_teacher: bool, lora: bool) -> None:
         """The student starts as the teacher (DMD, Sec. 3.1; CM, Sec. 4): its weights (and the sampling
-        EMA's) are copied from it; a LoRA student over the teacher's own folder already is it, and the
-        teacher becomes the student's frozen base with the adapter switched off (docs/memory.md)."""
+        EMA's) are copied from it. A LoRA student over the teacher's own folder already is it; one built
+        from a config (digits) gets the teacher's weights in its frozen base. Then the teacher becomes
+        the student's frozen base with the adapter switched off (docs/memory.md)."""
         if self.teacher.prediction_type is None:
             self.teacher.prediction_type = self.prediction_type
         if self.teacher.prediction_type != self.prediction_type and init_from_teacher:
             raise DistillError(f"method.prediction_type={self.prediction_type}: the generator starts as the teacher, "
                                f"which predicts {self.teacher.prediction_type}; leave method.prediction_type unset "
                                "(or set method.init_from_teacher=false)")
-        if init_from_teacher and not lora:  # a LoRA student's base already is the teacher's folder
-            copy_weights(self.student, self.teacher, f"method={self.method_name}: the generator starts as the teacher")
+        what = f"method={self.method_name}: the generator starts as the teacher"
+        if init_from_teacher and not lora:
+            copy_weights(self.student, self.teacher, what)
             if self.ema is not None:
                 self.ema.module.load_state_dict(self.student.state_dict())
-        if lora and self.same_base(self.teacher):
+        if lora and getattr(self.student, "pretrained", None) is None and init_from_teacher:
+            # a LoRA student built from a config (digits): its frozen base becomes the teacher (the
+            # sampling EMA shares that base); one from the teacher's own folder already is it
+            copy_into_base(self.student, self.teacher, what)
+        if lora and (self.same_base(self.teacher) or (init_from_teacher and self.student.pretrained is None)):
             # The teacher is the generator's frozen base with the adapter switched off: one base in
             # memory for all three networks (docs/memory.md), not a second frozen copy.
             shared = copy_sharing_frozen(self.student)
-            shared.unet.disable_adapters()
+            set_adapters(shared.unet, False)
             shared.eval().requires_grad_(False)
             object.__setattr__(self, "teacher", shared)
 

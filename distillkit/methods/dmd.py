@@ -53,6 +53,7 @@ from distillkit.methods.diffusion import DiffusionMethod, mean_flat
 from distillkit.methods.ema import copy_sharing_frozen
 from distillkit.methods.roles import MultiRoleMethod
 from distillkit.models.denoiser import Cond, Guidance, map_cond
+from distillkit.models.lora import has_lora
 
 GENERATOR_INPUTS = ("backward", "real")
 
@@ -180,7 +181,7 @@ class DMD(MultiRoleMethod, DiffusionMethod):
 
             self.pairs = load_pairs(pairs, key="method.pairs")
             self.pairs.check_shape(tuple(self.image_shape), "method.pairs")
-        lora = any("lora_" in n for n, _ in self.student.named_parameters())
+        lora = has_lora(self.student)
         if training:
             self.start_from_teacher(init_from_teacher, lora)
         # the critic: the fake score (starting as the generator, i.e. the teacher) and the GAN head

@@ -443,7 +443,12 @@ class Denoiser(nn.Module):
         if not hasattr(self.unet, "save_pretrained"):
             raise DistillError(f"save_pretrained needs a diffusers network; this one is {type(self.unet).__name__}")
         path = Path(path)
-        self.unet.save_pretrained(str(path / "unet"), safe_serialization=True)
+        unet = self.unet
+        if getattr(self, "lora", None):  # the adapter fused: the plain network's folder
+            from distillkit.models.lora import fused_copy
+
+            unet = fused_copy(unet)
+        unet.save_pretrained(str(path / "unet"), safe_serialization=True)
         ddim_scheduler_for(self.schedule, self.prediction_type, spacing).save_pretrained(str(path / "scheduler"))
         info = {"prediction_type": self.prediction_type, "condition": self.condition}
         if self.condition == "class":
@@ -508,7 +513,12 @@ def as_denoiser(net: nn.Module, schedule: Any, prediction_type: str, condition: 
             condition = "class" if n_embeds else "none"
         if condition == "class" and not n_embeds:
             raise DistillError("a class-conditional model needs a class embedding: set model.num_classes")
+        lora = getattr(net, "lora_settings", None)
         net = Denoiser(net, condition=condition, num_classes=(int(n_embeds) - 1) if n_embeds else num_classes)
+        if lora:
+            from distillkit.models.lora import add_lora
+
+            add_lora(net, *lora)
     return net.configure(schedule, prediction_type)
 
 

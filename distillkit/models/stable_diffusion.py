@@ -39,6 +39,7 @@ from torch import nn
 
 from distillkit.errors import DistillError
 from distillkit.models.denoiser import Cond, Denoiser
+from distillkit.models.lora import DEFAULT_LORA_TARGETS, add_lora
 
 VARIANTS = ("sd15", "sdxl")
 # what each variant's folder must hold: subfolder -> the file that says what is there
@@ -50,7 +51,6 @@ REQUIRED = {
 }
 WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin", "model.safetensors",
                 "pytorch_model.bin", "diffusion_pytorch_model.fp16.safetensors", "model.fp16.safetensors")
-DEFAULT_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 
 
 def resolve_dtype(name: str) -> torch.dtype:
@@ -281,32 +281,5 @@ def stable_diffusion(pretrained: str, variant: str = "sd15", frozen_dtype: str =
     return den
 
 
-def add_lora(den: Denoiser, rank: int, alpha: float, targets: list[str]) -> None:
-    """Train a LoRA adapter (Hu et al. 2021; peft through diffusers' ``add_adapter``) on ``targets``
-    of the frozen UNet: only the adapter requires gradients and only its weights are in the state
-    dict (checkpoints, EMA, round files); the base weights come from the pretrained folder."""
-    try:
-        from peft import LoraConfig
-    except ImportError:
-        raise DistillError("model.lora_rank needs peft: pip install peft") from None
-    den.unet.requires_grad_(False)
-    config = LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=targets)
-    try:
-        den.unet.add_adapter(config)
-    except ValueError as e:
-        raise DistillError(f"lora_target_modules={targets}: {str(e).splitlines()[0]}") from None
-    den.lora = {"rank": rank, "alpha": alpha, "target_modules": targets}
-
-    def only_adapter(module, state_dict, prefix, local_metadata):
-        for k in [k for k in state_dict if k.startswith(prefix) and "lora_" not in k]:
-            del state_dict[k]
-
-    def base_not_missing(module, incompatible):
-        incompatible.missing_keys[:] = [k for k in incompatible.missing_keys if "lora_" in k]
-
-    den._register_state_dict_hook(only_adapter)
-    den.register_load_state_dict_post_hook(base_not_missing)
-
-
 __all__ = ["stable_diffusion", "TextImageCodec", "check_folder", "schedule_from_folder", "resolve_dtype", "add_lora",
-           "VARIANTS"]
+           "DEFAULT_LORA_TARGETS", "VARIANTS"]

@@ -9,7 +9,8 @@ embedding takes either.
 
 Options: ``model=unet_digits`` (1x8x8, small enough to train in minutes on two CPU cores) and
 ``model=unet`` (DDPM's CIFAR-10 layout, Ho et al. 2020, App. B; set sample_size / in_channels for
-other image sizes).
+other image sizes). ``lora_rank``: a LoRA adapter on ``lora_target_modules`` trains instead of the
+whole network (distillkit.models.lora).
 """
 from __future__ import annotations
 
@@ -29,7 +30,9 @@ class DiffusersUNet(nn.Module):
                  down_block_types: Optional[Sequence[str]] = None,
                  up_block_types: Optional[Sequence[str]] = None,
                  attention_head_dim: Optional[int] = None, norm_num_groups: int = 32,
-                 dropout: float = 0.0, add_attention: bool = True, num_classes: Optional[int] = None):
+                 dropout: float = 0.0, add_attention: bool = True, num_classes: Optional[int] = None,
+                 lora_rank: Optional[int] = None, lora_alpha: Optional[float] = None,
+                 lora_target_modules: Sequence[str] = ("to_q", "to_k", "to_v", "to_out.0")):
         super().__init__()
         from diffusers import UNet2DModel
 
@@ -53,6 +56,10 @@ class DiffusersUNet(nn.Module):
             # classifier-free guidance (distillkit.models.denoiser)
             num_class_embeds=None if num_classes is None else int(num_classes) + 1,
         )
+        # LoRA (distillkit.models.lora): added by the Denoiser wrapping this network (as_denoiser), after
+        # which the method copies the teacher into the frozen base
+        self.lora_settings = None if not lora_rank else \
+            (int(lora_rank), float(lora_alpha or lora_rank), list(lora_target_modules))
 
     def forward(self, x: torch.Tensor, t, class_labels: Optional[torch.Tensor] = None) -> torch.Tensor:
         return self.unet(x, t, class_labels=class_labels).sample
