@@ -27,7 +27,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from distillkit.compose import explain_compose_error, help_template, register_resolvers  # noqa: F401
-from distillkit.config import REQUIRED_HINTS, out_of_bounds, register_configs
+from distillkit.config import REQUIRED_HINTS, out_of_bounds, register_configs, schema_defaults
 from distillkit.errors import DistillError, root_cause
 from distillkit.paths import CONF_DIR, find_conf_dir  # noqa: F401  (CONF_DIR is also imported from here)
 
@@ -396,7 +396,8 @@ def run(cfg: DictConfig) -> dict:
     config = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
     assert isinstance(config, dict)
     # The same command again after the run finished: say so and touch nothing (no re-test).
-    finished = None if config["resume"] == "never" else finished_run(run_dir, config, resume_safe_keys())
+    defaults = schema_defaults(cfg)  # options added since a run's config.yaml, at these values, change nothing
+    finished = None if config["resume"] == "never" else finished_run(run_dir, config, resume_safe_keys(), defaults)
     if finished is not None:
         if rank == 0:
             print(finished[0], flush=True)
@@ -464,7 +465,7 @@ def run(cfg: DictConfig) -> dict:
         callbacks.append(PlainProgress(cfg.trainer.log_every_n_steps))
     if evaluation is not None:
         callbacks.append(evaluation)
-    ckpt, write_config = check_run_dir(run_dir, config, config["resume"], resume_safe_keys())
+    ckpt, write_config = check_run_dir(run_dir, config, config["resume"], resume_safe_keys(), defaults)
     accelerator = str(cfg.trainer.accelerator)
     loggers = build_loggers(cfg, run_dir)
     trainer = build_trainer(cfg, run_dir, accelerator, callbacks, loggers, progress_bar=rich, manual=bool(roles),
@@ -474,7 +475,7 @@ def run(cfg: DictConfig) -> dict:
             lg.follow(trainer, wall_s=lambda: last_ckpt.wall_s)
     log_hyperparameters(loggers, config)
     if rank == 0:  # config.yaml where needed, this session's config where it changed, commands.log
-        start_session(run_dir, config, ckpt, write_config, session_command())
+        start_session(run_dir, config, ckpt, write_config, session_command(), defaults)
     if ckpt is not None:
         log.info("resuming from %s", ckpt)
     # Per-rank streams for what happens during training (noise, dropout, augmentation).

@@ -11,6 +11,7 @@ lists them with :data:`REQUIRED_HINTS` before starting.
 """
 from __future__ import annotations
 
+from dataclasses import MISSING as MISSING_FIELD
 from dataclasses import dataclass, field, fields, is_dataclass
 from enum import Enum
 from typing import Any, List, Optional
@@ -879,6 +880,29 @@ def _describe(at_least: Optional[float], above: Optional[float], at_most: Option
     if above is not None:
         return f"must be above {above:g}"
     return f"must be at least {at_least:g}" if at_least is not None else f"must be at most {at_most:g}"
+
+
+def schema_defaults(cfg: DictConfig, prefix: str = "") -> dict[str, Any]:
+    """``{flattened key: its schema default}`` for every field of the schemas in ``cfg`` that has a
+    default. The rerun check (distillkit.runs.config_diff) takes an option absent from an earlier
+    run's config.yaml at this value as no change: an option added since then, at its default,
+    does what the run did."""
+    schema = OmegaConf.get_type(cfg)
+    out: dict[str, Any] = {}
+    if is_dataclass(schema):
+        for f in fields(schema):
+            if f.default is not MISSING_FIELD:
+                out[f"{prefix}{f.name}"] = f.default
+            elif f.default_factory is not MISSING_FIELD:
+                default = f.default_factory()
+                if isinstance(default, (list, dict, str, int, float, bool)):
+                    out[f"{prefix}{f.name}"] = default
+    for key in cfg.keys():
+        node = cfg._get_node(key)
+        if isinstance(node, DictConfig) and f"{prefix}{key}" != "hydra" and not node._is_none() \
+                and not node._is_interpolation():
+            out.update(schema_defaults(node, f"{prefix}{key}."))
+    return out
 
 
 def out_of_bounds(cfg: DictConfig, prefix: str = "") -> list[str]:

@@ -74,9 +74,13 @@ def flatten(d: Any, prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def config_diff(old: dict, new: dict, ignore: Iterable[str] = ()) -> list[str]:
-    """Human-readable differences between two resolved configs, minus ignored key prefixes."""
+def config_diff(old: dict, new: dict, ignore: Iterable[str] = (), defaults: Optional[dict] = None) -> list[str]:
+    """Human-readable differences between two resolved configs, minus ignored key prefixes. A key
+    absent from ``old`` whose value in ``new`` is its entry in ``defaults`` (the schema's default,
+    :func:`distillkit.config.schema_defaults`) is an option added since ``old`` was written, at the
+    default that keeps what the run did: no difference."""
     ignore = tuple(ignore)
+    defaults = defaults or {}
 
     def ignored(key: str) -> bool:
         return any(key == p or key.startswith(p + ".") for p in ignore)
@@ -87,6 +91,8 @@ def config_diff(old: dict, new: dict, ignore: Iterable[str] = ()) -> list[str]:
         if ignored(k):
             continue
         if k not in a:
+            if k in defaults and defaults[k] == b[k]:
+                continue
             lines.append(f"{k}: (absent) -> {b[k]!r}")
         elif k not in b:
             lines.append(f"{k}: {a[k]!r} -> (absent)")
@@ -107,7 +113,8 @@ def holds_training_output(run_dir: Path) -> bool:
     return any(any(run_dir.glob(pattern)) for pattern in ("*.ckpt", "results.json", "student.safetensors"))
 
 
-def check_run_dir(run_dir: Path, config: dict, resume: str, resume_safe_keys: Iterable[str]) -> tuple[Optional[Path], bool]:
+def check_run_dir(run_dir: Path, config: dict, resume: str, resume_safe_keys: Iterable[str],
+                  defaults: Optional[dict] = None) -> tuple[Optional[Path], bool]:
     """Check ``run_dir`` against ``config`` without writing anything.
 
     Returns the checkpoint to resume from (None: start fresh) and whether ``config.yaml`` is to be
@@ -126,7 +133,7 @@ def check_run_dir(run_dir: Path, config: dict, resume: str, resume_safe_keys: It
         old = yaml.safe_load(cfg_file.read_text()) or {}
     except yaml.YAMLError as e:
         raise DistillError(f"{cfg_file} is not valid YAML ({e}); move it away to start this run") from None
-    diff = config_diff(old, config, ignore=list(resume_safe_keys) + ["name"])
+    diff = config_diff(old, config, ignore=list(resume_safe_keys) + ["name"], defaults=defaults)
     if resume == "never" and ckpt.exists():
         raise DistillError(
             f"run dir {run_dir} already holds a run and resume=never. Pass another name=..., "
@@ -196,7 +203,8 @@ def checkpoint_step_and_config(ckpt: Path) -> Optional[tuple[int, dict]]:
         return None
 
 
-def start_session(run_dir: Path, config: dict, ckpt: Optional[Path], write_config: bool, command: str) -> str:
+def start_session(run_dir: Path, config: dict, ckpt: Optional[Path], write_config: bool, command: str,
+                  defaults: Optional[dict] = None) -> str:
     """Rank 0, right before training: write ``config.yaml`` where :func:`check_run_dir` says so;
     where ``config`` differs from the one ``last.ckpt`` was trained under (a larger
     ``trainer.max_steps``, ``resume=force``), keep it as this session's config file, so that the
@@ -213,7 +221,7 @@ def start_session(run_dir: Path, config: dict, ckpt: Optional[Path], write_confi
         finished = (results is not None and step is not None and results.get("global_step") == step
                     and not any(k in results for k in SESSION_KEYS))
         status = f"{'extended' if finished else 'resumed'} from step {step}"
-        changed = config_diff(before, config, ignore=["name"]) if before else []
+        changed = config_diff(before, config, ignore=["name"], defaults=defaults) if before else []
         if changed:
             own = CONFIG_FILE if write_config else _write_session_config(run_dir, config)
             shown = changed[:MAX_LOGGED_CHANGES] + (["..."] if len(changed) > MAX_LOGGED_CHANGES else [])
@@ -326,7 +334,8 @@ def _checkpoint_state(ckpt: Path) -> Optional[tuple[int, dict]]:
     return None if state is None else (state[0], state[1].get("trainer") or {})
 
 
-def finished_run(run_dir: Path, config: dict, resume_safe_keys: Iterable[str]) -> Optional[tuple[str, dict]]:
+def finished_run(run_dir: Path, config: dict, resume_safe_keys: Iterable[str],
+                 defaults: Optional[dict] = None) -> Optional[tuple[str, dict]]:
     """Whether ``run_dir`` holds this config's run, finished: its results.json belongs to its
     last.ckpt (same step, not a stopped session), its config.yaml equals ``config`` but for the
     keys that may change on resume, and training would stop at once: ``trainer.max_steps`` is
@@ -340,7 +349,7 @@ def finished_run(run_dir: Path, config: dict, resume_safe_keys: Iterable[str]) -
         old = yaml.safe_load(cfg_file.read_text()) or {}
     except yaml.YAMLError:
         return None
-    if config_diff(old, config, ignore=list(resume_safe_keys) + ["name"]):
+    if config_diff(old, config, ignore=list(resume_safe_keys) + ["name"], defaults=defaults):
         return None
     step = results.get("global_step")
     if not isinstance(step, int):

@@ -50,6 +50,11 @@ CONFIGS: dict[str, tuple[str, list[str]]] = {
     "dmd2_1step_ema999": ("digits_dmd2", ["callbacks.ema.decay=0.999"]),  # a sampling EMA over ~1,000 updates
     "dmd2_1step_gan1e-2": ("digits_dmd2", ["method.gan_generator_weight=1e-2"]),  # the generator's GAN weight x10
     "dmd2_1step_gan3e-2": ("digits_dmd2", ["method.gan_generator_weight=3e-2"]),  # x30
+    # rank-8 adapters for the generator and the fake score over the teacher's frozen base (digits_cond_lcm_lora's
+    # layers and lr), as LCM-LoRA on the same teacher
+    "dmd2_1step_lora": ("digits_dmd2", ["model.lora_rank=8", "model.lora_target_modules=[to_q,to_k,to_v,to_out.0,"
+                                        "conv1,conv2,conv_shortcut,downsamplers.0.conv,upsamplers.0.conv,time_emb_proj]",
+                                        "optim.optimizer.lr=1e-3"]),
 }
 TEACHER_64 = 2.234  # the unconditional teacher's 64-step digits-FID (benchmarks/step_distill_digits.json)
 PROGRESSIVE_1STEP = (4.870, 6000)  # progressive distillation's best one-step FID at 6,000 updates

@@ -57,6 +57,26 @@ def test_rerun_of_a_finished_run_changes_nothing(finished, tmp_path):
     assert snapshot(run) == before
 
 
+def test_an_option_added_since_the_run_at_its_default_is_no_change(finished, tmp_path):
+    """A run dir written before an option existed (its config.yaml lacks the key): the option at its
+    schema default changes nothing, so the rerun finds the run finished; at another value it is a
+    change, and the rerun is refused naming the key."""
+    import yaml
+
+    run = copy_run(finished, tmp_path / "runs")
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    assert cfg["trainer"]["compile"] is None and cfg["trainer"]["limit_train_batches"] == 3
+    del cfg["trainer"]["compile"]  # schema default: None
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+    r = run_cli(*ARGS, f"runs_dir={tmp_path / 'runs'}", "trainer.max_steps=4")
+    assert r.returncode == 0 and f"run {run} is finished" in r.stdout, r.output
+    del cfg["trainer"]["limit_train_batches"]  # set by ARGS to 3, not its default
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+    r = run_cli(*ARGS, f"runs_dir={tmp_path / 'runs'}", "trainer.max_steps=4")
+    assert r.returncode != 0 and "trainer.limit_train_batches: (absent) -> 3" in r.output, r.output
+    assert "trainer.compile" not in r.output and "Traceback" not in r.output
+
+
 def metric_rows(path: Path) -> list[tuple[int, str]]:
     """(step, metric) of every value in metrics.csv."""
     with path.open(newline="") as f:
