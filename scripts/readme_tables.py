@@ -205,7 +205,15 @@ def consistency_digits_table(bench: dict) -> str:
                                   "cm_cosine_lr": "consistency, cosine lr",
                                   "cm_n64": "consistency, 64-step grid", "cm_n128": "consistency, 128-step grid",
                                   "cm_ict_32_512": "consistency, iCT curriculum 32 to 512",
-                                  "lcm_cond_n128": "LCM, class-conditional, 128-step grid (guidance 2)"}, "updates")
+                                  "lcm_cond_n128": "LCM, class-conditional, 128-step grid (guidance 2)",
+                                  "cm_target_099": "consistency, EMA target 0.99",
+                                  "cm_target_0999": "consistency, EMA target 0.999",
+                                  "cm_l2": "consistency, squared L2", "cm_lora": "consistency, LoRA rank 8",
+                                  "lcm_lora": "LCM-LoRA rank 8, class-conditional, teacher at guidance 2",
+                                  "lcm_lora_online_target": "LCM-LoRA, online target, teacher at guidance 2",
+                                  "lcm_lora_g1": "LCM-LoRA rank 8, class-conditional, teacher at guidance 1",
+                                  "lcm_lora_g1_target099": "LCM-LoRA, EMA target 0.99, teacher at guidance 1"},
+                        "updates")
 
 
 @formatter("smoke_cpu")
