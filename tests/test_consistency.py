@@ -385,13 +385,15 @@ def test_bad_values_are_one_error_line(cli, tmp_path, override, message):
     assert r.returncode != 0 and message in r.output and "Traceback" not in r.output, r.output
 
 
-def test_sigterm_mid_run_resumes_bit_exact(cli, tmp_path):
+@pytest.mark.parametrize("extra", [[], ["model.lora_rank=4"]], ids=["full", "lora"])
+def test_sigterm_mid_run_resumes_bit_exact(cli, tmp_path, extra):
     """Stopped by SIGTERM after 3 updates and rerun: the online network, the target network, the
-    sampling EMA and the optimizer state end as an uninterrupted run's, bit for bit."""
+    sampling EMA and the optimizer state end as an uninterrupted run's, bit for bit (a LoRA
+    student's too, whose base the method fills from the teacher again on resume)."""
     from test_dmd import cli_with_events
 
     teacher = digits_teacher(tmp_path / "t.pt")
-    args = ["experiment=digits_consistency", f"teacher.checkpoint={teacher}", "name=cm", "trainer.max_steps=5",
+    args = ["experiment=digits_consistency", *extra, f"teacher.checkpoint={teacher}", "name=cm", "trainer.max_steps=5",
             "dataset.batch_size=16", "eval=none", "callbacks.checkpoint_every_n_steps=1", *QUIET]
     whole = cli(*args, f"runs_dir={tmp_path / 'whole'}")
     assert whole.returncode == 0, whole.output
