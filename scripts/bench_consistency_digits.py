@@ -66,6 +66,7 @@ CONFIGS: dict[str, tuple[str, list[str]]] = {
     "lcm_lora_online_target": ("digits_cond_lcm_lora", ["method.target_decay=0"]),
     "lcm_lora_g1": ("digits_cond_lcm_lora", ["method.w_min=0", "method.w_max=0"]),  # the unguided teacher (w = 0)
     "lcm_lora_g1_target099": ("digits_cond_lcm_lora", ["method.w_min=0", "method.w_max=0", "method.target_decay=0.99"]),
+    "lcm_lora_target099": ("digits_cond_lcm_lora", ["method.target_decay=0.99"]),
 }
 # the LCM rows the verdict judges: configuration -> (the guidance its samples are judged at, the
 # discretisation's steps, what it is); LCM-LoRA samples unguided a student of the teacher guided at 2

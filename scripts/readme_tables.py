@@ -212,7 +212,8 @@ def consistency_digits_table(bench: dict) -> str:
                                   "lcm_lora": "LCM-LoRA rank 8, class-conditional, teacher at guidance 2",
                                   "lcm_lora_online_target": "LCM-LoRA, online target, teacher at guidance 2",
                                   "lcm_lora_g1": "LCM-LoRA rank 8, class-conditional, teacher at guidance 1",
-                                  "lcm_lora_g1_target099": "LCM-LoRA, EMA target 0.99, teacher at guidance 1"},
+                                  "lcm_lora_g1_target099": "LCM-LoRA, EMA target 0.99, teacher at guidance 1",
+                                  "lcm_lora_target099": "LCM-LoRA, EMA target 0.99, teacher at guidance 2"},
                         "updates")
 
 
