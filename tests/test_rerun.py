@@ -84,6 +84,27 @@ def metric_rows(path: Path) -> list[tuple[int, str]]:
                 for k, v in row.items() if k not in ("step", "epoch") and v != ""]
 
 
+def test_extending_a_finished_run_continues_as_an_uninterrupted_run(tmp_path):
+    """A run finished mid-epoch (4 updates, 3 an epoch) and extended to 6 ends bit for bit as a run
+    of 6 from the start: the rest of its epoch is not skipped. (A constant learning rate: a cosine
+    schedule is stretched over the new trainer.max_steps by design.)"""
+    import torch
+
+    args = (*ARGS, "optim.scheduler.name=none")
+    r = run_cli(*args, f"runs_dir={tmp_path / 'cut'}", "trainer.max_steps=4")
+    assert r.returncode == 0, r.output
+    run = tmp_path / "cut" / "digits_student" / "mine"
+    assert torch.load(run / "last.ckpt", weights_only=True)["epoch"] == 1  # mid-epoch 1
+    r = run_cli(*args, f"runs_dir={tmp_path / 'cut'}", "trainer.max_steps=6")
+    assert r.returncode == 0, r.output
+    whole = run_cli(*args, f"runs_dir={tmp_path / 'whole'}", "trainer.max_steps=6")
+    assert whole.returncode == 0, whole.output
+    a = torch.load(run / "last.ckpt", weights_only=True)
+    b = torch.load(tmp_path / "whole" / "digits_student" / "mine" / "last.ckpt", weights_only=True)
+    assert a["global_step"] == b["global_step"] == 6
+    assert all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in b["state_dict"])
+
+
 def test_extending_a_finished_run_keeps_earlier_results(finished, tmp_path):
     run = copy_run(finished, tmp_path / "runs")
     earlier = json.loads((run / "results.json").read_text())

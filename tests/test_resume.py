@@ -209,21 +209,22 @@ CADENCE = [a for a in ARGS if not a.startswith("callbacks.checkpoint_every_n_ste
 
 
 @pytest.mark.parametrize("overrides, saves", [
-    ([], ["11 on_train_end"]),
+    ([], ["11 on_train_batch_end"]),
     (["callbacks.checkpoint_every_seconds=1e-9"],
      ["1 on_train_batch_end", "2 on_train_batch_end", "3 on_train_batch_end", "4 on_train_epoch_end",
       "5 on_train_batch_end", "6 on_train_batch_end", "7 on_train_batch_end", "8 on_train_epoch_end",
       "9 on_train_batch_end", "10 on_train_batch_end", "11 on_train_batch_end"]),
     (["callbacks.checkpoint_every_n_steps=2"],
      ["2 on_train_batch_end", "4 on_train_epoch_end", "6 on_train_batch_end", "8 on_train_epoch_end",
-      "10 on_train_batch_end", "11 on_train_end"]),
+      "10 on_train_batch_end", "11 on_train_batch_end"]),
 ], ids=["default-no-epoch-end-saves", "every-seconds", "every-n-steps"])
 def test_checkpoint_cadence(runs_dir: Path, tmp_path: Path, overrides: list, saves: list):
     """last.ckpt is written by wall time (callbacks.checkpoint_every_seconds, 600 s by default) and
     every callbacks.checkpoint_every_n_steps updates (off by default), at the end of training and on
     a stop signal, not at every epoch's end (a save costs about as much as a few of the digits
     experiments' updates: issue 29, item 9). A save that falls due in an epoch's last batch is
-    written at the epoch's end; the run's end writes one unless its step was just saved."""
+    written at the epoch's end; the run's last update (trainer.max_steps, here mid-epoch) is saved at
+    its batch, a mid-epoch state that a longer rerun continues, and the run's end then writes none."""
     record = tmp_path / "saves.txt"
     r = _run_with_events(*CADENCE, *overrides, f"runs_dir={runs_dir}", "name=cadence", env={"SAVE_RECORD": str(record)})
     assert r.returncode == 0, r.stdout + r.stderr

@@ -5,6 +5,10 @@ end of fitting, and when the job is told to stop (SIGTERM; SIGUSR1, which SLURM 
 time limit with ``--signal=USR1@90``; SIGUSR2, submitit's preemption signal), so a restarted run
 resumes from where this one stopped.
 
+The save at the end of fitting is taken at the last update's batch when ``trainer.max_steps``
+ends the run mid-epoch, so that extending the run (the same command with a larger
+``trainer.max_steps``) continues with that epoch's remaining batches, as an uninterrupted run would.
+
 Not at every epoch's end: a save costs about 0.1 s on a CPU, as much as several updates of a small
 model whose epochs are a few updates long. A save that falls due in an epoch's
 last batch (by time or by step count) is taken at the epoch's end instead (``on_train_epoch_end``,
@@ -191,6 +195,12 @@ class LastCheckpoint(Callback):
         # waits for such a batch.
         due = timed and updated
         if self.every_n_steps and step > 0 and step % self.every_n_steps == 0:
+            due = True
+        # The run's last update (trainer.max_steps) mid-epoch: saved here, a genuine mid-epoch state.
+        # Saved at the end of fitting instead, it would hold the epoch as finished (Lightning closes
+        # it when it stops), and a longer rerun would skip the epoch's remaining batches.
+        max_steps = getattr(trainer, "max_steps", None)
+        if updated and max_steps is not None and 0 < max_steps <= step:
             due = True
         if due and step != self._last_saved_step:
             if last_batch:
