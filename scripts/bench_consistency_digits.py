@@ -72,7 +72,8 @@ CONFIGS: dict[str, tuple[str, list[str]]] = {
 # discretisation's steps, what it is); LCM-LoRA samples unguided a student of the teacher guided at 2
 LCM_ROWS = {"lcm_cond": (2.0, 32, "LCM"), "lcm_cond_g1": (1.0, 32, "LCM"), "lcm_cond_n64": (2.0, 64, "LCM"),
             "lcm_cond_n64_g1": (1.0, 64, "LCM"), "lcm_lora": (2.0, 64, "LCM-LoRA"),
-            "lcm_lora_g1": (1.0, 64, "LCM-LoRA")}
+            "lcm_lora_g1": (1.0, 64, "LCM-LoRA"), "lcm_lora_target099": (2.0, 64, "LCM-LoRA, EMA target 0.99"),
+            "lcm_lora_g1_target099": (1.0, 64, "LCM-LoRA, EMA target 0.99")}
 # EMA target network against the online target: (EMA-target configuration, online-target configuration, what)
 TARGET_PAIRS = [("cm", "cm_online_target", "Consistency distillation"), ("lcm_lora", "lcm_lora_online_target", "LCM-LoRA")]
 TEACHER_64 = 2.234  # the unconditional teacher's 64-step digits-FID (benchmarks/step_distill_digits.json)
