@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -60,6 +61,10 @@ CONFIGS: dict[str, tuple[str, list[str]]] = {
     "cm_lora": ("digits_consistency", ["model.lora_rank=8", "model.lora_target_modules=[to_q,to_k,to_v,to_out.0,conv1,"
                                        "conv2,conv_shortcut,downsamplers.0.conv,upsamplers.0.conv,time_emb_proj]",
                                        "optim.optimizer.lr=1e-3"]),
+    "cm_lora_target099": ("digits_consistency", ["model.lora_rank=8", "model.lora_target_modules=[to_q,to_k,to_v,"
+                                                 "to_out.0,conv1,conv2,conv_shortcut,downsamplers.0.conv,upsamplers.0.conv,"
+                                                 "time_emb_proj]", "optim.optimizer.lr=1e-3", "method.target_decay=0.99"]),
+    "cm_n64_target099": ("digits_consistency", ["method.num_timesteps=64", "method.target_decay=0.99"]),
     # LCM-LoRA: a rank-8 adapter, the teacher guided at 2, its target network an EMA (0.95) of the adapter or
     # (as the peer scripts have it) the online adapter under stop-gradient
     "lcm_lora": ("digits_cond_lcm_lora", []),
@@ -76,6 +81,9 @@ LCM_ROWS = {"lcm_cond": (2.0, 32, "LCM"), "lcm_cond_g1": (1.0, 32, "LCM"), "lcm_
             "lcm_lora_g1_target099": (1.0, 64, "LCM-LoRA, EMA target 0.99")}
 # EMA target network against the online target: (EMA-target configuration, online-target configuration, what)
 TARGET_PAIRS = [("cm", "cm_online_target", "Consistency distillation"), ("lcm_lora", "lcm_lora_online_target", "LCM-LoRA")]
+# consistency configurations judged at progressive distillation's update counts (their FID every 200 updates)
+EQUAL_UPDATES = [("cm", "Consistency distillation"),
+                 ("cm_n64_target099", "Consistency distillation, 64-step grid, EMA target 0.99")]
 TEACHER_64 = 2.234  # the unconditional teacher's 64-step digits-FID (benchmarks/step_distill_digits.json)
 PROGRESSIVE = {4: (2.975, 4000), 2: (3.936, 5000), 1: (5.655, 6000)}  # progressive distillation: FID, updates
 # the class-conditional teacher at each guidance, 64 DDIM steps (benchmarks/cond_teacher_digits.json): FID, class accuracy
@@ -90,7 +98,12 @@ def summarise(rows: list[dict]) -> list[dict]:
             for k in STEPS:
                 rs = [r for r in rows if r["config"] == config and r["updates"] == updates and r["steps"] == k]
                 if rs:
-                    out.append(_entry(config, updates, rs))
+                    entry = _entry(config, updates, rs)
+                    curves = [dict((int(u), f) for u, f in r.get("fid_by_updates") or []) for r in rs]
+                    common = sorted(set.intersection(*(set(c) for c in curves)))
+                    # the seeds' mean FID at each evaluated update count: the comparison at equal updates
+                    entry["fid_by_updates_mean"] = [[u, statistics.fmean(c[u] for c in curves)] for u in common]
+                    out.append(entry)
     return out
 
 
@@ -108,6 +121,17 @@ def verdict(summary: list[dict]) -> list[str]:
                          f"{s['updates']} updates; progressive distillation {pf} after {pu}"
                          + (f", the target 1.2x of it {bound:.3f}" if k == 1 else "") + ": "
                          + ("meets" if s["fid_mean"] <= bound else "misses"))
+    for config, what in EQUAL_UPDATES:  # the issue's comparison: at progressive's own update counts
+        for k in STEPS:
+            s = longest.get((config, k))
+            pf, pu = PROGRESSIVE[k]
+            at_pu = dict((u, f) for u, f in (s or {}).get("fid_by_updates_mean", []))
+            if pu in at_pu:
+                bound = 1.2 * pf if k == 1 else pf
+                lines.append(f"{what}, {k} step{'s' * (k > 1)} at {pu} updates ({s['n']} seed{'s' * (s['n'] > 1)}): "
+                             f"digits-FID {at_pu[pu]:.3f}; progressive distillation {pf} at the same updates"
+                             + (f", the target 1.2x of it {bound:.3f}" if k == 1 else "") + ": "
+                             + ("meets" if at_pu[pu] <= bound else "misses"))
     at = {(s["config"], s["steps"], s["updates"]): s for s in summary}
     for ema, online, what in TARGET_PAIRS:
         for k in STEPS:  # the two targets at the most updates both ran
