@@ -65,6 +65,8 @@ CONFIGS: dict[str, tuple[str, list[str]]] = {
                                                  "to_out.0,conv1,conv2,conv_shortcut,downsamplers.0.conv,upsamplers.0.conv,"
                                                  "time_emb_proj]", "optim.optimizer.lr=1e-3", "method.target_decay=0.99"]),
     "cm_n64_target099": ("digits_consistency", ["method.num_timesteps=64", "method.target_decay=0.99"]),
+    "cm_n64_target0985": ("digits_consistency", ["method.num_timesteps=64", "method.target_decay=0.985"]),
+    "cm_n96_target099": ("digits_consistency", ["method.num_timesteps=96", "method.target_decay=0.99"]),
     # LCM-LoRA: a rank-8 adapter, the teacher guided at 2, its target network an EMA (0.95) of the adapter or
     # (as the peer scripts have it) the online adapter under stop-gradient
     "lcm_lora": ("digits_cond_lcm_lora", []),

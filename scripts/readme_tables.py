@@ -211,6 +211,8 @@ def consistency_digits_table(bench: dict) -> str:
                                   "cm_l2": "consistency, squared L2", "cm_lora": "consistency, LoRA rank 8",
                                   "cm_lora_target099": "consistency, LoRA rank 8, EMA target 0.99",
                                   "cm_n64_target099": "consistency, 64-step grid, EMA target 0.99",
+                                  "cm_n64_target0985": "consistency, 64-step grid, EMA target 0.985",
+                                  "cm_n96_target099": "consistency, 96-step grid, EMA target 0.99",
                                   "lcm_lora": "LCM-LoRA rank 8, class-conditional, teacher at guidance 2",
                                   "lcm_lora_online_target": "LCM-LoRA, online target, teacher at guidance 2",
                                   "lcm_lora_g1": "LCM-LoRA rank 8, class-conditional, teacher at guidance 1",
