@@ -891,8 +891,8 @@ def schema_defaults(cfg: DictConfig, prefix: str = "") -> dict[str, Any]:
     out: dict[str, Any] = {}
     if is_dataclass(schema):
         for f in fields(schema):
-            if f.default is not MISSING_FIELD:
-                out[f"{prefix}{f.name}"] = f.default
+            if f.default is not MISSING_FIELD:  # an Enum as the resolved config writes it: its name
+                out[f"{prefix}{f.name}"] = f.default.name if isinstance(f.default, Enum) else f.default
             elif f.default_factory is not MISSING_FIELD:
                 default = f.default_factory()
                 if isinstance(default, (list, dict, str, int, float, bool)):
