@@ -378,6 +378,7 @@ def test_consistency_on_an_edm_schedule(cli, tmp_path, toy_teacher):
     ("method.distance=l1", "method.distance"),
     ("method.num_timesteps=2000", "method.num_timesteps=2000"),
     ("method.target_decay=1.5", "method.target_decay"),
+    ("teacher.lora_rank=4", "teacher.lora_rank=4: the teacher is frozen whole"),
 ])
 def test_bad_values_are_one_error_line(cli, tmp_path, override, message):
     teacher = digits_teacher(tmp_path / "t.pt")

@@ -155,6 +155,9 @@ class DiffusionMethod(DistillMethod):
         student.prediction_type = pred
         if teacher is not None:
             teacher = as_denoiser(teacher, schedule, teacher_pred)
+            if getattr(teacher, "lora", None):
+                raise DistillError(f"teacher.lora_rank={teacher.lora['rank']}: the teacher is frozen whole; a LoRA "
+                                   "adapter is the student's (model.lora_rank). Leave teacher.lora_rank unset")
         super().__init__(student, teacher=teacher, **kw)
         self.schedule_cfg = schedule_cfg
         self.schedule = schedule  # NoiseSchedule is a module (follows the device); KarrasSchedule is not
