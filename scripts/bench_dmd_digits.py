@@ -50,6 +50,8 @@ CONFIGS: dict[str, tuple[str, list[str]]] = {
     "dmd2_1step_ema999": ("digits_dmd2", ["callbacks.ema.decay=0.999"]),  # a sampling EMA over ~1,000 updates
     "dmd2_1step_gan1e-2": ("digits_dmd2", ["method.gan_generator_weight=1e-2"]),  # the generator's GAN weight x10
     "dmd2_1step_gan3e-2": ("digits_dmd2", ["method.gan_generator_weight=3e-2"]),  # x30
+    "dmd2_1step_batch128": ("digits_dmd2", ["dataset.batch_size=128"]),  # half the gradient noise of each update
+    "dmd2_1step_ttur10": ("digits_dmd2", ["method.critic_updates_per_generator_update=10"]),  # SD1.5's ratio
     # rank-8 adapters for the generator and the fake score over the teacher's frozen base (digits_cond_lcm_lora's
     # layers and lr), as LCM-LoRA on the same teacher
     "dmd2_1step_lora": ("digits_dmd2", ["model.lora_rank=8", "model.lora_target_modules=[to_q,to_k,to_v,to_out.0,"

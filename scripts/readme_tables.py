@@ -190,7 +190,10 @@ def dmd_digits_table(bench: dict) -> str:
                                   "cond_dmd2_1step": "DMD2, class-conditional (real guidance 2)",
                                   "dmd2_1step_cosine_lr": "DMD2, cosine lr", "dmd2_1step_ema999": "DMD2, sampling EMA 0.999",
                                   "dmd2_1step_gan1e-2": "DMD2, generator GAN weight 1e-2",
-                                  "dmd2_1step_gan3e-2": "DMD2, generator GAN weight 3e-2"},
+                                  "dmd2_1step_gan3e-2": "DMD2, generator GAN weight 3e-2",
+                                  "dmd2_1step_lora": "DMD2, LoRA rank 8 generator and fake score",
+                                  "dmd2_1step_batch128": "DMD2, batch 128",
+                                  "dmd2_1step_ttur10": "DMD2, 10 critic updates per generator update"},
                           "generator updates")
 
 
