@@ -66,6 +66,8 @@ CONFIGS: dict[str, tuple[str, list[str]]] = {
                                                  "time_emb_proj]", "optim.optimizer.lr=1e-3", "method.target_decay=0.99"]),
     "cm_n64_target099": ("digits_consistency", ["method.num_timesteps=64", "method.target_decay=0.99"]),
     "cm_n64_target0985": ("digits_consistency", ["method.num_timesteps=64", "method.target_decay=0.985"]),
+    "cm_n64_target0992": ("digits_consistency", ["method.num_timesteps=64", "method.target_decay=0.992"]),
+    "cm_n64_target0994": ("digits_consistency", ["method.num_timesteps=64", "method.target_decay=0.994"]),
     "cm_n96_target099": ("digits_consistency", ["method.num_timesteps=96", "method.target_decay=0.99"]),
     # LCM-LoRA: a rank-8 adapter, the teacher guided at 2, its target network an EMA (0.95) of the adapter or
     # (as the peer scripts have it) the online adapter under stop-gradient
@@ -85,7 +87,8 @@ LCM_ROWS = {"lcm_cond": (2.0, 32, "LCM"), "lcm_cond_g1": (1.0, 32, "LCM"), "lcm_
 TARGET_PAIRS = [("cm", "cm_online_target", "Consistency distillation"), ("lcm_lora", "lcm_lora_online_target", "LCM-LoRA")]
 # consistency configurations judged at progressive distillation's update counts (their FID every 200 updates)
 EQUAL_UPDATES = [("cm", "Consistency distillation"),
-                 ("cm_n64_target099", "Consistency distillation, 64-step grid, EMA target 0.99")]
+                 ("cm_n64_target099", "Consistency distillation, 64-step grid, EMA target 0.99"),
+                 ("cm_n64_target0992", "Consistency distillation, 64-step grid, EMA target 0.992")]
 TEACHER_64 = 2.234  # the unconditional teacher's 64-step digits-FID (benchmarks/step_distill_digits.json)
 PROGRESSIVE = {4: (2.975, 4000), 2: (3.936, 5000), 1: (5.655, 6000)}  # progressive distillation: FID, updates
 # the class-conditional teacher at each guidance, 64 DDIM steps (benchmarks/cond_teacher_digits.json): FID, class accuracy

@@ -215,6 +215,8 @@ def consistency_digits_table(bench: dict) -> str:
                                   "cm_lora_target099": "consistency, LoRA rank 8, EMA target 0.99",
                                   "cm_n64_target099": "consistency, 64-step grid, EMA target 0.99",
                                   "cm_n64_target0985": "consistency, 64-step grid, EMA target 0.985",
+                                  "cm_n64_target0992": "consistency, 64-step grid, EMA target 0.992",
+                                  "cm_n64_target0994": "consistency, 64-step grid, EMA target 0.994",
                                   "cm_n96_target099": "consistency, 96-step grid, EMA target 0.99",
                                   "lcm_lora": "LCM-LoRA rank 8, class-conditional, teacher at guidance 2",
                                   "lcm_lora_online_target": "LCM-LoRA, online target, teacher at guidance 2",
