@@ -39,6 +39,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_kd_digits import Runner, machine  # noqa: E402
 
 FOUR = ["method.timesteps=[1023,767,511,255]", "eval.steps=[4]"]
+# a rank-8 adapter over the frozen teacher: experiment=digits_cond_lcm_lora's layers and lr, for the other recipes
+LORA = ["model.lora_rank=8", "model.lora_target_modules=[to_q,to_k,to_v,to_out.0,conv1,conv2,conv_shortcut,"
+        "downsamplers.0.conv,upsamplers.0.conv,time_emb_proj]", "optim.optimizer.lr=1e-3"]
 CONFIGS: dict[str, tuple[str, list[str]]] = {
     "dmd_1step": ("digits_dmd", []),
     "dmd2_1step": ("digits_dmd2", []),
@@ -52,11 +55,8 @@ CONFIGS: dict[str, tuple[str, list[str]]] = {
     "dmd2_1step_gan3e-2": ("digits_dmd2", ["method.gan_generator_weight=3e-2"]),  # x30
     "dmd2_1step_batch128": ("digits_dmd2", ["dataset.batch_size=128"]),  # half the gradient noise of each update
     "dmd2_1step_ttur10": ("digits_dmd2", ["method.critic_updates_per_generator_update=10"]),  # SD1.5's ratio
-    # rank-8 adapters for the generator and the fake score over the teacher's frozen base (digits_cond_lcm_lora's
-    # layers and lr), as LCM-LoRA on the same teacher
-    "dmd2_1step_lora": ("digits_dmd2", ["model.lora_rank=8", "model.lora_target_modules=[to_q,to_k,to_v,to_out.0,"
-                                        "conv1,conv2,conv_shortcut,downsamplers.0.conv,upsamplers.0.conv,time_emb_proj]",
-                                        "optim.optimizer.lr=1e-3"]),
+    # rank-8 adapters for the generator and the fake score over the teacher's frozen base, as LCM-LoRA on the same teacher
+    "dmd2_1step_lora": ("digits_dmd2", LORA),
 }
 TEACHER_64 = 2.234  # the unconditional teacher's 64-step digits-FID (benchmarks/step_distill_digits.json)
 PROGRESSIVE_1STEP = (4.870, 6000)  # progressive distillation's best one-step FID at 6,000 updates

@@ -373,11 +373,12 @@ class DiffusionMethod(DistillMethod):
             copy_weights(self.student, self.teacher, what)
             if self.ema is not None:
                 self.ema.module.load_state_dict(self.student.state_dict())
-        if lora and getattr(self.student, "pretrained", None) is None and init_from_teacher:
-            # a LoRA student built from a config (digits): its frozen base becomes the teacher (the
-            # sampling EMA shares that base); one from the teacher's own folder already is it
+        # a LoRA student built from a config (digits): its frozen base becomes the teacher (the
+        # sampling EMA shares that base); one from the teacher's own folder already is it
+        filled = lora and init_from_teacher and getattr(self.student, "pretrained", None) is None
+        if filled:
             copy_into_base(self.student, self.teacher, what)
-        if lora and (self.same_base(self.teacher) or (init_from_teacher and self.student.pretrained is None)):
+        if lora and (filled or self.same_base(self.teacher)):
             # The teacher is the generator's frozen base with the adapter switched off: one base in
             # memory for all three networks (docs/memory.md), not a second frozen copy.
             shared = copy_sharing_frozen(self.student)

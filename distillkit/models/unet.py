@@ -20,6 +20,8 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
+from distillkit.models.lora import DEFAULT_LORA_TARGETS
+
 
 class DiffusersUNet(nn.Module):
     """``UNet2DModel`` with a plain-tensor output. ``down_block_types`` / ``up_block_types``
@@ -32,7 +34,7 @@ class DiffusersUNet(nn.Module):
                  attention_head_dim: Optional[int] = None, norm_num_groups: int = 32,
                  dropout: float = 0.0, add_attention: bool = True, num_classes: Optional[int] = None,
                  lora_rank: Optional[int] = None, lora_alpha: Optional[float] = None,
-                 lora_target_modules: Sequence[str] = ("to_q", "to_k", "to_v", "to_out.0")):
+                 lora_target_modules: Sequence[str] = DEFAULT_LORA_TARGETS):
         super().__init__()
         from diffusers import UNet2DModel
 
