@@ -191,6 +191,10 @@ class DenoiserConfig:
     checkpoint: Optional[str] = None
 
 
+# LoRA's default layers, the attention projections (distillkit.models.lora takes them from here)
+LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+
+
 @dataclass
 class UNetConfig(DenoiserConfig):
     """diffusers' UNet2DModel (distillkit.models.unet.DiffusersUNet)."""
@@ -218,7 +222,7 @@ class UNetConfig(DenoiserConfig):
     lora_rank: Optional[int] = bounded(None, at_least=1)
     # LoRA's alpha (None: the rank, a scale of 1)
     lora_alpha: Optional[float] = bounded(None, above=0)
-    lora_target_modules: List[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
+    lora_target_modules: List[str] = field(default_factory=lambda: list(LORA_TARGETS))
 
 
 @dataclass
@@ -246,7 +250,7 @@ class StableDiffusionModelConfig(DenoiserConfig):
     lora_rank: Optional[int] = bounded(None, at_least=1)
     # LoRA's alpha (None: the rank, a scale of 1)
     lora_alpha: Optional[float] = bounded(None, above=0)
-    lora_target_modules: List[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
+    lora_target_modules: List[str] = field(default_factory=lambda: list(LORA_TARGETS))
     # image side in pixels (None: the UNet's sample_size times the VAE's downsampling)
     resolution: Optional[int] = bounded(None, at_least=8)
 

@@ -21,9 +21,8 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from distillkit.config import LORA_TARGETS as DEFAULT_LORA_TARGETS
 from distillkit.errors import DistillError
-
-DEFAULT_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 
 
 def has_lora(net: nn.Module) -> bool:
