@@ -127,6 +127,18 @@ def test_stop_names_the_first_non_finite_step_and_term_without_a_read_per_update
     assert str(e.value).startswith(f"non-finite {term} at step 3: the run stopped")
 
 
+def test_stop_reads_every_flush_every_checks_and_names_the_same_step(monkeypatch):
+    """What stop mode holds between reads is bounded: every FLUSH_EVERY checks it reads them, so a
+    long interval between checkpoints stops soon after the non-finite update, still naming it."""
+    monkeypatch.setattr(NonFiniteGuard, "FLUSH_EVERY", 2)
+    m = Tiny(bad={3}, what="term")
+    with pytest.raises(NonFiniteStop) as e:
+        fit(m, steps=50)
+    assert (e.value.step, e.value.term) == (3, "train/extra")
+    assert str(e.value).startswith("non-finite train/extra at step 3: the run stopped at step 4 ")
+    assert max(m.after) == 3  # read at the fourth update's check, before its optimizer step
+
+
 def test_skip_leaves_weights_and_optimizer_state_and_counts():
     m = Tiny(bad={2, 3, 5}, what="grad")
     guard = fit(m, steps=7, mode="skip", max_skips=3)

@@ -7,7 +7,7 @@ are checked for NaN and inf: one reduction over all of them (the gradients' max-
 
 - ``stop`` (the default): the verdict stays on the device, so no update waits for the host (a GPU
   never idles for the check; tests/test_host_reads.py). It is read before every checkpoint is
-  written and at the end of training: the first non-finite update then raises
+  written, at the end of training and every 4,096 updates (``FLUSH_EVERY``, bounding what is held): the first non-finite update then raises
   :class:`NonFiniteStop`, naming that update's step and term. Nothing is saved after it
   (``last.ckpt`` stays the last finite checkpoint); the ``distill`` command prints one message and
   exits with :data:`EXIT_NONFINITE`. The updates between the non-finite one and the next
@@ -72,8 +72,9 @@ class NonFiniteGuard(Callback):
         self._checked: Any = None  # the optimizer check_update saw, so its step's hook does not check again
         self._step = 0
         self._skipped_in_batch = False
-        self._first: Optional[torch.Tensor] = None  # stop mode: (step, entry, index) of the first non-finite value
-        self._pending: dict[int, list] = {}  # stop mode: what was checked at each step since the last flush
+        # stop mode, since the last flush: one "all finite" flag per check (on the device) and what it checked
+        self._flags: list[torch.Tensor] = []
+        self._pending: list[tuple[int, list[str], list, torch.Tensor]] = []  # (step, names, params, values)
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict:
@@ -142,13 +143,14 @@ class NonFiniteGuard(Callback):
                 host_bad = name  # (a torchmetrics Metric logged as a value is not checked)
         named += [(loss_name, v) for v in losses]
         params = self._params_with_grad(trainer, optimizer)
-        device = pl_module.device
-        parts = [v.detach().reshape(-1).float().to(device) for _, v in named]
-        norms = self._grad_max_norms(params, device) if params else None
+        device = losses[0].device if losses else pl_module.device  # (the module's property costs more)
+        with torch.no_grad():
+            parts = self._flat([v for _, v in named], device)
+            norms = self._grad_max_norms(params, device) if params else None
         if norms is not None:
             parts.append(norms)
         if self.mode == "stop" and host_bad is None and parts:
-            self._defer(torch.cat(parts), [n for n, _ in named], params, optimizer, role)
+            self._defer(trainer, pl_module, torch.cat(parts), [n for n, _ in named], params)
             return
         flag = (~torch.isfinite(torch.cat(parts)).all()).int() if parts else torch.zeros((), dtype=torch.int, device=device)
         if host_bad is not None:
@@ -171,47 +173,57 @@ class NonFiniteGuard(Callback):
         self._nonfinite(trainer, optimizer, key, what)
 
     # ------------------------------------------------------------------ stop mode: no read per update
-    def _defer(self, values: torch.Tensor, names: list[str], params: list, optimizer: Any, role: Optional[str]) -> None:
-        """Stop mode keeps the verdict on the device: the first non-finite update's step and the
-        check (entry) and index of its first non-finite value (terms in logging order, then the gradients' max-norms).
-        :meth:`flush` reads it, before every checkpoint is written and at the end, so no update waits
-        for the host and no non-finite weights are ever saved."""
-        bad = ~torch.isfinite(values)
-        entries = self._pending.setdefault(self._step, [])
-        first = torch.stack([values.new_full((), self._step, dtype=torch.long),
-                             values.new_full((), len(entries), dtype=torch.long), bad.int().argmax().long()])
-        if self._first is None:
-            self._first = torch.full((3,), -1, dtype=torch.long, device=values.device)
-        self._first = torch.where((self._first[0] < 0) & bad.any(), first, self._first)
-        entries.append((names, params))
+    def _defer(self, trainer: "L.Trainer", pl_module: Any, values: torch.Tensor, names: list[str], params: list) -> None:
+        """Stop mode keeps the verdict on the device: one flag per check (are all its values finite?),
+        two operations an update. :meth:`flush` reads them, before every checkpoint is written and at
+        the end (and every :attr:`FLUSH_EVERY` checks, to bound what is held), so no update waits for
+        the host and no non-finite weights are ever saved."""
+        self._flags.append(torch.isfinite(values).all())
+        self._pending.append((self._step, names, params, values))
+        if len(self._flags) >= self.FLUSH_EVERY:
+            self.flush(trainer, pl_module)
+
+    FLUSH_EVERY = 4096  # checks held between two reads at most (one host read per this many updates)
 
     def flush(self, trainer: "L.Trainer", pl_module: Any) -> None:
         """Read the deferred verdict (one host read); raise :class:`NonFiniteStop` for the first
         non-finite update since the last flush."""
-        first, pending = self._first, self._pending
-        self._first, self._pending = None, {}
-        if first is None:
-            step, entry, idx = -1, 0, 0
-        else:
-            step, entry, idx = (int(v) for v in first.tolist())
+        flags, pending = self._flags, self._pending
+        self._flags, self._pending = [], []
+        first = None
+        if flags:
+            ok = torch.stack(flags).tolist()
+            first = next((pending[k] for k, good in enumerate(ok) if not good), None)
         if trainer.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
-            flag = torch.tensor([1 if step >= 0 else 0], device=pl_module.device)
+            flag = torch.tensor([0 if first is None else 1], device=pl_module.device)
             torch.distributed.all_reduce(flag)
             if int(flag.item()) == 0:
                 return
-        elif step < 0:
+        elif first is None:
             return
         what = None
-        if step >= 0:
-            names, params = pending[step][entry]
+        if first is not None:
+            step, names, params, values = first
+            idx = int((~torch.isfinite(values)).int().argmax())
             if idx < len(names):
                 what = names[idx]
             else:
                 pnames = {id(p): n for n, p in pl_module.named_parameters()}
                 what = f"gradient of {pnames.get(id(params[idx - len(names)]), 'an unnamed parameter')}"
-        what = self._agree(trainer, what if step >= 0 else None)
-        raise NonFiniteStop(f"non-finite {what} at step {step}: the run stopped at step {self._step or trainer.global_step} "
-                            "before writing a checkpoint (callbacks.nonfinite=stop)", step, what)
+        what = self._agree(trainer, what)
+        step_now = self._step or trainer.global_step
+        raise NonFiniteStop(f"non-finite {what} at step {first[0] if first else step_now}: the run stopped at step "
+                            f"{step_now} before writing a checkpoint (callbacks.nonfinite=stop)",
+                            first[0] if first else step_now, what)
+
+    @staticmethod
+    def _flat(values: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+        """``values`` as 1-d float tensors on ``device``: one ``stack`` for the usual scalars there."""
+        if not values:
+            return []
+        if all(v.dim() == 0 and v.device == device for v in values):
+            return [torch.stack(values).float()]
+        return [v.reshape(-1).float().to(device) for v in values]
 
     @staticmethod
     def _params_with_grad(trainer: "L.Trainer", optimizer: Any) -> list[torch.Tensor]:
