@@ -75,11 +75,23 @@ class DistillMethod(L.LightningModule):
 
     def logged_now(self) -> bool:
         """Whether the loggers write this training update's metrics (Lightning's own test; true
-        outside training)."""
+        outside training). Asked once per training batch (:meth:`on_train_batch_start`): the
+        answer costs a dozen property lookups, and a method logs several terms an update."""
         t = self._trainer
+        cached = self.__dict__.get("_logs_this_batch")
+        if cached is not None and t is not None:
+            return cached or t.should_stop  # (a stop requested during the batch: Lightning logs it)
         if t is None or not t.training or t.sanity_checking:
             return True
         return bool(t._logger_connector.should_update_logs)
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> Optional[int]:
+        self.__dict__["_logs_this_batch"] = None
+        self.__dict__["_logs_this_batch"] = self.logged_now()
+        return None
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self.__dict__["_logs_this_batch"] = None
 
     def log(self, name: str, value: Any, *args: Any, **kwargs: Any) -> None:
         """Lightning's ``log``; a training term (``train/...``) also goes to the non-finite check of

@@ -250,6 +250,7 @@ class StepDistillation(DiffusionMethod):
         return None if self.run_dir is None else Path(self.run_dir) / f"{self.round_name}_{r}.ckpt"
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        super().on_train_batch_start(batch, batch_idx)
         self.sync_round()
 
     def sync_round(self) -> None:
