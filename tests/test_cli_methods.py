@@ -93,3 +93,18 @@ def test_teacher_is_frozen(name):
     assert not opt_params & {id(p) for p in teacher.parameters()}
     assert opt_params >= {id(p) for p in method.student.parameters()}
     assert not any(k.startswith("teacher") for k in method.state_dict())
+
+
+def test_training_runs_with_the_heap_frozen_and_unfrozen_after_even_on_error():
+    """cli.heap_frozen: what was built before training is out of the cyclic collector's full
+    passes while training runs, and back in them afterwards, also when training raises."""
+    import gc
+
+    from distillkit.cli import heap_frozen
+
+    assert gc.get_freeze_count() == 0
+    with pytest.raises(RuntimeError):
+        with heap_frozen():
+            assert gc.get_freeze_count() > 1000
+            raise RuntimeError("a failed fit")
+    assert gc.get_freeze_count() == 0
