@@ -17,19 +17,28 @@ What is measured (issue 29, item 9; target: at most 1.10x for every method):
   method with its optimizer, LR schedule and EMA), driven by a bare `for` loop over a torch
   DataLoader of the same training split and batch size: the method's own `training_step` (its
   maths), then backward, gradient clipping where configured, optimizer and LR-schedule step and
-  the EMA update (multi-role methods, DMD2, do all of that inside `training_step`). Lightning is
-  replaced by a stub that holds the update count and the optimizers; `self.log` does nothing.
-  Timed the same way: the clock at updates N1 and N2 of one run.
+  the EMA update (multi-role methods, DMD2, do all of that inside `training_step`). At the end of
+  the epochs where the run validates (`trainer.check_val_every_n_epoch`) it runs the method's own
+  `validation_step` over the same validation loader, in eval mode without gradients: the run's
+  validation maths, so that the ratio prices the framework, not the computing of the validation
+  numbers (Lightning's evaluation loop around them counts as overhead). Lightning is replaced by a
+  stub that holds the update count and the optimizers; `self.log` does nothing. Timed the same
+  way: the clock at updates N1 and N2 of one run.
 
-The runs alternate (distill, plain, repeated) and the median of each side's ms per update is
-taken. The clock is the wall clock (one thread, no loader workers): run it on an otherwise idle
-machine. Teachers are trained first with a few updates, as `name=default`, where the students'
+The runs come in pairs, one of each, their order alternating from pair to pair (distill first,
+then plain first), and the ratio is the median over the pairs of each pair's distill / plain. This
+machine's speed drifts by 10-20% over minutes, the same on both sides (a plain loop run six times
+in a row took 5.2 to 7.6 ms an update): the two runs of a pair see the same state, so each pair's
+ratio cancels the drift that the ratio of the two sides' medians keeps (also reported,
+``ratio_of_medians``). The clock is the wall clock (one thread, no loader workers): run it on an
+otherwise idle machine. Teachers are trained first with a few updates, as `name=default`, where the students'
 configs look for them.
 """
 from __future__ import annotations
 
 import argparse
 import datetime as dt
+import gc
 import itertools
 import json
 import os
@@ -40,6 +49,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Optional
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -53,9 +63,10 @@ EXPERIMENTS = ["digits_diffusion_teacher", "digits_progressive", "digits_dsdi", 
                "digits_dkd", "digits_fitnet", "digits_dmd2", "digits_consistency"]
 # updates (generator updates for DMD2, each 5 batches) of the short and the long run: both cross several
 # digits epochs (21 diffusion / 4 classifier updates) and checkpoint intervals
-# The classifier updates take ~8 ms: 360 of them (their whole 100-epoch runs after the first 10 epochs) give a
-# window of ~3 s, where 120 gave ~1 s and left the ratio to the noise of a few milliseconds.
-LENGTHS = {"digits_dmd2": (10, 30), "digits_kd": (40, 400), "digits_dkd": (40, 400), "digits_fitnet": (40, 400)}
+# The classifier updates take ~7 ms: 350 of them (their whole 100-epoch runs from the first metrics row
+# after 40 updates, the experiments writing one every 50) give a window of ~2.5 s, where 120 gave ~1 s and
+# left the ratio to the noise of a few milliseconds.
+LENGTHS = {"digits_dmd2": (10, 30), "digits_kd": (50, 400), "digits_dkd": (50, 400), "digits_fitnet": (50, 400)}
 DEFAULT_LENGTHS = (40, 160)
 
 
@@ -124,6 +135,7 @@ def plain_run(experiment: str, runs_dir: str, updates: int, first: int) -> dict:
     from torch.utils.data import DataLoader
 
     cfg, dm, method, clip = build(experiment, runs_dir, updates)
+    validate_every = int(cfg.trainer.check_val_every_n_epoch)
     stub = _Stub(cfg, dm, [])
     method._trainer = stub
     method.log = lambda *a, **k: None
@@ -145,8 +157,13 @@ def plain_run(experiment: str, runs_dir: str, updates: int, first: int) -> dict:
             [p for g in opt.param_groups for p in g["params"]], gradient_clip_val)
     method.on_fit_start()
     loader = DataLoader(dm.train_set, batch_size=dm.batch_size, shuffle=True, drop_last=True)
+    # as `distill` trains (cli.heap_frozen): this process imported and built the same libraries, a
+    # heap that a plain script's garbage collector would not walk
+    gc.freeze()
     t_first = None
     for stub.current_epoch in itertools.count():
+        if stub.current_epoch and stub.current_epoch % validate_every == 0:  # Lightning's epoch-end validation
+            validate(method, dm, cfg.trainer.limit_val_batches)
         for i, batch in enumerate(loader):
             method.on_train_batch_start(batch, i)
             loss = method.training_step(batch, i)
@@ -169,6 +186,23 @@ def plain_run(experiment: str, runs_dir: str, updates: int, first: int) -> dict:
         if stub.global_step >= updates:
             break
     return {"wall": time.perf_counter() - t_first}
+
+
+def validate(method, dm, limit) -> None:
+    """The method's validation maths over the validation loader (``limit``: trainer.limit_val_batches,
+    a count or a fraction), in eval mode without gradients, its logging a no-op."""
+    import torch
+    from lightning.pytorch.utilities.model_helpers import is_overridden
+
+    if limit == 0 or not is_overridden("validation_step", method):
+        return
+    loader = dm.val_dataloader()
+    n = len(loader) if limit is None else (min(len(loader), limit) if isinstance(limit, int) else int(len(loader) * float(limit)))
+    method.eval()
+    with torch.no_grad():
+        for i, batch in zip(range(n), loader):
+            method.validation_step(batch, i)
+    method.train()
 
 
 # --------------------------------------------------------------------------- the driver
@@ -244,17 +278,27 @@ def main(argv: list[str] | None = None) -> None:
             n1, n2 = LENGTHS.get(exp, DEFAULT_LENGTHS)
             ms: dict[str, list[float]] = {"distill": [], "plain": []}
             for rep in range(args.repeats):  # each distill run in a fresh run dir of its own, so none resumes another
-                ms["distill"].append(distill_ms(exp, runs, n1, n2, f"r{rep}", env))
-                ms["plain"].append(plain_ms(exp, runs, n1, n2, env))
-            med = {k: statistics.median(v) for k, v in ms.items()}
-            row = {"experiment": exp, "updates": [n1, n2], "repeats": args.repeats, "cpu": args.cpu,
-                   "ms_per_update_distill": round(med["distill"], 2), "ms_per_update_plain": round(med["plain"], 2),
-                   "ratio": round(med["distill"] / med["plain"], 3),
-                   "runs_ms_distill": [round(v, 2) for v in ms["distill"]], "runs_ms_plain": [round(v, 2) for v in ms["plain"]]}
+                timed = {"distill": lambda: distill_ms(exp, runs, n1, n2, f"r{rep}", env),
+                         "plain": lambda: plain_ms(exp, runs, n1, n2, env)}
+                for side in (("distill", "plain") if rep % 2 == 0 else ("plain", "distill")):
+                    ms[side].append(timed[side]())
+            row = overhead_row(exp, (n1, n2), args.repeats, args.cpu, ms)
             print(f"{exp:28s} distill {row['ms_per_update_distill']:7.2f} ms  plain {row['ms_per_update_plain']:7.2f} ms"
                   f"  {row['ratio']:.2f}x", flush=True)
             write(args.out, row)
     subprocess.run([sys.executable, str(ROOT / "scripts" / "readme_tables.py"), NAME], cwd=ROOT, check=True)
+
+
+def overhead_row(exp: str, updates: tuple[int, int], repeats: int, cpu: Optional[int], ms: dict[str, list[float]]) -> dict:
+    """One experiment's row: each side's median ms per update, and the ratio, the median of the
+    pairs' ratios (run i of each side form pair i; see the module docstring)."""
+    med = {k: statistics.median(v) for k, v in ms.items()}
+    pairs = [d / p for d, p in zip(ms["distill"], ms["plain"])]
+    return {"experiment": exp, "updates": list(updates), "repeats": repeats, "cpu": cpu,
+            "ms_per_update_distill": round(med["distill"], 2), "ms_per_update_plain": round(med["plain"], 2),
+            "ratio": round(statistics.median(pairs), 3), "ratio_of_medians": round(med["distill"] / med["plain"], 3),
+            "pair_ratios": [round(r, 3) for r in pairs],
+            "runs_ms_distill": [round(v, 2) for v in ms["distill"]], "runs_ms_plain": [round(v, 2) for v in ms["plain"]]}
 
 
 def write(out: Path, row: dict) -> None:

@@ -286,3 +286,16 @@ def test_a_cached_run_of_another_configuration_is_told_apart():
     assert config_drift(saved, now) == ["method.num_timesteps"]
     assert config_drift(saved, {"method": {"num_timesteps": 32, "w_max": 2.0}, "seed": 0}) == []
     assert config_drift({"seed": 0}, {"seed": 1}) == ["seed"]
+
+
+def test_overhead_ratio_is_the_median_of_paired_runs():
+    """A slow spell that hits both runs of one pair moves that pair's times, not its ratio: the
+    verdict reads the median of the pairs' ratios, and the ratio of the two medians is kept beside it."""
+    import bench_overhead
+
+    ms = {"distill": [11.0, 8.8, 9.9, 13.2, 11.0], "plain": [10.0, 8.0, 9.0, 12.0, 8.0]}
+    row = bench_overhead.overhead_row("digits_kd", (40, 400), 5, 1, ms)
+    assert row["pair_ratios"] == [1.1, 1.1, 1.1, 1.1, 1.375] and row["ratio"] == 1.1
+    assert row["ms_per_update_distill"] == 11.0 and row["ms_per_update_plain"] == 9.0 and row["ratio_of_medians"] == 1.222
+    table = readme_tables.render("overhead_cpu", {"rows": [row], "verdict": ["v"], "machine": "m", "date": "d", "command": "c"})
+    assert "| `digits_kd` | 40 to 400 | 11.00 | 9.00 | 1.22 | 1.10x |" in table
