@@ -119,6 +119,11 @@ def verdict(summary: list[dict]) -> list[str]:
         pf, pu = PROGRESSIVE_1STEP
         lines.append("Its FID is " + ("below" if f < pf else "not below") + f" progressive distillation's best one-step "
                      f"{pf} ({pu} updates); compare the wall times only from runs on an otherwise idle machine")
+    strong = by.get("dmd2_1step_gan_critic1")
+    if strong and strong["n"] > 1:
+        f = strong["fid_mean"]
+        lines.append(f"DMD2 one step with GAN weights 3e-2 / 1 (generator / critic): {f:.3f} after {strong['updates']} updates, "
+                     + ("meets the teacher's 64-step" if f <= TEACHER_64 else f"misses the teacher's 64-step {TEACHER_64} by {f - TEACHER_64:.3f}"))
     if d1 and d2:
         ratio = d1["fid_mean"] / d2["fid_mean"]
         lines.append(f"DMD (no GAN) one step: {d1['fid_mean']:.3f} = {ratio:.2f}x DMD2's (target <= 1.5x): "

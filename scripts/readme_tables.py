@@ -193,7 +193,9 @@ def dmd_digits_table(bench: dict) -> str:
                                   "dmd2_1step_gan3e-2": "DMD2, generator GAN weight 3e-2",
                                   "dmd2_1step_lora": "DMD2, LoRA rank 8 generator and fake score",
                                   "dmd2_1step_batch128": "DMD2, batch 128",
-                                  "dmd2_1step_ttur10": "DMD2, 10 critic updates per generator update"},
+                                  "dmd2_1step_ttur10": "DMD2, 10 critic updates per generator update",
+                                  "dmd2_1step_gan_critic1e-1": "DMD2, GAN weights 3e-2 (generator) / 1e-1 (critic)",
+                                  "dmd2_1step_gan_critic1": "DMD2, GAN weights 3e-2 (generator) / 1 (critic)"},
                           "generator updates")
 
 
