@@ -57,10 +57,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 NAME = "overhead_cpu"
 TARGET = 1.10
 TEACHERS = {"digits_teacher": ["digits_kd", "digits_dkd", "digits_fitnet"],
-            "digits_diffusion_teacher": ["digits_progressive", "digits_dsdi", "digits_tsd", "digits_dmd2",
-                                         "digits_consistency"]}
+            "digits_diffusion_teacher": ["digits_progressive", "digits_dsdi", "digits_tsd", "digits_dmd", "digits_dmd2",
+                                         "digits_consistency"],
+            "digits_cond_teacher": ["digits_cond_lcm"]}
 EXPERIMENTS = ["digits_diffusion_teacher", "digits_progressive", "digits_dsdi", "digits_tsd", "digits_kd",
-               "digits_dkd", "digits_fitnet", "digits_dmd2", "digits_consistency"]
+               "digits_dkd", "digits_fitnet", "digits_dmd", "digits_dmd2", "digits_consistency", "digits_cond_lcm"]
 # updates (generator updates for DMD2, each 5 batches) of the short and the long run: both cross several
 # digits epochs (21 diffusion / 4 classifier updates) and checkpoint intervals
 # The classifier updates take ~7 ms: 350 of them (their whole 100-epoch runs from the first metrics row
@@ -274,6 +275,9 @@ def main(argv: list[str] | None = None) -> None:
             if any(s in chosen for s in students):
                 run([sys.executable, "-m", "distillkit.cli", f"experiment={teacher}", f"runs_dir={runs}",
                      "callbacks.progress=none", "trainer.max_steps=20", "name=default"], env)
+        if "digits_dmd" in chosen:  # DMD's regression pairs, where its config looks for them (a few suffice)
+            run([sys.executable, "-m", "distillkit.pairs", f"checkpoint={runs}/digits_diffusion_teacher/default/last.ckpt",
+                 "num_pairs=256", "steps=8", f"out={runs}/digits_pairs.safetensors"], env)
         for exp in chosen:
             n1, n2 = LENGTHS.get(exp, DEFAULT_LENGTHS)
             ms: dict[str, list[float]] = {"distill": [], "plain": []}
