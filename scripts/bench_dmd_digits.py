@@ -108,6 +108,17 @@ def _entry(config: str, updates: int, rs: list[dict]) -> dict:
     return entry
 
 
+def dmd_against(summary: list[dict], dmd2: dict, what: str) -> list[str]:
+    """DMD's one-step FID as a multiple of ``dmd2``'s (a summary entry) at the same number of
+    updates, against the target of 1.5x; no line when DMD has no runs of that length."""
+    dmd = next((e for e in summary if e["config"] == "dmd_1step" and e["updates"] == dmd2["updates"]), None)
+    if dmd is None:
+        return []
+    ratio = dmd["fid_mean"] / dmd2["fid_mean"]
+    return [f"DMD (no GAN) one step at {dmd2['updates']} updates: {dmd['fid_mean']:.3f} = {ratio:.2f}x {what} "
+            "(target <= 1.5x): " + ("meets" if ratio <= 1.5 else "misses")]
+
+
 def verdict(summary: list[dict]) -> list[str]:
     by = {s["config"]: s for s in sorted(summary, key=lambda s: s["updates"])}  # each configuration's longest runs
     lines = []
@@ -127,16 +138,10 @@ def verdict(summary: list[dict]) -> list[str]:
     both = sorted({e["updates"] for e in summary if e["config"] == "dmd_1step"}
                   & {e["updates"] for e in summary if e["config"] == "dmd2_1step"})
     if both:  # at the most updates both have run
-        a, b = (next(e for e in summary if e["config"] == c and e["updates"] == both[-1]) for c in ("dmd_1step", "dmd2_1step"))
-        ratio = a["fid_mean"] / b["fid_mean"]
-        lines.append(f"DMD (no GAN) one step at {both[-1]} updates: {a['fid_mean']:.3f} = {ratio:.2f}x DMD2's (target <= 1.5x): "
-                     + ("meets" if ratio <= 1.5 else "misses"))
-    if strong:  # DMD against the stronger DMD2 at the same number of updates
-        same = [e for e in summary if e["config"] == "dmd_1step" and e["updates"] == strong["updates"]]
-        if same:
-            ratio = same[0]["fid_mean"] / strong["fid_mean"]
-            lines.append(f"DMD (no GAN) one step at {strong['updates']} updates: {same[0]['fid_mean']:.3f} = {ratio:.2f}x "
-                         "DMD2's with GAN weights 3e-2 / 1 (target <= 1.5x): " + ("meets" if ratio <= 1.5 else "misses"))
+        lines += dmd_against(summary, next(e for e in summary if e["config"] == "dmd2_1step" and e["updates"] == both[-1]),
+                             "DMD2's")
+    if strong:
+        lines += dmd_against(summary, strong, "DMD2's with GAN weights 3e-2 / 1")
     return lines
 
 

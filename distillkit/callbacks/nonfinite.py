@@ -7,12 +7,12 @@ are checked for NaN and inf: one reduction over all of them (the gradients' max-
 
 - ``stop`` (the default): the verdict stays on the device, so no update waits for the host (a GPU
   never idles for the check; tests/test_host_reads.py). It is read before every checkpoint is
-  written, at the end of training and every 4,096 updates (``FLUSH_EVERY``, bounding what is held): the first non-finite update then raises
-  :class:`NonFiniteStop`, naming that update's step and term. Nothing is saved after it
-  (``last.ckpt`` stays the last finite checkpoint); the ``distill`` command prints one message and
-  exits with :data:`EXIT_NONFINITE`. The updates between the non-finite one and the next
-  checkpoint (``callbacks.checkpoint_every_seconds``, ``callbacks.checkpoint_every_n_steps``) still
-  run, on weights that are discarded.
+  written, at the end of training and every 4,096 updates (``FLUSH_EVERY``, bounding what is
+  held): the first non-finite update then raises :class:`NonFiniteStop`, naming that update's step
+  and term. Nothing is saved after it (``last.ckpt`` stays the last finite checkpoint); the
+  ``distill`` command prints one message and exits with :data:`EXIT_NONFINITE`. The updates between
+  the non-finite one and the next read (``callbacks.checkpoint_every_seconds``,
+  ``callbacks.checkpoint_every_n_steps``) still run, on weights that are discarded.
 - ``skip``: one host read per update (the decision to skip must be taken before the optimizer
   step). The update is not applied (its gradients are dropped, so the optimizer step changes
   neither the weights nor the optimizer's moments), counted in ``train/nonfinite_skipped``, and the
@@ -212,9 +212,9 @@ class NonFiniteGuard(Callback):
                 what = f"gradient of {pnames.get(id(params[idx - len(names)]), 'an unnamed parameter')}"
         what = self._agree(trainer, what)
         step_now = self._step or trainer.global_step
-        raise NonFiniteStop(f"non-finite {what} at step {first[0] if first else step_now}: the run stopped at step "
-                            f"{step_now} before writing a checkpoint (callbacks.nonfinite=stop)",
-                            first[0] if first else step_now, what)
+        step = first[0] if first is not None else step_now  # (under DDP another rank may hold the bad update)
+        raise NonFiniteStop(f"non-finite {what} at step {step}: the run stopped at step {step_now} before writing "
+                            "a checkpoint (callbacks.nonfinite=stop)", step, what)
 
     @staticmethod
     def _flat(values: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
