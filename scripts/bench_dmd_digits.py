@@ -17,7 +17,9 @@ fake score and GAN passes included, from metrics.csv) and the training wall time
 
 Targets (issue "DMD and DMD2"): DMD2 one-step digits-FID at or below the teacher's 64-step (2.234,
 benchmarks/step_distill_digits.json); DMD (no GAN) within 1.5x of DMD2; DMD2 one-step below
-progressive distillation's best one-step at equal wall time (4.870 at 6,000 updates).
+progressive distillation's best one-step at equal wall time (4.870 at 6,000 updates), judged at equal
+training time: each side's updates priced at its experiment's per-update time from
+benchmarks/overhead_cpu.json (pinned to one core on an idle machine; evaluation left out of both).
 """
 from __future__ import annotations
 
@@ -36,6 +38,7 @@ from typing import Optional
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import readme_tables  # noqa: E402
 from bench_kd_digits import Runner, machine  # noqa: E402
 
 FOUR = ["method.timesteps=[1023,767,511,255]", "eval.steps=[4]"]
@@ -64,6 +67,9 @@ CONFIGS: dict[str, tuple[str, list[str]]] = {
 }
 TEACHER_64 = 2.234  # the unconditional teacher's 64-step digits-FID (benchmarks/step_distill_digits.json)
 PROGRESSIVE_1STEP = (4.870, 6000)  # progressive distillation's best one-step FID at 6,000 updates
+# each method's training time per update, timed pinned to one core on an idle machine (scripts/bench_overhead.py):
+# the runs' own wall_s shared the two cores with other runs and cannot be compared
+OVERHEAD = ROOT / "benchmarks" / "overhead_cpu.json"
 PAIRS = "digits_pairs.safetensors"
 
 
@@ -105,7 +111,32 @@ def _entry(config: str, updates: int, rs: list[dict]) -> dict:
         if vals:
             entry[f"{k}_mean"] = statistics.fmean(vals)
             entry[f"{k}_std"] = statistics.stdev(vals) if len(vals) > 1 else None
+    curves = [dict(r["fid_by_updates"]) for r in rs if r.get("fid_by_updates")]
+    if len(curves) == len(rs):  # [updates, mean, std] of the seeds' FID at each update count every seed evaluated
+        common = sorted(set.intersection(*(set(c) for c in curves)))
+        entry["fid_by_updates"] = [[u, round(statistics.fmean(c[u] for c in curves), 3),
+                                    round(statistics.stdev(c[u] for c in curves), 3) if len(curves) > 1 else None]
+                                   for u in common]
     return entry
+
+
+def at_equal_training_time(entry: dict, ms_per_update: dict) -> Optional[str]:
+    """Progressive distillation's best one-step run (PROGRESSIVE_1STEP) against ``entry``'s seeds'
+    mean FID at the last evaluation within the same training time, both priced at their experiment's
+    per-update time from ``ms_per_update`` (experiment -> ms; evaluation time left out of both)."""
+    pf, pu = PROGRESSIVE_1STEP
+    prog, dmd2 = ms_per_update.get("digits_progressive"), ms_per_update.get("digits_dmd2")
+    if not (prog and dmd2 and entry.get("fid_by_updates")):
+        return None
+    seconds = pu * prog / 1000
+    equal = seconds * 1000 / dmd2
+    within = [x for x in entry["fid_by_updates"] if x[0] <= equal]
+    if not within:
+        return None
+    u, f, sd = within[-1]
+    return (f"{pu} progressive updates at {prog} ms train in {seconds:.0f} s, as many as {equal:.0f} DMD2 updates at "
+            f"{dmd2} ms; {entry['config']} at {u} updates: {readme_tables.mean_std(f, sd)} ({entry['n']} seed{'s' * (entry['n'] > 1)}) "
+            f"against progressive's best one-step {pf}: " + ("below" if f < pf else "not below"))
 
 
 def dmd_against(summary: list[dict], dmd2: dict, what: str) -> list[str]:
@@ -119,7 +150,10 @@ def dmd_against(summary: list[dict], dmd2: dict, what: str) -> list[str]:
             "(target <= 1.5x): " + ("meets" if ratio <= 1.5 else "misses")]
 
 
-def verdict(summary: list[dict]) -> list[str]:
+def verdict(summary: list[dict], ms_per_update: Optional[dict] = None) -> list[str]:
+    if ms_per_update is None:
+        rows = json.loads(OVERHEAD.read_text())["rows"] if OVERHEAD.is_file() else []
+        ms_per_update = {r["experiment"]: r["ms_per_update_distill"] for r in rows}
     by = {s["config"]: s for s in sorted(summary, key=lambda s: s["updates"])}  # each configuration's longest runs
     lines = []
     d2 = by.get("dmd2_1step")
@@ -127,14 +161,13 @@ def verdict(summary: list[dict]) -> list[str]:
         f = d2["fid_mean"]
         lines.append(f"DMD2 one step: digits-FID {f:.3f} after {d2['updates']} generator updates ({d2['wall_s_mean']:.0f} s) "
                      f"against the teacher's 64-step {TEACHER_64}: " + ("meets" if f <= TEACHER_64 else f"misses by {f - TEACHER_64:.3f}"))
-        pf, pu = PROGRESSIVE_1STEP
-        lines.append("Its FID is " + ("below" if f < pf else "not below") + f" progressive distillation's best one-step "
-                     f"{pf} ({pu} updates); compare the wall times only from runs on an otherwise idle machine")
+        lines += [x for x in [at_equal_training_time(d2, ms_per_update)] if x]
     strong = by.get("dmd2_1step_gan_critic1")
     if strong and strong["n"] > 1:
         f = strong["fid_mean"]
         lines.append(f"DMD2 one step with GAN weights 3e-2 / 1 (generator / critic): {f:.3f} after {strong['updates']} updates, "
                      + ("meets the teacher's 64-step" if f <= TEACHER_64 else f"misses the teacher's 64-step {TEACHER_64} by {f - TEACHER_64:.3f}"))
+        lines += [x for x in [at_equal_training_time(strong, ms_per_update)] if x]
     both = sorted({e["updates"] for e in summary if e["config"] == "dmd_1step"}
                   & {e["updates"] for e in summary if e["config"] == "dmd2_1step"})
     if both:  # at the most updates both have run
@@ -189,7 +222,6 @@ def main(argv: Optional[list[str]] = None) -> dict:
 def save_bench(out: Path, name: str, command: str, rows: list[dict], summarise, verdict) -> dict:
     """Write the benchmark JSON (rows, summary, verdict; the commands and dates of every sitting) after every
     run: an interrupted benchmark keeps its rows."""
-    import readme_tables
 
     old = json.loads(out.read_text()) if out.is_file() else {}
     bench = {"name": name, "machine": machine(), **readme_tables.merge_provenance(old, command, dt.date.today().isoformat()),
@@ -204,8 +236,6 @@ def report(out: Path, bench: dict, t0: float) -> dict:
     """Print the table and the verdict, and rewrite the table in the docs page that holds its markers
     when ``out`` is the benchmark's own file (benchmarks/NAME.json): a subset or probe written elsewhere
     (--out) leaves the page's table alone."""
-    import readme_tables
-
     print(f"\nwrote {out} ({time.time() - t0:.0f} s)\n")
     print(readme_tables.render(bench["name"], bench))
     print("\n".join(bench["verdict"]))

@@ -264,14 +264,20 @@ def test_dmd_benchmark_summarises_per_configuration_and_updates_and_renders_its_
     import bench_dmd_digits as b
 
     rows = [{"config": "dmd2_1step", "seed": s, "steps": 1, "updates": u, "fid": f, "is": 8.0, "class_acc": None,
-             "wall_s": 100.0, "nfe": 10 * u} for s, u, f in [(0, 600, 6.0), (1, 600, 4.0), (0, 2000, 2.0)]]
+             "wall_s": 100.0, "nfe": 10 * u, "fid_by_updates": [[200, 9.0 + s], [400, 5.0 + s], [u, f]]}
+            for s, u, f in [(0, 600, 6.0), (1, 600, 4.0), (0, 2000, 2.0)]]
     rows.append({"config": "dmd_1step", "seed": 0, "steps": 1, "updates": 2000, "fid": 4.0, "is": 8.0,
                  "class_acc": None, "wall_s": 50.0, "nfe": 2000})
     summary = b.summarise(rows)
     first = next(s for s in summary if s["config"] == "dmd2_1step" and s["updates"] == 600)
     assert first["n"] == 2 and first["fid_mean"] == 5.0 and math.isclose(first["fid_std"], math.sqrt(2))
-    lines = b.verdict(summary)  # each configuration's longest runs: DMD2 at 2000 updates, 2.0
+    assert first["fid_by_updates"][:2] == [[200, 9.5, 0.707], [400, 5.5, 0.707]]
+    # progressive's 6,000 updates at 30 ms take 180 s: 450 DMD2 updates at 400 ms, whose last evaluation is at 400
+    lines = b.verdict(summary, {"digits_progressive": 30.0, "digits_dmd2": 400.0})  # each configuration's longest runs
     assert "digits-FID 2.000 after 2000 generator updates" in lines[0] and "meets" in lines[0]
+    assert "as many as 450 DMD2 updates" in lines[1] and "at 400 updates: 5.000 (1 seed)" in lines[1]
+    assert lines[1].endswith("best one-step 4.87: not below")
+    assert b.verdict(summary, {"digits_progressive": 30.0, "digits_dmd2": 40.0})[1].endswith(": below")  # 4,500: 2.0
     assert "= 2.00x DMD2's" in lines[2] and "misses" in lines[2]
     table = readme_tables.render("dmd_digits", {"summary": summary, "verdict": lines, "rows": rows})
     assert "| DMD2 | 1 | 600 | 2 | 5.000 ± 1.414 |" in table
