@@ -105,7 +105,7 @@ class ConsistencyDistillation(DiffusionMethod):
         self.target_net: Optional[EMA] = None
         self._device_points: dict[tuple[int, str], torch.Tensor] = {}
         if self.target_decay > 0:
-            self.target_net = EMA(self.student, self.target_decay)
+            self.target_net = EMA(self.student, self.target_decay, started=True)
             self.target_net.requires_grad_(False)
 
     def prepare_student(self) -> None:
