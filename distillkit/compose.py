@@ -31,11 +31,15 @@ def help_template() -> str:
     their options as the yaml files under conf/ name them (Hydra's own list would also show the
     schema groups, which are not for the command line), then the composed config."""
     root = Path(CONF_DIR)
-    groups = sorted(d.name for d in root.iterdir() if d.is_dir() and any(d.glob("*.yaml")))
+    # paper/ is not chosen but follows from method and model (config.yaml: paper: ${method}_${model})
+    groups = sorted(d.name for d in root.iterdir() if d.is_dir() and any(d.glob("*.yaml")) and d.name != "paper")
     width = max(len(g) for g in groups)
     listing = "\n".join(textwrap.fill(", ".join(sorted(f.stem for f in (root / g).glob("*.yaml"))), width=100,
                                        initial_indent=f"  {g:<{width}}  ", subsequent_indent=" " * (width + 4))
                          for g in groups)
+    pairs = ", ".join("method={} model={}".format(*f.stem.split("_", 1)) for f in sorted((root / "paper").glob("*.yaml")))
+    if pairs:
+        listing += f"\nA paper's settings come with these pairs (conf/paper/): {pairs}"
     return f"""distill: distil neural networks (distillkit). The same command resumes the same run.
 
 Usage:
@@ -170,6 +174,28 @@ def _unknown_option(e: BaseException) -> Optional[str]:
     return f"unknown option {group}={option}.{hint} Options of {group}: {', '.join(options)}."
 
 
+def _paper_setting(full_key: str, overrides: Optional[Sequence[str]]) -> Optional[str]:
+    """When the key that does not exist was put in by conf/paper/METHOD_MODEL.yaml (the paper's
+    settings that ``method=dmd2 model=sdxl`` bring), not typed: which group choice it needs."""
+    if not overrides or any(_override_key(o) == full_key for o in overrides):
+        return None
+    choice = {_override_key(o): o.split("=", 1)[1] for o in overrides if "=" in o}
+    method, model = choice.get("method"), choice.get("model")
+    path = Path(CONF_DIR) / "paper" / f"{method}_{model}.yaml"
+    if not (method and model and path.is_file()):
+        return None
+    node = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+    for part in full_key.split("."):
+        node = node.get(part) if isinstance(node, dict) else None
+    if node is None:
+        return None
+    group = full_key.split(".", 1)[0]
+    have = f"{group}={choice[group]}" if group in choice else ("teacher=none" if group == "teacher" else f"the default {group}")
+    need = {"teacher": f"teacher={model}", "dataset": "an image-text dataset, e.g. dataset=coco_captions"}.get(group, f"another {group}=")
+    return (f"method={method} with model={model} puts in the paper's settings (conf/paper/{path.name}), and "
+            f"{have} has no {full_key.split('.', 1)[1]}: choose {need}")
+
+
 def explain_compose_error(e: BaseException, overrides: Optional[Sequence[str]] = None) -> str:
     """One paragraph that names the key and what is allowed. With the command's ``overrides``
     (inside Hydra's ``initialize_config_dir``) a key at the wrong depth is matched to the one that
@@ -189,6 +215,9 @@ def explain_compose_error(e: BaseException, overrides: Optional[Sequence[str]] =
         return (f"{full_key}={value}: {full_key} holds keys ({', '.join(fields)}), not one value; set one of "
                 f"them, e.g. {full_key}.{first}={value}")
     if full_key and obj_type is not None and ("not in" in text or "not a" in text.lower()):
+        paper = _paper_setting(full_key, overrides)
+        if paper:
+            return paper
         schema = obj_type if isinstance(obj_type, type) else _schema_by_name(str(obj_type))
         if full_key.startswith("teacher.") and getattr(schema, "__name__", "") in ("NoTeacherConfig", "SelfTeacherConfig"):
             which = "none" if schema.__name__ == "NoTeacherConfig" else "self"

@@ -47,6 +47,11 @@ def _clean_error(r, *needles):
     pytest.param(["trainer.accelerator=gpu"], ["trainer.accelerator=gpu", "gpu"],
                  marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")),
     (["dataset.batch_size=5000"], ["dataset.batch_size=5000", "fewer than one batch"]),
+    # keys the paper's settings of method=dmd2 with model=sdxl put in (conf/paper/) name the choice missing
+    (["method=dmd2", "model=sdxl", "model.pretrained=/m"],
+     ["conf/paper/dmd2_sdxl.yaml", "teacher=none has no pretrained", "choose teacher=sdxl"]),
+    (["method=dmd2", "model=sd15", "teacher=sd15", "model.pretrained=/m"],
+     ["conf/paper/dmd2_sd15.yaml", "the default dataset has no resolution", "dataset=coco_captions"]),
 ])
 def test_config_errors_are_one_clear_message(cli, runs_dir, args, needles):
     r = cli(*args, f"runs_dir={runs_dir}", *SMOKE)

@@ -63,7 +63,7 @@ def runs(folders) -> dict:
     root = folders["root"]
     jobs = {"sd15": _args(folders, "sd15", root / "sd15_runs"), "sdxl": _args(folders, "sdxl", root / "sdxl_runs"),
             "lora": _args(folders, "sd15", root / "lora_runs", "model.lora_rank=4", "model.lora_alpha=4",
-                          "optim.optimizer.lr=1e-2")}
+                          "optim.optimizer.lr=1e-2", "optim.scheduler.warmup_steps=0")}  # the paper's 500 would stall it
     run_cli_all(jobs)
     return {name: root / f"{name}_runs" / "default" / "r" for name in jobs}
 
