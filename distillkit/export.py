@@ -282,6 +282,8 @@ def write_provenance(method, net, out: Path, use_ema: bool, source: str, what: s
                      "timestep_scaling": method.timestep_scaling, "timestep_spacing": "lcm"})
         if getattr(net, "embeds_guidance", False):
             info["guidance_embedding_dim"] = net.guidance_embedding_dim
+        if method.sampling_timesteps_cfg and not method.is_edm:  # pipe(..., timesteps=these) samples as we do
+            info["timesteps"] = list(method.sampling_timesteps_cfg)
     ts = generator_timesteps(method)
     if ts is not None:  # a few-step generator: LCMScheduler over the timesteps it was trained at
         info.update({"scheduler": "LCMScheduler", "timesteps": ts, "num_inference_steps": len(ts),

@@ -99,6 +99,17 @@ def test_sampling_times_are_lcmschedulers_choice():
         assert method.sampling_times(n) == sch.timesteps.tolist()
 
 
+def test_configured_sampling_timesteps_are_checked_and_used_for_their_step_count():
+    from distillkit.errors import DistillError
+
+    method = vp_method(num_timesteps=50, sampling_timesteps=[999.0, 399])
+    assert method.sampling_times(2) == [999, 399] and method.num_steps == 2
+    assert method.sampling_times(1) == vp_method(num_timesteps=50).sampling_times(1)  # another count: LCM's choice
+    for bad in ([], [399, 999], [1000, 10], [999, 10.5], [999, 999]):
+        with pytest.raises(DistillError, match="method.sampling_timesteps"):
+            vp_method(num_timesteps=50, sampling_timesteps=bad)
+
+
 # --------------------------------------------------------------------------- Gaussian oracles
 class Oracle(nn.Module):
     """A network whose x0-prediction makes the method's consistency function f = c_skip x + c_out F
@@ -323,7 +334,7 @@ def digits_teacher(path, num_classes=None):
 def test_consistency_on_digits_evaluates_samples_and_exports_an_lcm_scheduler(cli, tmp_path):
     teacher = digits_teacher(tmp_path / "t.pt")
     r = cli("experiment=digits_consistency", f"teacher.checkpoint={teacher}", f"runs_dir={tmp_path}", "name=r",
-            "eval.steps=[1,2]", *DIGITS)
+            "eval.steps=[1,2]", "method.sampling_timesteps=[1023,383]", *DIGITS)
     assert r.returncode == 0, r.output
     run = tmp_path / "digits_consistency" / "r"
     res = json.loads((run / "results.json").read_text())
@@ -337,6 +348,9 @@ def test_consistency_on_digits_evaluates_samples_and_exports_an_lcm_scheduler(cl
     out = export_pipeline(method, tmp_path / "export")
     sched = json.loads((out / "scheduler" / "scheduler_config.json").read_text())
     assert sched["_class_name"] == "LCMScheduler" and sched["original_inference_steps"] == 32
+    # the configured two-step times: what the evaluation sampled at and what the export tells the pipeline
+    assert method.sampling_times(2) == [1023, 383]
+    assert json.loads((out / "distillkit.json").read_text())["timesteps"] == [1023, 383]
 
 
 def test_lcm_on_class_conditional_digits(cli, tmp_path):
@@ -396,6 +410,7 @@ def test_consistency_on_an_edm_schedule(cli, tmp_path, toy_teacher):
     ("method.num_timesteps=2000", "method.num_timesteps=2000"),
     ("method.target_decay=1.5", "method.target_decay"),
     ("teacher.lora_rank=4", "teacher.lora_rank=4: the teacher is frozen whole"),
+    ("method.sampling_timesteps=[255,767]", "method.sampling_timesteps=[255, 767]: give integer timesteps that descend"),
 ])
 def test_bad_values_are_one_error_line(cli, tmp_path, override, message):
     teacher = digits_teacher(tmp_path / "t.pt")

@@ -47,7 +47,6 @@ import torch
 
 from distillkit.diffusion.schedules import expand_like
 
-BOUNDARIES = ("discrete", "sigma")
 DISTANCES = ("huber", "huber_elementwise", "l2")
 ICT_HUBER_C = 0.00054  # iCT's c = 0.00054 sqrt(d)
 
@@ -151,6 +150,6 @@ def consistency_sample_edm(f: Callable, z: torch.Tensor, sigmas: Sequence[float]
     return x0
 
 
-__all__ = ["BOUNDARIES", "DISTANCES", "lcm_boundary", "cm_boundary", "apply_boundary", "huber_c_for",
+__all__ = ["DISTANCES", "lcm_boundary", "cm_boundary", "apply_boundary", "huber_c_for",
            "consistency_distance", "lcm_timesteps", "karras_ascending", "ict_discretisation",
            "consistency_sample_edm"]

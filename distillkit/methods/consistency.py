@@ -96,6 +96,7 @@ class ConsistencyDistillation(DiffusionMethod):
         self.timestep_scaling = float(timestep_scaling)
         self.teacher_guidance = float(teacher_guidance)
         self.sampling_timesteps_cfg = None if sampling_timesteps is None else [plain(t) for t in sampling_timesteps]
+        self._check_sampling_timesteps()
         self.num_steps = len(self.sampling_timesteps_cfg) if self.sampling_timesteps_cfg else 4
         if self.teacher is not None:
             lora = has_lora(self.student)
@@ -227,6 +228,26 @@ class ConsistencyDistillation(DiffusionMethod):
         return loss
 
     # ------------------------------------------------------------------ sampling
+    def _check_sampling_timesteps(self) -> None:
+        """``method.sampling_timesteps``: descending times the sampler can start from, timesteps in
+        [0, T - 1] on a VP schedule, noise levels in [sigma_min, sigma_max] on EDM's."""
+        ts = self.sampling_timesteps_cfg
+        if ts is None:
+            return
+        if self.is_edm:
+            lo, hi, what = self.schedule.sigma_min, self.schedule.sigma_max, "noise levels"
+            inside = all(isinstance(t, (int, float)) and lo <= t <= hi for t in ts)
+        else:
+            lo, hi, what = 0, self.schedule.num_train_timesteps - 1, "integer timesteps"
+            inside = all(isinstance(t, (int, float)) and float(t).is_integer() and lo <= t <= hi for t in ts)
+        if not ts or not inside or any(a <= b for a, b in zip(ts, ts[1:])):
+            shown = "[" + ", ".join(f"{t:g}" if isinstance(t, (int, float)) else repr(t) for t in ts) + "]"
+            raise DistillError(f"method.sampling_timesteps={shown}: give {what} that descend strictly within "
+                               f"[{lo:g}, {hi:g}], one per sampling step (e.g. [{hi:g}, {hi / 2:.0f}] for two), "
+                               "or null for LCMScheduler's choice from the discretisation")
+        if not self.is_edm:
+            self.sampling_timesteps_cfg = [int(t) for t in ts]
+
     def sampling_times(self, num_steps: int) -> list:
         """The times of a ``num_steps``-step sample, descending: ``method.sampling_timesteps`` when it
         has that many, else LCMScheduler's choice from the discretisation (``original_inference_steps``
