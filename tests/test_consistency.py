@@ -418,28 +418,31 @@ def test_bad_values_are_one_error_line(cli, tmp_path, override, message):
     assert r.returncode != 0 and message in r.output and "Traceback" not in r.output, r.output
 
 
-@pytest.mark.parametrize("extra", [[], ["model.lora_rank=4"]], ids=["full", "lora"])
-def test_sigterm_mid_run_resumes_bit_exact(cli, tmp_path, extra):
+@pytest.mark.parametrize("experiment, extra", [("digits_consistency", []), ("digits_consistency", ["model.lora_rank=4"]),
+                                               ("digits_cond_lcm", [])], ids=["full", "lora", "lcm"])
+def test_sigterm_mid_run_resumes_bit_exact(cli, tmp_path, experiment, extra):
     """Stopped by SIGTERM after 3 updates and rerun: the online network, the target network, the
     sampling EMA and the optimizer state end as an uninterrupted run's, bit for bit (a LoRA
-    student's too, whose base the method fills from the teacher again on resume)."""
+    student's too, whose base the method fills from the teacher again on resume; and LCM's, whose
+    guidance scales w are drawn per sample and fed through the guidance embedding)."""
     from test_dmd import cli_with_events
 
-    teacher = digits_teacher(tmp_path / "t.pt")
-    args = ["experiment=digits_consistency", *extra, f"teacher.checkpoint={teacher}", "name=cm", "trainer.max_steps=5",
+    teacher = digits_teacher(tmp_path / "t.pt", **({"num_classes": 10} if experiment == "digits_cond_lcm" else {}))
+    args = [f"experiment={experiment}", *extra, f"teacher.checkpoint={teacher}", "name=cm", "trainer.max_steps=5",
             "dataset.batch_size=16", "eval=none", "callbacks.checkpoint_every_n_steps=1", *QUIET]
     whole = cli(*args, f"runs_dir={tmp_path / 'whole'}")
     assert whole.returncode == 0, whole.output
     stopped = cli_with_events(*args, f"runs_dir={tmp_path / 'cut'}", env={"STOP_AT_STEP": "3"})
     assert stopped.returncode == 128 + signal.SIGTERM, stopped.stdout + stopped.stderr
-    run = tmp_path / "cut" / "digits_consistency" / "cm"
+    run = tmp_path / "cut" / experiment / "cm"
     assert torch.load(run / "last.ckpt", weights_only=True)["global_step"] == 3
     resumed = cli(*args, f"runs_dir={tmp_path / 'cut'}")
     assert resumed.returncode == 0, resumed.output
     a = torch.load(run / "last.ckpt", weights_only=True)
-    b = torch.load(tmp_path / "whole" / "digits_consistency" / "cm" / "last.ckpt", weights_only=True)
+    b = torch.load(tmp_path / "whole" / experiment / "cm" / "last.ckpt", weights_only=True)
     assert a["global_step"] == b["global_step"] == 5
     assert any(k.startswith("target_net.") for k in a["state_dict"]) and any(k.startswith("ema.") for k in a["state_dict"])
+    assert experiment != "digits_cond_lcm" or any("cond_proj" in k for k in a["state_dict"])  # the w-embedding
     assert all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in b["state_dict"])
     sa, sb = a["optimizer_states"][0]["state"], b["optimizer_states"][0]["state"]
     assert all(torch.equal(sa[i][k], sb[i][k]) for i in sb for k in sb[i] if torch.is_tensor(sb[i][k]))

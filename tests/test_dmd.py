@@ -215,7 +215,11 @@ def test_sigterm_between_generator_updates_resumes_bit_exact(cli, tmp_path, toy_
     """Stopped by SIGTERM after 3 generator updates (1 of the 3 critic updates of that cycle done)
     and rerun: the same generator, EMA, fake score and head, bit for bit, as an uninterrupted run;
     the checkpoints count generator updates as global_step and the critic's 3 per generator update."""
-    args = toy_args(toy_teacher, "trainer.max_steps=5", "name=dmd2")
+    # each role with its own schedule (a cosine decay after a warm-up, the critic's shorter and at
+    # another lr), AdamW moments and clipping: every state a resume must bring back
+    args = toy_args(toy_teacher, "trainer.max_steps=5", "name=dmd2", "optim=adamw", "optim.scheduler.name=cosine",
+                    "optim.scheduler.warmup_steps=2", "optim.scheduler.min_lr_ratio=0.1", "optim.gradient_clip_val=0.5", "critic_optim.lr=3e-3",
+                    "critic_optim.warmup_steps=1")
     whole = cli(*args, f"runs_dir={tmp_path / 'whole'}")
     assert whole.returncode == 0, whole.output
     stopped = cli_with_events(*args, f"runs_dir={tmp_path / 'cut'}", env={"STOP_AT_STEP": "3"})
@@ -232,7 +236,12 @@ def test_sigterm_between_generator_updates_resumes_bit_exact(cli, tmp_path, toy_
     assert a["state_dict"].keys() == b["state_dict"].keys()
     assert any(k.startswith("fake_score.") for k in a["state_dict"]) and any(k.startswith("gan_head.") for k in a["state_dict"])
     assert all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"])
-    assert len(a["optimizer_states"]) == 2
+    assert len(a["optimizer_states"]) == len(b["optimizer_states"]) == 2
+    for oa, ob in zip(a["optimizer_states"], b["optimizer_states"]):  # moments, step counts and the scheduled lr
+        assert oa["state"].keys() == ob["state"].keys() and oa["param_groups"] == ob["param_groups"]
+        assert all(torch.equal(oa["state"][i][k], ob["state"][i][k]) for i in ob["state"] for k in ob["state"][i])
+    assert a["lr_schedulers"] == b["lr_schedulers"] and len(a["lr_schedulers"]) == 2
+    assert a["optimizer_states"][0]["param_groups"][0]["lr"] != a["optimizer_states"][1]["param_groups"][0]["lr"]
     sa, sb = load_file(str(run / "student.safetensors")), load_file(str(tmp_path / "whole/default/dmd2/student.safetensors"))
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
 
@@ -248,6 +257,7 @@ def test_ddp_reduces_each_role(cli, runs_dir, toy_teacher):
 
 @pytest.mark.parametrize("override, message", [
     ("method.gan_generator_weight=-1", "method.gan_generator_weight=-1"),
+    ("method.gan_critic_weight=-0.5", "method.gan_critic_weight=-0.5"),
     ("method.timesteps=[]", "method.timesteps=[]"),
     ("method.critic_updates_per_generator_update=0", "method.critic_updates_per_generator_update=0"),
     ("trainer.accumulate_grad_batches=2", "trainer.accumulate_grad_batches=2"),
@@ -256,7 +266,7 @@ def test_bad_values_are_one_error_line(cli, runs_dir, toy_teacher, override, mes
     r = cli(*toy_args(toy_teacher, f"runs_dir={runs_dir}", override))
     assert r.returncode == 2, r.output
     assert message in r.output and "Traceback" not in r.output
-    assert [line for line in r.stderr.splitlines() if line.startswith("distill: error:")]
+    assert len([line for line in r.stderr.splitlines() if line.startswith("distill: error:")]) == 1, r.stderr
 
 
 def test_lora_generator_critic_and_teacher_share_one_frozen_base(tmp_path):
@@ -355,6 +365,26 @@ def test_dmd_trains_on_its_pairs_and_a_missing_pairs_file_names_distill_pairs(cl
     ck = torch.load(tmp_path / "digits_dmd" / "r" / "last.ckpt", weights_only=True)
     lrs = [o["param_groups"][0]["lr"] for o in ck["optimizer_states"]]
     assert lrs == [1e-4, 3e-4]  # optim for the generator, critic_optim's lr for the critic
+
+
+def test_class_conditional_dmd_regresses_onto_pairs_with_their_labels(cli, tmp_path):
+    """method=dmd on the class-conditional digits teacher: its pairs carry cond.class_labels (as
+    distill-pairs writes them for a conditional teacher), and the run's evaluation logs class accuracy."""
+    import json
+
+    from distillkit.pairs import save_pairs
+
+    teacher = digits_teacher(tmp_path / "t.pt", num_classes=10)
+    g = torch.Generator().manual_seed(0)
+    save_pairs(tmp_path / "pairs.safetensors", torch.randn(32, 1, 8, 8, generator=g),
+               torch.rand(32, 1, 8, 8, generator=g) * 2 - 1, cond={"class_labels": torch.arange(32) % 10})
+    r = cli("experiment=digits_cond_dmd2", "method=dmd", "method.real_guidance=2", f"teacher.checkpoint={teacher}",
+            f"method.pairs={tmp_path / 'pairs.safetensors'}", f"runs_dir={tmp_path}", "name=r", *DIGITS)
+    assert r.returncode == 0, r.output
+    run = tmp_path / "digits_cond_dmd2" / "r"
+    assert "train/regression_loss" in (run / "metrics.csv").read_text()
+    res = json.loads((run / "results.json").read_text())
+    assert "class_acc/1step" in res and "fid/1step" in res
 
 
 def test_critic_optim_for_a_method_without_critic_is_one_error_line(cli, runs_dir):
