@@ -5,8 +5,9 @@
 
 Trains (or reuses) the digits teachers in --runs-dir (``experiment=digits_diffusion_teacher`` and
 ``experiment=digits_cond_teacher``), writes DMD's regression pairs once with ``distill-pairs`` (2,000
-pairs of the unconditional teacher's 64-step DDIM), then runs each configuration below for each
-seed (``experiment=digits_dmd`` / ``digits_dmd2`` / ``digits_cond_dmd2`` with ``seed=S`` and
+pairs of each teacher's 64-step DDIM, the class-conditional one guided at 2), then runs each
+configuration below for each seed (``experiment=digits_dmd`` / ``digits_dmd2`` / ``digits_cond_dmd`` /
+``digits_cond_dmd2`` with ``seed=S`` and
 ``trainer.max_steps=--updates`` generator updates). A finished run is reused, so an interrupted
 benchmark continues where it stopped (a run stopped mid-way resumes from its last.ckpt).
 
@@ -51,6 +52,9 @@ CONFIGS: dict[str, tuple[str, list[str]]] = {
     "dmd2_4step_backward": ("digits_dmd2", [*FOUR, "method.generator_inputs=backward"]),
     "dmd2_4step_real": ("digits_dmd2", [*FOUR, "method.generator_inputs=real"]),
     "cond_dmd2_1step": ("digits_cond_dmd2", []),
+    "cond_dmd_1step": ("digits_cond_dmd", []),
+    "cond_dmd2_4step_backward": ("digits_cond_dmd2", [*FOUR, "method.generator_inputs=backward"]),
+    "cond_dmd2_4step_real": ("digits_cond_dmd2", [*FOUR, "method.generator_inputs=real"]),
     # probes of the one-step recipe (docs/benchmarks.md; --out benchmarks/dmd_digits_probes.json)
     "dmd2_1step_cosine_lr": ("digits_dmd2", ["optim.scheduler.name=cosine"]),  # lr 1e-4 decayed to 0
     "dmd2_1step_ema999": ("digits_dmd2", ["callbacks.ema.decay=0.999"]),  # a sampling EMA over ~1,000 updates
@@ -70,7 +74,7 @@ PROGRESSIVE_1STEP = (4.870, 6000)  # progressive distillation's best one-step FI
 # each method's training time per update, timed pinned to one core on an idle machine (scripts/bench_overhead.py):
 # the runs' own wall_s shared the two cores with other runs and cannot be compared
 OVERHEAD = ROOT / "benchmarks" / "overhead_cpu.json"
-PAIRS = "digits_pairs.safetensors"
+PAIRS = {"digits_dmd": "digits_pairs.safetensors", "digits_cond_dmd": "digits_cond_pairs.safetensors"}
 
 
 def last_nfe(run_dir: Path) -> Optional[int]:
@@ -86,11 +90,12 @@ def fid_curve(run_dir: Path, k: int) -> list[list[float]]:
         return [[int(float(r["step"])), round(float(r[f"fid/{k}step"]), 3)] for r in csv.DictReader(f) if r.get(f"fid/{k}step")]
 
 
-def write_pairs(runs_dir: Path, teacher_ckpt: Path) -> Path:
-    out = runs_dir / PAIRS
+def write_pairs(runs_dir: Path, teacher_ckpt: Path, experiment: str = "digits_dmd", *extra: str) -> Path:
+    """The experiment's regression pairs (its method.pairs), written once from the teacher's 64-step DDIM."""
+    out = runs_dir / PAIRS[experiment]
     if not out.is_file():
         subprocess.run([sys.executable, "-m", "distillkit.pairs", f"checkpoint={teacher_ckpt}", "num_pairs=2000",
-                        "steps=64", f"out={out}"], cwd=ROOT, check=True)
+                        "steps=64", f"out={out}", *extra], cwd=ROOT, check=True)
     return out
 
 
@@ -194,8 +199,10 @@ def main(argv: Optional[list[str]] = None) -> dict:
     teacher = run(["experiment=digits_diffusion_teacher"])
     print(f"teacher: {teacher['global_step']} updates" + (" (cached)" if teacher.get("cached") else ""), flush=True)
     configs = args.only or list(CONFIGS)
-    if any(CONFIGS[c][0] == "digits_cond_dmd2" for c in configs):
-        run(["experiment=digits_cond_teacher"])
+    if any(CONFIGS[c][0] in ("digits_cond_dmd2", "digits_cond_dmd") for c in configs):
+        cond_teacher = run(["experiment=digits_cond_teacher"])
+        if any(CONFIGS[c][0] == "digits_cond_dmd" for c in configs):  # the guided teacher's, as DMD's real score
+            write_pairs(runs_dir, Path(cond_teacher["run_dir"]) / "last.ckpt", "digits_cond_dmd", "guidance=2")
     if any(CONFIGS[c][0] == "digits_dmd" for c in configs):
         write_pairs(runs_dir, Path(teacher["run_dir"]) / "last.ckpt")
     old = json.loads(out.read_text()) if out.is_file() else {}

@@ -11,7 +11,7 @@ time below is one `distill experiment=NAME debug=smoke` process from start to ex
 
 The experiments on embedded data run (digits, toy2d; CIFAR, CelebA-HQ, ImageNet and Stable Diffusion
 experiments need data or weights from disk and are left out). The teachers run first, as `name=default`,
-where the students' configs look for them; digits_dmd's noise-image pairs are written by distill-pairs
+where the students' configs look for them; the DMD experiments' noise-image pairs are written by distill-pairs
 (8 pairs, 4 steps, timed too). Every run starts afresh in a temporary runs dir.
 """
 from __future__ import annotations
@@ -35,6 +35,11 @@ from bench_kd_digits import machine  # noqa: E402
 NAME = "smoke_cpu"
 TARGET_S = 20.0
 TEACHERS = ("digits_teacher", "digits_diffusion_teacher", "digits_cond_teacher")
+
+
+# the DMD experiments' regression pairs (their method.pairs): written from this teacher's run first
+PAIRS = {"digits_dmd": ("digits_diffusion_teacher", "digits_pairs.safetensors"),
+         "digits_cond_dmd": ("digits_cond_teacher", "digits_cond_pairs.safetensors")}
 
 
 def experiments() -> list[str]:
@@ -61,13 +66,14 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory(prefix="bench-smoke-") as runs:
         for name in chosen:
             extra = ["name=default"] if name in TEACHERS else []
-            if name == "digits_dmd":
-                pairs = [sys.executable, "-m", "distillkit.pairs",
-                         f"checkpoint={runs}/digits_diffusion_teacher/default/last.ckpt", "num_pairs=8", "steps=4",
-                         f"out={runs}/digits_pairs.safetensors"]
+            if name in PAIRS:
+                teacher, out = PAIRS[name]
+                pairs = [sys.executable, "-m", "distillkit.pairs", f"checkpoint={runs}/{teacher}/default/last.ckpt",
+                         "num_pairs=8", "steps=4", f"out={runs}/{out}"]
                 seconds, rc, log = timed(pairs, env)
-                rows.append({"command": "distill-pairs num_pairs=8 steps=4", "seconds": round(seconds, 1), "exit": rc})
-                print(f"{seconds:6.1f} s  distill-pairs (exit {rc})", flush=True)
+                rows.append({"command": f"distill-pairs num_pairs=8 steps=4 ({name})", "seconds": round(seconds, 1),
+                             "exit": rc})
+                print(f"{seconds:6.1f} s  distill-pairs for {name} (exit {rc})", flush=True)
             cmd = [sys.executable, "-m", "distillkit.cli", f"experiment={name}", "debug=smoke", f"runs_dir={runs}",
                    "callbacks.progress=none", *extra]
             seconds, rc, log = timed(cmd, env)
