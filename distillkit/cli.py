@@ -390,7 +390,7 @@ def run(cfg: DictConfig) -> dict:
     import lightning as L
     import torch
     from hydra.core.hydra_config import HydraConfig
-    from hydra.utils import instantiate
+    from hydra.utils import get_class, instantiate
     from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
     from distillkit.callbacks.checkpoint import LastCheckpoint
@@ -422,7 +422,12 @@ def run(cfg: DictConfig) -> dict:
 
     # Build everything that can fail on bad input before touching the run dir.
     L.seed_everything(cfg.seed, workers=True, verbose=False)
+    method_cls = get_class(cfg.method._target_)
+    method_cfg = OmegaConf.to_container(cfg.method, resolve=True)
+    method_cls.check_config(method_cfg)  # before the data and the networks, which may take minutes to load
     dm = build(cfg.dataset, "dataset", seed=cfg.seed, _convert_="all")
+    if isinstance(getattr(type(dm), "has_images", None), property):  # text-image data: images, or prompts only
+        method_cls.check_config(method_cfg, dataset_gives_images=dm.has_images)
     # Latent text-to-image data is encoded by the model's own VAE and text encoders (and cached):
     # those datasets are read once the model is built.
     encoded = callable(getattr(dm, "attach_encoder", None))
@@ -439,9 +444,7 @@ def run(cfg: DictConfig) -> dict:
         dm.attach_encoder(codec)
         setup_data(dm)
     if cfg.teacher.get("self_distill"):  # teacher=self: only a method that is its own teacher takes it
-        from hydra.utils import get_class
-
-        if not getattr(get_class(cfg.method._target_), "accepts_self_teacher", False):
+        if not getattr(method_cls, "accepts_self_teacher", False):
             choice = HydraConfig.get().runtime.choices.get("method")
             raise DistillError(f"teacher=self (the network distils into itself) is for method=dsd; method={choice} "
                                "needs a distinct teacher: e.g. teacher=unet_digits teacher.checkpoint=PATH")

@@ -387,6 +387,23 @@ def test_class_conditional_dmd_regresses_onto_pairs_with_their_labels(cli, tmp_p
     assert "class_acc/1step" in res and "fid/1step" in res
 
 
+def test_a_gan_without_real_images_is_refused_before_any_network_loads(cli, tmp_path):
+    """method=dmd2 model=sd15 on prompts only: the GAN has no real images. Said before the model folder
+    is read (here it does not exist), so a typo costs no SDXL load, and no run dir is written."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a cat\na dog\n")
+    r = cli("method=dmd2", "model=sd15", "teacher=sd15", "dataset=prompts", f"dataset.path={prompts}",
+            f"model.pretrained={tmp_path / 'nowhere'}", f"runs_dir={tmp_path / 'runs'}")
+    assert r.returncode == 2, r.output
+    assert "the GAN (method.gan_*_weight) needs real data and the dataset gives prompts only" in r.output
+    assert "nowhere" not in r.output and not list((tmp_path / "runs").rglob("config.yaml"))
+    # the same with the GAN off is refused later, for the missing folder
+    off = cli("method=dmd2", "model=sd15", "teacher=sd15", "dataset=prompts", f"dataset.path={prompts}",
+              "method.gan_generator_weight=0", "method.gan_critic_weight=0", f"model.pretrained={tmp_path / 'nowhere'}",
+              f"runs_dir={tmp_path / 'runs'}")
+    assert off.returncode == 2 and "nowhere" in off.output, off.output
+
+
 def test_critic_optim_for_a_method_without_critic_is_one_error_line(cli, runs_dir):
     r = cli("dataset=toy2d", "model=mlp2d", "method=diffusion", "schedule=cosine", "critic_optim.lr=1e-3",
             f"runs_dir={runs_dir}", *QUIET)

@@ -31,6 +31,12 @@ class DistillMethod(L.LightningModule):
     needs_teacher: bool = False
     method_name: str = "?"
 
+    @classmethod
+    def check_config(cls, cfg: dict, num_train_timesteps: Optional[int] = None,
+                     dataset_gives_images: Optional[bool] = None) -> None:
+        """Refuse ``method.*`` values (``cfg``) that are wrong whatever the networks, before any loads
+        (the CLI calls it first); methods whose loading is slow check theirs here."""
+
     def __init__(self, student: nn.Module, teacher: Optional[nn.Module] = None,
                  optim_cfg: Any = None, ema_cfg: Any = None, **_: Any):
         super().__init__()

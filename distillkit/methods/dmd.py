@@ -137,35 +137,20 @@ class DMD(MultiRoleMethod, DiffusionMethod):
             raise DistillError(f"method={self.method_name} runs on a VP schedule's timesteps (DMD2 uses the teacher's "
                                "1000): use a VP schedule (e.g. schedule=cosine or the teacher folder's own)")
         T = self.schedule.num_train_timesteps
+        self.check_config(dict(timesteps=timesteps, dm_weight=dm_weight, dm_t_min=dm_t_min, dm_t_max=dm_t_max,
+                               regression_weight=regression_weight, gan_generator_weight=gan_generator_weight,
+                               gan_critic_weight=gan_critic_weight, gan_max_timestep=gan_max_timestep,
+                               critic_updates_per_generator_update=critic_updates_per_generator_update,
+                               generator_inputs=generator_inputs), num_train_timesteps=T)
         self.timesteps = [T - 1] if timesteps is None else [int(t) for t in timesteps]
-        if not self.timesteps:
-            raise DistillError("method.timesteps=[]: give the generator's conditioning timesteps, e.g. [999] "
-                               "(one step) or [999, 749, 499, 249], or null for [T-1]")
-        if any(not 0 <= t < T for t in self.timesteps) or any(a <= b for a, b in zip(self.timesteps, self.timesteps[1:])):
-            raise DistillError(f"method.timesteps={self.timesteps}: must descend strictly within [0, {T - 1}] "
-                               f"(the schedule's {T} training timesteps)")
         self.num_steps = len(self.timesteps)  # distill-sample's default: the generator's own steps
         self.real_guidance = float(real_guidance)
         self.dm_weight = float(dm_weight)
-        if not 0 <= dm_t_min < dm_t_max <= 1:
-            raise DistillError(f"method.dm_t_min={dm_t_min}, method.dm_t_max={dm_t_max}: need 0 <= dm_t_min < dm_t_max <= 1")
         self.dm_t_range = (int(dm_t_min * T), min(int(dm_t_max * T), T - 1))
         self.critic_updates_per_generator_update = int(critic_updates_per_generator_update)
-        if self.critic_updates_per_generator_update < 1:
-            raise DistillError(f"method.critic_updates_per_generator_update={critic_updates_per_generator_update}: "
-                               "must be at least 1 (DMD2: 5)")
-        for key, value in (("gan_generator_weight", gan_generator_weight), ("gan_critic_weight", gan_critic_weight),
-                           ("regression_weight", regression_weight), ("dm_weight", dm_weight)):
-            if float(value) < 0:
-                raise DistillError(f"method.{key}={value}: must be at least 0")
         self.gan_generator_weight, self.gan_critic_weight = float(gan_generator_weight), float(gan_critic_weight)
         self.gan_max_timestep = T if gan_max_timestep is None else int(gan_max_timestep)
-        if not 1 <= self.gan_max_timestep <= T:
-            raise DistillError(f"method.gan_max_timestep={gan_max_timestep}: must lie in [1, {T}]")
         self.generator_inputs = str(plain(generator_inputs))
-        if self.generator_inputs not in GENERATOR_INPUTS:
-            raise DistillError(f"method.generator_inputs={self.generator_inputs!r}: allowed values are "
-                               f"{', '.join(GENERATOR_INPUTS)}")
         self.regression_weight = float(regression_weight)
         self.regression_batch_size = regression_batch_size
         self.pairs = None
@@ -188,6 +173,45 @@ class DMD(MultiRoleMethod, DiffusionMethod):
         self.fake_score = copy_sharing_frozen(self.student)
         self.gan_head = GANHead(self.fake_score.bottleneck_channels, spatial=len(self.image_shape) == 3) \
             if self.gan_generator_weight > 0 or self.gan_critic_weight > 0 else None
+
+    @classmethod
+    def check_config(cls, cfg: dict, num_train_timesteps: Optional[int] = None,
+                     dataset_gives_images: Optional[bool] = None) -> None:
+        """The method's values (``method.*``, the keys of ``__init__``) that can be judged before any network
+        or data loads (the CLI calls this first: loading SDXL takes minutes); the bounds that need the
+        schedule's T when it is known, and the GAN's need of real images when the dataset is."""
+        T = num_train_timesteps
+        timesteps = cfg.get("timesteps")
+        if timesteps is not None:
+            ts = [int(t) for t in timesteps]
+            if not ts:
+                raise DistillError("method.timesteps=[]: give the generator's conditioning timesteps, e.g. [999] "
+                                   "(one step) or [999, 749, 499, 249], or null for [T-1]")
+            if any(t < 0 or (T is not None and t >= T) for t in ts) or any(a <= b for a, b in zip(ts, ts[1:])):
+                within = f"within [0, {T - 1}] (the schedule's {T} training timesteps)" if T else "from at most T - 1 to 0"
+                raise DistillError(f"method.timesteps={ts}: must descend strictly {within}")
+        lo, hi = cfg.get("dm_t_min", 0.02), cfg.get("dm_t_max", 0.98)
+        if not 0 <= lo < hi <= 1:
+            raise DistillError(f"method.dm_t_min={lo}, method.dm_t_max={hi}: need 0 <= dm_t_min < dm_t_max <= 1")
+        ratio = cfg.get("critic_updates_per_generator_update", 1)
+        if int(ratio) < 1:
+            raise DistillError(f"method.critic_updates_per_generator_update={ratio}: must be at least 1 (DMD2: 5)")
+        for key in ("gan_generator_weight", "gan_critic_weight", "regression_weight", "dm_weight"):
+            if float(cfg.get(key) or 0) < 0:
+                raise DistillError(f"method.{key}={cfg[key]}: must be at least 0")
+        gan_max = cfg.get("gan_max_timestep")
+        if gan_max is not None and not (1 <= int(gan_max) and (T is None or int(gan_max) <= T)):
+            raise DistillError(f"method.gan_max_timestep={gan_max}: must lie in [1, {T or 'T'}]")
+        inputs = str(plain(cfg.get("generator_inputs", "backward")))
+        if inputs not in GENERATOR_INPUTS:
+            raise DistillError(f"method.generator_inputs={inputs!r}: allowed values are {', '.join(GENERATOR_INPUTS)}")
+        gan = float(cfg.get("gan_generator_weight") or 0) > 0 or float(cfg.get("gan_critic_weight") or 0) > 0
+        if dataset_gives_images is False and (gan or (inputs == "real" and len(timesteps or [0]) > 1)):
+            what, off = (("the GAN (method.gan_*_weight)", "method.gan_generator_weight=0 method.gan_critic_weight=0")
+                         if gan else ("method.generator_inputs=real", "method.generator_inputs=backward"))
+            raise DistillError(f"method={cls.method_name}: {what} needs real data and the dataset gives prompts only; use "
+                               "a dataset with images (dataset=image_text_folder, or coco_captions with "
+                               f"dataset.image_dir), or set {off}")
 
     # ------------------------------------------------------------------ roles
     def role_parameters(self) -> dict[str, list[nn.Parameter]]:
