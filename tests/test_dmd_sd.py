@@ -179,6 +179,15 @@ def test_export_samples_with_lcm_over_the_trained_timesteps_as_distill_sample(ru
     one = torch.from_numpy(one).permute(0, 3, 1, 2) * 2 - 1
     assert torch.allclose(one, _ours(method, 1)[0], atol=2e-4)
     assert not torch.allclose(one, ours, atol=1e-2)  # the steps matter
+    # one step from pure noise at t = 399, as experiment=dmd2_sdxl trains and DMD2's model card samples
+    # (LCMScheduler, timesteps=[399]): a generator with those timesteps samples so through distill-sample
+    method.timesteps, method.num_steps = [399], 1
+    at399 = pipe(PROMPTS, num_inference_steps=1, timesteps=[399], guidance_scale=1.0,
+                 generator=torch.Generator().manual_seed(SEED), height=TINY_RESOLUTION, width=TINY_RESOLUTION,
+                 output_type="np").images
+    at399 = torch.from_numpy(at399).permute(0, 3, 1, 2) * 2 - 1
+    assert torch.allclose(at399, _ours(method, 1)[0], atol=2e-4)
+    assert not torch.allclose(at399, one, atol=1e-2)
 
 
 def test_lora_export_samples_with_lcm_on_the_base_pipeline(runs, folders, tmp_path):
