@@ -13,6 +13,9 @@ DDIM (VP schedules) or Heun / Euler (EDM), with the EMA weights unless ``use_ema
 A round/level file of step distillation (``<run dir>/round_<r>.ckpt``, ``level_<r>.ckpt``) is
 read the same way: that round's network, sampled by default with the steps it was trained for.
 
+Consistency models and few-step generators sample at times of their own (``method.sampling_timesteps``,
+``method.timesteps``); ``timesteps=1023,639`` samples at others, their count the steps.
+
 Conditions (the model boundary, :mod:`distillkit.models.denoiser`): ``class=3`` or ``class=0,1,2``
 (repeated over the samples) for a class-conditional model, whose classes are otherwise drawn
 uniformly from the seed; ``prompts=FILE`` (one prompt a line) or ``prompts="a cat|a dog"`` for a
@@ -58,6 +61,8 @@ ARGS = [
     Arg("class", str, None, "class-conditional models: a class, or a comma list repeated over the samples"),
     Arg("prompts", str, None, "text-to-image models: a file (one prompt a line) or prompts separated by |"),
     Arg("guidance", float, None, "classifier-free guidance w, uncond + w (cond - uncond) (default: eval.guidance)"),
+    Arg("timesteps", str, None, "consistency models and few-step generators: the sampler's times, descending, "
+        "comma-separated (e.g. 1023,639); their count is the steps (default: the run's)"),
 ]
 
 
@@ -184,9 +189,38 @@ def load_for_sampling(args, prog: str, suffix: str, count_key: str):
     return out, method, steps, prompts
 
 
+def set_sampling_times(method, text: str, steps: Optional[int]) -> int:
+    """``timesteps=1023,639``: the times a consistency model (``method.sampling_timesteps``) or a few-step
+    generator (``method.timesteps``) samples at, checked as the method checks its own; returns the steps."""
+    from distillkit.methods.consistency import ConsistencyDistillation
+    from distillkit.methods.dmd import DMD
+
+    try:
+        times = [float(t) for t in text.split(",")]
+    except ValueError:
+        raise DistillError(f"timesteps={text}: give numbers separated by commas, e.g. timesteps=1023,639") from None
+    if steps is not None and steps != len(times):
+        raise DistillError(f"steps={steps} with timesteps={text}: the times set the steps ({len(times)}); give one of them")
+    if not isinstance(method, (ConsistencyDistillation, DMD)):
+        raise DistillError(f"timesteps={text}: for consistency models and few-step generators (method=consistency, "
+                           f"lcm, dmd, dmd2); method={method.method_name} samples on its schedule's grid: use steps=")
+    try:
+        if isinstance(method, ConsistencyDistillation):
+            method.sampling_timesteps_cfg = times
+            method._check_sampling_timesteps()
+        else:
+            DMD.check_config({"timesteps": times}, num_train_timesteps=method.schedule.num_train_timesteps)
+            method.timesteps = [int(t) for t in times]
+    except DistillError as e:
+        raise DistillError(f"timesteps={text}: {e}") from None
+    return len(times)
+
+
 def run(argv: Sequence[str]) -> Path:
     args = parse_kv(argv, PROG, ARGS)
     out, method, steps, prompts = load_for_sampling(args, PROG, ".npz", "num_samples")
+    if args.timesteps is not None:
+        steps = set_sampling_times(method, args.timesteps, args.steps)
     guidance = default_guidance(method) if args.guidance is None else args.guidance
     x = generate(method, args.num_samples, steps, args.seed, args.batch_size, args.use_ema, args.spacing,
                  getattr(args, "class"), prompts, guidance)

@@ -17,6 +17,7 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import run_module
 from distillkit.diffusion import GaussianData, NoiseSchedule, ddim_step_between
 from distillkit.diffusion.consistency import (apply_boundary, cm_boundary, consistency_distance, huber_c_for,
                                               ict_discretisation, ict_discretisation_values, karras_ascending, lcm_boundary,
@@ -351,6 +352,13 @@ def test_consistency_on_digits_evaluates_samples_and_exports_an_lcm_scheduler(cl
     # the configured two-step times: what the evaluation sampled at and what the export tells the pipeline
     assert method.sampling_times(2) == [1023, 383]
     assert json.loads((out / "distillkit.json").read_text())["timesteps"] == [1023, 383]
+    # distill-sample at other times (the CM paper tunes the two-step intermediate time), and a bad list
+    s = run_module("distillkit.sample", f"checkpoint={run / 'last.ckpt'}", "num_samples=4", "timesteps=1023,639",
+                   f"out={tmp_path / 's.npz'}", timeout=300)
+    assert s.returncode == 0 and "2 steps" in s.stdout, s.stdout + s.stderr
+    bad = run_module("distillkit.sample", f"checkpoint={run / 'last.ckpt'}", "num_samples=4", "timesteps=639,1023",
+                     f"out={tmp_path / 'b.npz'}", timeout=300)
+    assert bad.returncode == 2 and "timesteps=639,1023: method.sampling_timesteps=[639, 1023]" in bad.stderr, bad.stderr
 
 
 def test_lcm_on_class_conditional_digits(cli, tmp_path):
