@@ -278,7 +278,8 @@ def test_dmd_benchmark_summarises_per_configuration_and_updates_and_renders_its_
     assert "as many as 450 DMD2 updates" in lines[1] and "at 400 updates: 5.000 (1 seed)" in lines[1]
     assert lines[1].endswith("best one-step 4.87: not below")
     assert b.verdict(summary, {"digits_progressive": 30.0, "digits_dmd2": 40.0})[1].endswith(": below")  # 4,500: 2.0
-    assert "= 2.00x DMD2's" in lines[2] and "misses" in lines[2]
+    assert "112000 progressive updates" in lines[2] and lines[2].endswith("best one-step 3.274: below")  # 2.0
+    assert "= 2.00x DMD2's" in lines[3] and "misses" in lines[3]
     table = readme_tables.render("dmd_digits", {"summary": summary, "verdict": lines, "rows": rows})
     assert "| DMD2 | 1 | 600 | 2 | 5.000 ± 1.414 |" in table
 
