@@ -14,7 +14,10 @@ on iCT's curriculum), x_{n+k} = alpha x_0 + sigma eps from the data, and
 ``target_decay`` mu: the target network is an EMA of the online network,
 theta^- <- mu theta^- + (1 - mu) theta after every update (LCM 0.95, CM 0.999 / 0.9999...), kept
 apart from the sampling EMA (``callbacks.ema``) and checkpointed; mu = 0 is iCT's choice (the
-target is the online network under stop-gradient; no copy is kept).
+target is the online network under stop-gradient; no copy is kept). The first update copies the
+online network (torch's AveragedModel convention, :mod:`distillkit.methods.ema`), so the average
+starts from theta_1 (mu = 1 keeps theta_1); LCM's scripts average from theta_0 instead, which on
+digits trained more slowly at every checkpoint (docs/consistency.md, "The target's first update").
 
 LCM (``method=lcm``) distils the *guided* teacher. Per sample, w ~ U[w_min, w_max] in LCM's
 convention (the teacher's step uses cond + w (cond - uncond), diffusers' guidance scale 1 + w);
@@ -106,7 +109,7 @@ class ConsistencyDistillation(DiffusionMethod):
         self.target_net: Optional[EMA] = None
         self._device_points: dict[tuple[int, str], torch.Tensor] = {}
         if self.target_decay > 0:
-            self.target_net = EMA(self.student, self.target_decay, started=True)
+            self.target_net = EMA(self.student, self.target_decay)
             self.target_net.requires_grad_(False)
 
     def prepare_student(self) -> None:

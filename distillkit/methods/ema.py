@@ -1,7 +1,7 @@
 """The exponential moving average of a network's weights: the sampling EMA (``callbacks.ema``)
 and DSD's target network (``method.target=ema``).
 
-    W_ema <- decay * W_ema + (1 - decay) * W        (the first update copies W, unless ``started``)
+    W_ema <- decay * W_ema + (1 - decay) * W        (the first update copies W)
 
 It is torch's ``AveragedModel`` with ``get_ema_multi_avg_fn`` (``torch.optim.swa_utils``;
 docs/architecture.md, Decisions), the same state dict (``module.*``, ``n_averaged``) and the same
@@ -36,22 +36,18 @@ class EMA(AveragedModel):
     """An EMA copy of ``model`` (parameters and floating-point buffers, e.g. BatchNorm statistics,
     averaged; integer buffers copied). ``update_parameters(model)`` after every optimizer step."""
 
-    def __init__(self, model: nn.Module, decay: float, started: bool = False):
-        """``started``: the copy of ``model`` made here is already the average, so the first update
-        averages into it instead of copying (a consistency model's target network, theta^- = theta
-        at the start, then theta^- <- mu theta^- + (1 - mu) theta from the first update on)."""
+    def __init__(self, model: nn.Module, decay: float):
         decay = float(decay)
         if not 0.0 <= decay <= 1.0:
             raise ValueError(f"EMA decay={decay} must lie in [0, 1]")
         super().__init__(nn.Module(), use_buffers=True)
         self.module = copy_sharing_frozen(model)
         self.decay = decay
-        self._from_start = bool(started)
-        self._started: Optional[bool] = self._from_start  # n_averaged > 0, on the host; None: read the buffer
+        self._started: Optional[bool] = False  # n_averaged > 0, on the host; None: read the buffer
 
     def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
         super()._load_from_state_dict(*args, **kwargs)
-        self._started = True if self._from_start else None  # else n_averaged came from a checkpoint
+        self._started = None  # n_averaged came from a checkpoint
 
     @torch.no_grad()
     def update_parameters(self, model: nn.Module) -> None:
