@@ -77,6 +77,9 @@ CONFIGS: dict[str, tuple[str, list[str]]] = {
                                                         "callbacks.ema.decay=0.995"]),  # a longer sampling EMA
     "cm_n64_target0992_l2": ("digits_consistency", ["method.num_timesteps=64", "method.target_decay=0.992",
                                                     "method.distance=l2"]),
+    # the two-step sampler's intermediate time, which the CM paper tunes: 767 instead of LCMScheduler's 511
+    "cm_n64_target0992_t767": ("digits_consistency", ["method.num_timesteps=64", "method.target_decay=0.992",
+                                                      "method.sampling_timesteps=[1023,767]"]),
     "cm_n64_target0992_huber02": ("digits_consistency", ["method.num_timesteps=64", "method.target_decay=0.992",
                                                          "method.huber_c=0.02"]),  # iCT's default here: 0.00432
     # LCM-LoRA: a rank-8 adapter, the teacher guided at 2, its target network an EMA (0.95) of the adapter or
@@ -104,7 +107,9 @@ EQUAL_UPDATES = [("cm", "Consistency distillation"),
                  ("cm_n64_target0992_lr2e-4", "Consistency distillation, 64-step grid, EMA target 0.992, lr 2e-4"),
                  ("cm_n64_target0992_ema995", "Consistency distillation, 64-step grid, EMA target 0.992, sampling EMA 0.995"),
                  ("cm_n64_target0992_l2", "Consistency distillation, 64-step grid, EMA target 0.992, squared L2"),
-                 ("cm_n64_target0992_huber02", "Consistency distillation, 64-step grid, EMA target 0.992, Huber c 0.02")]
+                 ("cm_n64_target0992_huber02", "Consistency distillation, 64-step grid, EMA target 0.992, Huber c 0.02"),
+                 ("cm_n64_target0992_t767", "Consistency distillation, 64-step grid, EMA target 0.992, two steps at "
+                  "1023 and 767")]
 TEACHER_64 = 2.234  # the unconditional teacher's 64-step digits-FID (benchmarks/step_distill_digits.json)
 # progressive distillation's best at each step count within its 6,000-update budget (benchmarks/step_distill_digits.json:
 # progressive_annealed_1008 at 4 and 2 steps, progressive_annealed_last_heavy at 1): FID, updates
