@@ -344,6 +344,18 @@ def test_consistency_on_digits_evaluates_samples_and_exports_an_lcm_scheduler(cl
     assert bad.returncode == 2 and "timesteps=639,1023: method.sampling_timesteps=[639, 1023]" in bad.stderr, bad.stderr
 
 
+def test_consistency_on_class_conditional_digits_with_a_guided_teacher(cli, tmp_path):
+    """method=consistency (no w-embedding) on the class-conditional teacher, its ODE step guided at 2:
+    the samples are scored for class accuracy."""
+    teacher = digits_teacher(tmp_path / "t.pt", num_classes=10)
+    r = cli("experiment=digits_consistency", "model.num_classes=10", "teacher.num_classes=10",
+            f"teacher.checkpoint={teacher}", "method.teacher_guidance=2", "eval.guidance=1", f"runs_dir={tmp_path}",
+            "name=r", "eval.steps=[1]", *DIGITS)
+    assert r.returncode == 0, r.output
+    res = json.loads((tmp_path / "digits_consistency" / "r" / "results.json").read_text())
+    assert "class_acc/1step" in res and "fid/1step" in res
+
+
 def test_lcm_on_class_conditional_digits(cli, tmp_path):
     teacher = digits_teacher(tmp_path / "t.pt", num_classes=10)
     r = cli("experiment=digits_cond_lcm", f"teacher.checkpoint={teacher}", f"runs_dir={tmp_path}", "name=r",

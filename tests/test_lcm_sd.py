@@ -43,7 +43,10 @@ def runs(folders) -> dict:
             "lcm": _args(folders, "lcm", "sdxl", root / "lcm", "method.w_min=3", "method.w_max=15",
                          "optim.optimizer.lr=1e-3"),
             "lora": _args(folders, "lcm", "sd15", root / "lora", "model.lora_rank=4", "model.lora_alpha=4",
-                          "optim.optimizer.lr=1e-2")}
+                          "optim.optimizer.lr=1e-2"),
+            # LCM-LoRA on SDXL: what experiment=lcm_lora_sdxl trains (its adapter on the SDXL pipeline)
+            "lora_xl": _args(folders, "lcm", "sdxl", root / "lora_xl", "model.lora_rank=4", "model.lora_alpha=4",
+                             "optim.optimizer.lr=1e-2")}
     run_cli_all(jobs)
     return {name: root / name / "default" / "r" for name in jobs}
 
@@ -109,18 +112,25 @@ def test_export_draws_distill_samples_images_with_lcmscheduler(runs, tmp_path, n
         assert not torch.allclose(_ours(method, 2.0)[1], _ours(method, guidance)[1])
 
 
-def test_lcm_lora_export_loads_on_the_base_pipeline(runs, folders, tmp_path):
-    from diffusers import LCMScheduler, StableDiffusionPipeline
+@pytest.mark.parametrize("name, variant", [("lora", "sd15"), ("lora_xl", "sdxl")])
+def test_lcm_lora_export_loads_on_the_base_pipeline(runs, folders, tmp_path, name, variant):
+    from diffusers import LCMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
 
     from distillkit.export import main as export_main
     from distillkit.models.loading import load_run_checkpoint
 
     out = tmp_path / "lora_export"
-    export_main([f"checkpoint={runs['lora'] / 'last.ckpt'}", f"out={out}"])
+    export_main([f"checkpoint={runs[name] / 'last.ckpt'}", f"out={out}"])
     assert (out / "pytorch_lora_weights.safetensors").is_file() and not (out / "unet").exists()
-    pipe = StableDiffusionPipeline.from_pretrained(str(folders["sd15"]), local_files_only=True, safety_checker=None,
-                                                   requires_safety_checker=False,
-                                                   scheduler=LCMScheduler.from_pretrained(str(out / "scheduler")))
+    scheduler = LCMScheduler.from_pretrained(str(out / "scheduler"))
+    if variant == "sdxl":
+        pipe = StableDiffusionXLPipeline.from_pretrained(str(folders["sdxl"]), local_files_only=True, scheduler=scheduler)
+    else:
+        pipe = StableDiffusionPipeline.from_pretrained(str(folders["sd15"]), local_files_only=True, safety_checker=None,
+                                                       requires_safety_checker=False, scheduler=scheduler)
+    base = _pipe_images(pipe, 1.0, "np")
     pipe.load_lora_weights(str(out))
     pipe.set_progress_bar_config(disable=True)
-    _assert_same(pipe, load_run_checkpoint(runs["lora"] / "last.ckpt"), 1.0)
+    method = load_run_checkpoint(runs[name] / "last.ckpt")
+    _assert_same(pipe, method, 1.0)
+    assert not torch.allclose(base, _ours(method, 1.0)[0], atol=1e-3)  # the adapter changes the images
