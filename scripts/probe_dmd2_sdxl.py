@@ -2,9 +2,9 @@
 
 What is timed: distillkit's ``method=dmd2`` (distillkit.methods.dmd.DMD2) trained by a Lightning
 Trainer (manual optimization, one optimizer per role, ``bf16-mixed`` on a GPU) with the settings of
-conf/experiment/dmd2_sdxl.yaml (read at run time: one-step generator at t = 399, real guidance 8,
-5 critic updates per generator update, GAN weights 5e-3 / 1e-2, AdamW lr 5e-7, gradient norm clipped
-to 10, its batch size). The networks are RANDOMLY INITIALISED UNets of SDXL base 1.0's architecture
+conf/paper/dmd2_sdxl.yaml, which experiment=dmd2_sdxl and method=dmd2 model=sdxl train with (read at
+run time: one-step generator at t = 399, real guidance 8, 5 critic updates per generator update, GAN
+weights 5e-3 / 1e-2, AdamW lr 5e-7, gradient norm clipped to 10, its batch size). The networks are RANDOMLY INITIALISED UNets of SDXL base 1.0's architecture
 (scripts/bench_gpu_sdxl_diffusion.py builds them: 2.567 B parameters, nothing read or downloaded):
 the generator (the student), the fake score (``method.fake_score``, a copy of the generator) with
 the GAN head, and the frozen teacher, held in bf16 as ``build_teacher`` holds it (for a LoRA
@@ -92,7 +92,7 @@ from distillkit.models.stable_diffusion import TextImageCodec  # noqa: E402
 
 ROOT = bench.ROOT
 DEFAULT_OUT = ROOT / "benchmarks" / "gpu_dmd2_sdxl.json"
-RECIPE = ROOT / "conf" / "experiment" / "dmd2_sdxl.yaml"
+RECIPE = ROOT / "conf" / "paper" / "dmd2_sdxl.yaml"  # what experiment=dmd2_sdxl and method=dmd2 model=sdxl train with
 # configuration -> scripts/bench_gpu_sdxl_diffusion.py's variant of the generator
 CONFIGS = {"lora": "lora_gc", "full": "full_gc", "lora_nockpt": "lora"}
 # Dense (no sparsity) bf16 tensor-core peaks, TFLOP/s, from NVIDIA's data sheets (which print twice

@@ -32,7 +32,7 @@ from distillkit.paths import CONF_DIR
 CONF = Path(CONF_DIR)
 PACKAGE = Path(schemas.__file__).resolve().parent
 # Overlays of the whole config (``# @package _global_``): they set values on purpose, no schema of their own.
-OVERLAY_GROUPS = ("experiment", "debug")
+OVERLAY_GROUPS = ("experiment", "debug", "paper")
 
 # Options that are presets of a schema shared with other options: (yaml, key) -> why it differs.
 ALLOWED: dict[str, dict[str, str]] = {
