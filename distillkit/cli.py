@@ -343,7 +343,7 @@ def multi_role_settings(cfg: DictConfig) -> dict:
 
     from hydra.core.hydra_config import HydraConfig
 
-    from distillkit.methods.roles import MultiRoleMethod
+    from distillkit.methods.roles import MultiRoleMethod, role_optim_cfg
 
     critic = {k: v for k, v in OmegaConf.to_container(cfg.critic_optim, resolve=True).items() if v is not None}
     choice = HydraConfig.get().runtime.choices.get("method")
@@ -358,6 +358,7 @@ def multi_role_settings(cfg: DictConfig) -> dict:
                            "dataset.batch_size instead")
     clip = gradient_clip(cfg)
     critic_clip = critic.pop("gradient_clip_val", clip)
+    role_optim_cfg(OmegaConf.to_container(cfg.optim, resolve=True), critic)  # refuses a bad value now, not at fit
     return {"critic_optim_cfg": critic, "grad_clip": {"generator": clip, "critic": critic_clip}}
 
 
@@ -425,6 +426,7 @@ def run(cfg: DictConfig) -> dict:
     method_cls = get_class(cfg.method._target_)
     method_cfg = OmegaConf.to_container(cfg.method, resolve=True)
     method_cls.check_config(method_cfg)  # before the data and the networks, which may take minutes to load
+    roles = multi_role_settings(cfg)
     dm = build(cfg.dataset, "dataset", seed=cfg.seed, _convert_="all")
     if isinstance(getattr(type(dm), "has_images", None), property):  # text-image data: images, or prompts only
         method_cls.check_config(method_cfg, dataset_gives_images=dm.has_images)
@@ -448,7 +450,6 @@ def run(cfg: DictConfig) -> dict:
             choice = HydraConfig.get().runtime.choices.get("method")
             raise DistillError(f"teacher=self (the network distils into itself) is for method=dsd; method={choice} "
                                "needs a distinct teacher: e.g. teacher=unet_digits teacher.checkpoint=PATH")
-    roles = multi_role_settings(cfg)
     method = build(
         cfg.method, "method", student=student, teacher=teacher,
         optim_cfg=OmegaConf.to_container(cfg.optim, resolve=True),

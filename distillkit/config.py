@@ -664,6 +664,9 @@ class CriticOptimConfig:
     weight_decay: Optional[float] = bounded(None, at_least=0)
     betas: Optional[List[float]] = None
     warmup_steps: Optional[int] = bounded(None, at_least=0)
+    # the critic's own schedule (optim.scheduler.name's values) and its floor, e.g. constant while the generator's decays
+    scheduler_name: Optional[str] = None
+    min_lr_ratio: Optional[float] = bounded(None, at_least=0, at_most=1)
     gradient_clip_val: Optional[float] = bounded(None, at_least=0)
 
 

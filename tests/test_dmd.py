@@ -367,6 +367,20 @@ def test_dmd_trains_on_its_pairs_and_a_missing_pairs_file_names_distill_pairs(cl
     assert lrs == [1e-4, 3e-4]  # optim for the generator, critic_optim's lr for the critic
 
 
+def test_the_critic_has_a_schedule_of_its_own(cli, tmp_path, toy_teacher):
+    """critic_optim.scheduler_name: the generator's lr decays by a cosine while the critic's stays
+    constant; a name that is no schedule is one error line, before anything loads."""
+    args = toy_args(toy_teacher, "trainer.max_steps=4", "name=s", f"runs_dir={tmp_path}", "optim=adamw",
+                    "optim.optimizer.lr=1e-3", "optim.scheduler.name=cosine", "optim.scheduler.min_lr_ratio=0.1")
+    r = cli(*args, "critic_optim.scheduler_name=none")
+    assert r.returncode == 0, r.output
+    ck = torch.load(tmp_path / "default" / "s" / "last.ckpt", weights_only=True)
+    generator, critic = (o["param_groups"][0]["lr"] for o in ck["optimizer_states"])
+    assert abs(generator - 1e-4) < 1e-12 and critic == 1e-3  # the cosine's floor (0.1 lr) after 4 of 4 updates
+    bad = cli(*args, "critic_optim.scheduler_name=cosin", "name=b")
+    assert bad.returncode == 2 and "critic_optim.scheduler_name='cosin': allowed values are none" in bad.output, bad.output
+
+
 def test_class_conditional_dmd_regresses_onto_pairs_with_their_labels(cli, tmp_path):
     """method=dmd on the class-conditional digits teacher: its pairs carry cond.class_labels (as
     distill-pairs writes them for a conditional teacher), and the run's evaluation logs class accuracy."""

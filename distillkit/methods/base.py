@@ -25,6 +25,7 @@ from distillkit.errors import DistillError
 from distillkit.methods.ema import EMA
 
 log = logging.getLogger("distillkit")
+SCHEDULER_NAMES = ("none", "multistep", "cosine", "linear")  # optim.scheduler.name (configure_optimizers)
 
 
 class DistillMethod(L.LightningModule):
@@ -292,7 +293,7 @@ class DistillMethod(L.LightningModule):
                 return 1.0 - (1.0 - floor) * min(1.0, pos / max(1, period))
 
             return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
-        raise DistillError(f"optim.scheduler.name={name!r}: allowed values are none, multistep, cosine, linear")
+        raise DistillError(f"optim.scheduler.name={name!r}: allowed values are {', '.join(SCHEDULER_NAMES)}")
 
     # ------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict) -> None:

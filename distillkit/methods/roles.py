@@ -2,7 +2,7 @@
 critic (the fake-score network with its GAN head).
 
 Each role has its own optimizer and LR schedule (``optim`` for the generator; ``critic_optim``
-overrides single settings for the critic, e.g. ``critic_optim.lr``), its own gradient clipping
+overrides single settings for the critic, e.g. ``critic_optim.lr`` or ``critic_optim.scheduler_name``), its own gradient clipping
 (``optim.gradient_clip_val``, ``critic_optim.gradient_clip_val``; ``trainer.gradient_clip_val``
 is the default of both), and the sampling EMA (``callbacks.ema``) is of the generator.
 
@@ -32,11 +32,12 @@ import torch
 from torch import nn
 
 from distillkit.errors import DistillError
-from distillkit.methods.base import DistillMethod
+from distillkit.methods.base import SCHEDULER_NAMES, DistillMethod
 
 # critic_optim keys that override the generator's optimizer (optim.optimizer.<key>) or scheduler
+# (optim.scheduler.<value>: the critic's own schedule, e.g. constant while the generator's decays)
 CRITIC_OPTIMIZER_KEYS = ("lr", "weight_decay", "betas")
-CRITIC_SCHEDULER_KEYS = ("warmup_steps",)
+CRITIC_SCHEDULER_KEYS = {"warmup_steps": "warmup_steps", "scheduler_name": "name", "min_lr_ratio": "min_lr_ratio"}
 
 
 def role_optim_cfg(optim_cfg: dict, overrides: Optional[dict]) -> dict:
@@ -50,10 +51,12 @@ def role_optim_cfg(optim_cfg: dict, overrides: Optional[dict]) -> dict:
         if key in CRITIC_OPTIMIZER_KEYS:
             cfg["optimizer"][key] = value
         elif key in CRITIC_SCHEDULER_KEYS:
-            cfg.setdefault("scheduler", {})[key] = value
+            if key == "scheduler_name" and value not in SCHEDULER_NAMES:
+                raise DistillError(f"critic_optim.scheduler_name={value!r}: allowed values are {', '.join(SCHEDULER_NAMES)}")
+            cfg.setdefault("scheduler", {})[CRITIC_SCHEDULER_KEYS[key]] = value
         else:
             raise DistillError(f"critic_optim.{key}: not a setting of the critic's optimizer (allowed: "
-                               f"{', '.join(CRITIC_OPTIMIZER_KEYS + CRITIC_SCHEDULER_KEYS)}, gradient_clip_val)")
+                               f"{', '.join((*CRITIC_OPTIMIZER_KEYS, *CRITIC_SCHEDULER_KEYS))}, gradient_clip_val)")
     return cfg
 
 
