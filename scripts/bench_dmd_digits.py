@@ -78,7 +78,10 @@ PROGRESSIVE_1STEP_LONG = (3.274, 112000)
 # each method's training time per update, timed pinned to one core on an idle machine (scripts/bench_overhead.py):
 # the runs' own wall_s shared the two cores with other runs and cannot be compared
 OVERHEAD = ROOT / "benchmarks" / "overhead_cpu.json"
-PAIRS = {"digits_dmd": "digits_pairs.safetensors", "digits_cond_dmd": "digits_cond_pairs.safetensors"}
+# each DMD experiment's regression pairs: the teacher run they come from and the file under the runs dir
+# that its method.pairs names (bench_smoke and bench_overhead write them too)
+PAIRS = {"digits_dmd": ("digits_diffusion_teacher", "digits_pairs.safetensors"),
+         "digits_cond_dmd": ("digits_cond_teacher", "digits_cond_pairs.safetensors")}
 
 
 def last_nfe(run_dir: Path) -> Optional[int]:
@@ -96,7 +99,7 @@ def fid_curve(run_dir: Path, k: int) -> list[list[float]]:
 
 def write_pairs(runs_dir: Path, teacher_ckpt: Path, experiment: str = "digits_dmd", *extra: str) -> Path:
     """The experiment's regression pairs (its method.pairs), written once from the teacher's 64-step DDIM."""
-    out = runs_dir / PAIRS[experiment]
+    out = runs_dir / PAIRS[experiment][1]
     if not out.is_file():
         subprocess.run([sys.executable, "-m", "distillkit.pairs", f"checkpoint={teacher_ckpt}", "num_pairs=2000",
                         "steps=64", f"out={out}", *extra], cwd=ROOT, check=True)

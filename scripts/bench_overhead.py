@@ -54,6 +54,8 @@ from typing import Optional
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from bench_dmd_digits import PAIRS  # noqa: E402
+
 NAME = "overhead_cpu"
 TARGET = 1.10
 TEACHERS = {"digits_teacher": ["digits_kd", "digits_dkd", "digits_fitnet"],
@@ -276,8 +278,9 @@ def main(argv: list[str] | None = None) -> None:
                 run([sys.executable, "-m", "distillkit.cli", f"experiment={teacher}", f"runs_dir={runs}",
                      "callbacks.progress=none", "trainer.max_steps=20", "name=default"], env)
         if "digits_dmd" in chosen:  # DMD's regression pairs, where its config looks for them (a few suffice)
-            run([sys.executable, "-m", "distillkit.pairs", f"checkpoint={runs}/digits_diffusion_teacher/default/last.ckpt",
-                 "num_pairs=256", "steps=8", f"out={runs}/digits_pairs.safetensors"], env)
+            teacher, pairs = PAIRS["digits_dmd"]
+            run([sys.executable, "-m", "distillkit.pairs", f"checkpoint={runs}/{teacher}/default/last.ckpt",
+                 "num_pairs=256", "steps=8", f"out={runs}/{pairs}"], env)
         for exp in chosen:
             n1, n2 = LENGTHS.get(exp, DEFAULT_LENGTHS)
             ms: dict[str, list[float]] = {"distill": [], "plain": []}

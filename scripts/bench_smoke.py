@@ -30,16 +30,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from bench_dmd_digits import PAIRS  # noqa: E402  (the DMD experiments' pairs: written from their teacher's run first)
 from bench_kd_digits import machine  # noqa: E402
 
 NAME = "smoke_cpu"
 TARGET_S = 20.0
 TEACHERS = ("digits_teacher", "digits_diffusion_teacher", "digits_cond_teacher")
-
-
-# the DMD experiments' regression pairs (their method.pairs): written from this teacher's run first
-PAIRS = {"digits_dmd": ("digits_diffusion_teacher", "digits_pairs.safetensors"),
-         "digits_cond_dmd": ("digits_cond_teacher", "digits_cond_pairs.safetensors")}
 
 
 def experiments() -> list[str]:
