@@ -191,26 +191,19 @@ def load_for_sampling(args, prog: str, suffix: str, count_key: str):
 
 def set_sampling_times(method, text: str, steps: Optional[int]) -> int:
     """``timesteps=1023,639``: the times a consistency model (``method.sampling_timesteps``) or a few-step
-    generator (``method.timesteps``) samples at, checked as the method checks its own; returns the steps."""
-    from distillkit.methods.consistency import ConsistencyDistillation
-    from distillkit.methods.dmd import DMD
-
+    generator (``method.timesteps``) samples at, checked as the method checks its own
+    (``use_sampling_times``); returns the steps."""
     try:
         times = [float(t) for t in text.split(",")]
     except ValueError:
         raise DistillError(f"timesteps={text}: give numbers separated by commas, e.g. timesteps=1023,639") from None
     if steps is not None and steps != len(times):
         raise DistillError(f"steps={steps} with timesteps={text}: the times set the steps ({len(times)}); give one of them")
-    if not isinstance(method, (ConsistencyDistillation, DMD)):
+    if not hasattr(method, "use_sampling_times"):
         raise DistillError(f"timesteps={text}: for consistency models and few-step generators (method=consistency, "
                            f"lcm, dmd, dmd2); method={method.method_name} samples on its schedule's grid: use steps=")
     try:
-        if isinstance(method, ConsistencyDistillation):
-            method.sampling_timesteps_cfg = times
-            method._check_sampling_timesteps()
-        else:
-            DMD.check_config({"timesteps": times}, num_train_timesteps=method.schedule.num_train_timesteps)
-            method.timesteps = [int(t) for t in times]
+        method.use_sampling_times(times)
     except DistillError as e:
         raise DistillError(f"timesteps={text}: {e}") from None
     return len(times)

@@ -334,6 +334,13 @@ def test_dmd2_on_digits_samples_in_its_steps_through_evaluation_and_distill_samp
                    timeout=300)
     assert s.returncode == 0, s.stdout + s.stderr
     assert "2 steps" in s.stdout
+    # at other conditioning timesteps (distill-sample timesteps=), checked as method.timesteps is
+    one = run_module("distillkit.sample", f"checkpoint={run / 'last.ckpt'}", "num_samples=4", "timesteps=767",
+                     f"out={tmp_path / 'one.npz'}", timeout=300)
+    assert one.returncode == 0 and "1 steps" in one.stdout, one.stdout + one.stderr
+    bad = run_module("distillkit.sample", f"checkpoint={run / 'last.ckpt'}", "num_samples=4", "timesteps=511,1023",
+                     f"out={tmp_path / 'bad.npz'}", timeout=300)
+    assert bad.returncode == 2 and "timesteps=511,1023: method.timesteps=[511, 1023]: must descend strictly" in bad.stderr
 
 
 def test_class_conditional_dmd2_logs_class_accuracy(cli, tmp_path):

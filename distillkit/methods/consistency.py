@@ -98,9 +98,10 @@ class ConsistencyDistillation(DiffusionMethod):
             raise DistillError(f"method.huber_c={huber_c}: must be > 0, or null for iCT's 0.00054 sqrt(d)")
         self.timestep_scaling = float(timestep_scaling)
         self.teacher_guidance = float(teacher_guidance)
-        self.sampling_timesteps_cfg = None if sampling_timesteps is None else [plain(t) for t in sampling_timesteps]
-        self._check_sampling_timesteps()
-        self.num_steps = len(self.sampling_timesteps_cfg) if self.sampling_timesteps_cfg else 4
+        self.sampling_timesteps_cfg: Optional[list] = None
+        self.num_steps = 4
+        if sampling_timesteps is not None:
+            self.use_sampling_times([plain(t) for t in sampling_timesteps])
         if self.teacher is not None:
             lora = has_lora(self.student)
             self.start_from_teacher(init_from_teacher, lora)
@@ -231,12 +232,10 @@ class ConsistencyDistillation(DiffusionMethod):
         return loss
 
     # ------------------------------------------------------------------ sampling
-    def _check_sampling_timesteps(self) -> None:
-        """``method.sampling_timesteps``: descending times the sampler can start from, timesteps in
-        [0, T - 1] on a VP schedule, noise levels in [sigma_min, sigma_max] on EDM's."""
-        ts = self.sampling_timesteps_cfg
-        if ts is None:
-            return
+    def use_sampling_times(self, ts: list) -> None:
+        """Sample ``len(ts)`` steps at ``ts`` (``method.sampling_timesteps``; ``distill-sample
+        timesteps=``): descending times the sampler can start from, timesteps in [0, T - 1] on a VP
+        schedule, noise levels in [sigma_min, sigma_max] on EDM's."""
         if self.is_edm:
             lo, hi, what = self.schedule.sigma_min, self.schedule.sigma_max, "noise levels"
             inside = all(isinstance(t, (int, float)) and lo <= t <= hi for t in ts)
@@ -248,8 +247,8 @@ class ConsistencyDistillation(DiffusionMethod):
             raise DistillError(f"method.sampling_timesteps={shown}: give {what} that descend strictly within "
                                f"[{lo:g}, {hi:g}], one per sampling step (e.g. [{hi:g}, {hi / 2:.0f}] for two), "
                                "or null for LCMScheduler's choice from the discretisation")
-        if not self.is_edm:
-            self.sampling_timesteps_cfg = [int(t) for t in ts]
+        self.sampling_timesteps_cfg = list(ts) if self.is_edm else [int(t) for t in ts]
+        self.num_steps = len(ts)
 
     def sampling_times(self, num_steps: int) -> list:
         """The times of a ``num_steps``-step sample, descending: ``method.sampling_timesteps`` when it

@@ -213,6 +213,13 @@ class DMD(MultiRoleMethod, DiffusionMethod):
                                "a dataset with images (dataset=image_text_folder, or coco_captions with "
                                f"dataset.image_dir), or set {off}")
 
+    def use_sampling_times(self, ts: list) -> None:
+        """Sample ``len(ts)`` steps at ``ts`` (``distill-sample timesteps=``), checked as
+        ``method.timesteps`` is: the generator's steps at other conditioning timesteps."""
+        self.check_config({"timesteps": ts}, num_train_timesteps=self.schedule.num_train_timesteps)
+        self.timesteps = [int(t) for t in ts]
+        self.num_steps = len(self.timesteps)
+
     # ------------------------------------------------------------------ roles
     def role_parameters(self) -> dict[str, list[nn.Parameter]]:
         critic = [p for p in self.fake_score.parameters() if p.requires_grad]
