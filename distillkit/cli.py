@@ -428,8 +428,9 @@ def run(cfg: DictConfig) -> dict:
     method_cls.check_config(method_cfg)  # before the data and the networks, which may take minutes to load
     roles = multi_role_settings(cfg)
     dm = build(cfg.dataset, "dataset", seed=cfg.seed, _convert_="all")
-    if isinstance(getattr(type(dm), "has_images", None), property):  # text-image data: images, or prompts only
-        method_cls.check_config(method_cfg, dataset_gives_images=dm.has_images)
+    gives_images = getattr(dm, "has_images", None)  # text-image data: images, or prompts only (others: None)
+    if gives_images is not None:
+        method_cls.check_config(method_cfg, dataset_gives_images=gives_images)
     # Latent text-to-image data is encoded by the model's own VAE and text encoders (and cached):
     # those datasets are read once the model is built.
     encoded = callable(getattr(dm, "attach_encoder", None))
