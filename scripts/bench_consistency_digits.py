@@ -36,7 +36,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import readme_tables  # noqa: E402
-from bench_dmd_digits import LORA, _entry, fid_curve, last_nfe, report, save_bench  # noqa: E402
+from bench_dmd_digits import LORA, _entry, cond_teacher_64, fid_curve, last_nfe, report, save_bench  # noqa: E402
 from bench_kd_digits import Runner  # noqa: E402
 
 STEPS = (1, 2, 4)
@@ -114,8 +114,6 @@ TEACHER_64 = 2.234  # the unconditional teacher's 64-step digits-FID (benchmarks
 # progressive distillation's best at each step count within its 6,000-update budget (benchmarks/step_distill_digits.json:
 # progressive_annealed_1008 at 4 and 2 steps, progressive_annealed_last_heavy at 1): FID, updates
 PROGRESSIVE = {4: (2.961, 4032), 2: (3.778, 5040), 1: (4.870, 6000)}
-# the class-conditional teacher at each guidance, 64 DDIM steps (benchmarks/cond_teacher_digits.json): FID, class accuracy
-COND_TEACHER_64 = {2.0: (3.172, 0.9986), 1.0: (0.869, 0.9914)}
 
 
 def summarise(rows: list[dict]) -> list[dict]:
@@ -175,7 +173,7 @@ def verdict(summary: list[dict]) -> list[str]:
         s = longest.get((config, 4))
         if s:
             f, acc = s["fid_mean"], s.get("class_acc_mean") or 0.0
-            t_f, t_acc = COND_TEACHER_64[w]
+            t_f, t_acc = cond_teacher_64(w)
             lines.append(f"{what}, class-conditional, {grid}-step grid, 4 steps at guidance {w:g}: digits-FID "
                          f"{readme_tables.mean_std(f, s.get('fid_std'))} ({s['n']} seed{'s' * (s['n'] > 1)}) against 1.5x the teacher's "
                          f"64-step {1.5 * t_f:.3f} (" + ("meets" if f <= 1.5 * t_f else "misses") + f"), class accuracy "

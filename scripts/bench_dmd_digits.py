@@ -36,6 +36,8 @@ import time
 from pathlib import Path
 from typing import Optional
 
+from omegaconf import OmegaConf
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -68,9 +70,16 @@ CONFIGS: dict[str, tuple[str, list[str]]] = {
     "dmd2_1step_ttur10": ("digits_dmd2", ["method.critic_updates_per_generator_update=10"]),  # SD1.5's ratio
     # rank-8 adapters for the generator and the fake score over the teacher's frozen base, as LCM-LoRA on the same teacher
     "dmd2_1step_lora": ("digits_dmd2", LORA),
+    # the class-conditional recipe with the real score unguided, as DMD2's ImageNet students are trained
+    "cond_dmd2_1step_g1": ("digits_cond_dmd2", ["method.real_guidance=1.0"]),
+    "cond_dmd2_4step_backward_g1": ("digits_cond_dmd2", ["method.real_guidance=1.0", *FOUR, "method.generator_inputs=backward"]),
+    "cond_dmd2_1step_g1_gan_critic1": ("digits_cond_dmd2", ["method.real_guidance=1.0", "method.gan_generator_weight=3e-2",
+                                                             "method.gan_critic_weight=1"]),
 }
 TEACHER_64 = 2.234  # the unconditional teacher's 64-step digits-FID (benchmarks/step_distill_digits.json)
-COND_TEACHER_64 = (3.172, 0.9986)  # the class-conditional teacher's at guidance 2: FID, class accuracy (cond_teacher_digits.json)
+COND_TEACHER = ROOT / "benchmarks" / "cond_teacher_digits.json"
+# the class-conditional recipes' real-score guidance (digits_cond_dmd sets the same)
+COND_GUIDANCE = float(OmegaConf.load(ROOT / "conf" / "experiment" / "digits_cond_dmd2.yaml").method.real_guidance)
 # progressive distillation's best one-step FID at 6,000 updates (the issue's reference) and its best at any
 # budget (annealed, 112,000 updates), benchmarks/step_distill_digits.json
 PROGRESSIVE_1STEP = (4.870, 6000)
@@ -82,6 +91,19 @@ OVERHEAD = ROOT / "benchmarks" / "overhead_cpu.json"
 # that its method.pairs names (bench_smoke and bench_overhead write them too)
 PAIRS = {"digits_dmd": ("digits_diffusion_teacher", "digits_pairs.safetensors"),
          "digits_cond_dmd": ("digits_cond_teacher", "digits_cond_pairs.safetensors")}
+
+
+def cond_teacher_64(guidance: float) -> Optional[tuple[float, float]]:
+    """The class-conditional teacher's digits-FID and class accuracy at 64 DDIM steps and ``guidance``
+    (benchmarks/cond_teacher_digits.json); None where that guidance was not measured."""
+    rows = json.loads(COND_TEACHER.read_text())["rows"] if COND_TEACHER.is_file() else []
+    r = next((r for r in rows if r.get("steps") == 64 and r.get("guidance") == guidance), None)
+    return (round(r["fid"], 3), r["class_acc"]) if r else None
+
+
+def real_guidance(config: str) -> float:
+    """The real score's guidance of a class-conditional configuration: its override, else the recipe's."""
+    return next((float(o.split("=")[1]) for o in CONFIGS[config][1] if o.startswith("method.real_guidance=")), COND_GUIDANCE)
 
 
 def last_nfe(run_dir: Path) -> Optional[int]:
@@ -192,10 +214,13 @@ def verdict(summary: list[dict], ms_per_update: Optional[dict] = None) -> list[s
     for config, entry in by.items():  # the class-conditional rows: no target, the teacher beside them
         if config.startswith("cond_") and entry.get("class_acc_mean") is not None:
             f, acc = entry["fid_mean"], entry["class_acc_mean"]
+            w = real_guidance(config)
+            teacher = cond_teacher_64(w)
             lines.append(f"{config} ({entry['steps']} step{'s' * (entry['steps'] > 1)}, {entry['updates']} updates, "
-                         f"{entry['n']} seed{'s' * (entry['n'] > 1)}): {readme_tables.mean_std(f, entry.get('fid_std'))}, "
-                         f"class accuracy {100 * acc:.1f}%; the class-conditional teacher's 64 steps at guidance 2: "
-                         f"{COND_TEACHER_64[0]}, {100 * COND_TEACHER_64[1]:.1f}%")
+                         f"{entry['n']} seed{'s' * (entry['n'] > 1)}, real score at guidance {w:g}): "
+                         f"{readme_tables.mean_std(f, entry.get('fid_std'))}, class accuracy {100 * acc:.1f}%; "
+                         f"the class-conditional teacher's 64 steps at guidance {w:g}: "
+                         + (f"{teacher[0]}, {100 * teacher[1]:.1f}%" if teacher else "not measured"))
     return lines
 
 

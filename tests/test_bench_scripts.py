@@ -284,6 +284,25 @@ def test_dmd_benchmark_summarises_per_configuration_and_updates_and_renders_its_
     assert "| DMD2 | 1 | 600 | 2 | 5.000 ± 1.414 |" in table
 
 
+def test_dmd_benchmark_puts_each_class_conditional_row_beside_the_teacher_at_its_guidance(tmp_path, monkeypatch):
+    import bench_dmd_digits as b
+
+    teacher = [{"method": "teacher", "steps": 64, "guidance": 1.0, "fid": 0.8688, "class_acc": 0.9914},
+               {"method": "teacher", "steps": 64, "guidance": 2.0, "fid": 3.1717, "class_acc": 0.9986},
+               {"method": "teacher", "steps": 4, "guidance": 1.0, "fid": 2.758, "class_acc": 1.0}]
+    monkeypatch.setattr(b, "COND_TEACHER", tmp_path / "cond_teacher_digits.json")
+    b.COND_TEACHER.write_text(json.dumps({"rows": teacher}))
+    rows = [{"config": c, "seed": 0, "steps": 1, "updates": 400, "fid": f, "is": 9.0, "class_acc": 0.99,
+             "wall_s": 1.0, "nfe": 1} for c, f in [("cond_dmd2_1step", 6.5), ("cond_dmd2_1step_g1", 2.7)]]
+    lines = b.verdict(b.summarise(rows), {})
+    guided = next(x for x in lines if x.startswith("cond_dmd2_1step ("))
+    unguided = next(x for x in lines if x.startswith("cond_dmd2_1step_g1 ("))
+    assert b.COND_GUIDANCE == 2.0 and "real score at guidance 2)" in guided and guided.endswith("guidance 2: 3.172, 99.9%")
+    assert "real score at guidance 1)" in unguided and unguided.endswith("guidance 1: 0.869, 99.1%")
+    b.COND_TEACHER.write_text(json.dumps({"rows": teacher[1:]}))  # no 64-step row at guidance 1
+    assert b.verdict(b.summarise(rows), {})[-1].endswith("guidance 1: not measured")
+
+
 def test_a_cached_run_of_another_configuration_is_told_apart():
     from bench_kd_digits import config_drift
 
