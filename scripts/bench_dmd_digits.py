@@ -2,6 +2,7 @@
 
     python scripts/bench_dmd_digits.py                       # 3 seeds, benchmarks/dmd_digits.json + README table
     python scripts/bench_dmd_digits.py --seeds 0 --only dmd2_1step --updates 400   # a subset (no README update)
+    python scripts/bench_dmd_digits.py --demo --runs-dir runs/demo   # make demo: DMD2 one step, seed 0, 600 updates
 
 Trains (or reuses) the digits teachers in --runs-dir (``experiment=digits_diffusion_teacher`` and
 ``experiment=digits_cond_teacher``), writes DMD's regression pairs once with ``distill-pairs`` (2,000
@@ -77,6 +78,7 @@ CONFIGS: dict[str, tuple[str, list[str]]] = {
                                                              "method.gan_critic_weight=1"]),
 }
 TEACHER_64 = 2.234  # the unconditional teacher's 64-step digits-FID (benchmarks/step_distill_digits.json)
+DEMO_UPDATES = 600  # make demo's DMD2: about 3 minutes on one core, one-step digits-FID near 6 (dmd_digits.json's curves)
 COND_TEACHER = ROOT / "benchmarks" / "cond_teacher_digits.json"
 # the class-conditional recipes' real-score guidance (digits_cond_dmd sets the same)
 COND_GUIDANCE = float(OmegaConf.load(ROOT / "conf" / "experiment" / "digits_cond_dmd2.yaml").method.real_guidance)
@@ -224,6 +226,21 @@ def verdict(summary: list[dict], ms_per_update: Optional[dict] = None) -> list[s
     return lines
 
 
+def demo_verdict(summary: list[dict], teacher_json: Path = ROOT / "benchmarks" / "teacher_digits_quick.json") -> list[str]:
+    """make demo's line: the DMD2 one-step generator's FID at each evaluation, beside its teacher's
+    DDIM at 1 and 64 steps (``teacher_json``: the demo's own teacher scoring, when it has run)."""
+    entry = next((e for e in summary if e["config"] == "dmd2_1step"), None)
+    if entry is None:
+        return []
+    curve = ", ".join(f"{f:.3f} at {u}" for u, f, _ in entry.get("fid_by_updates", []))
+    rows = json.loads(teacher_json.read_text())["rows"] if teacher_json.is_file() else []
+    teacher = {r["steps"]: r["fid"] for r in rows if r.get("method") == "teacher"}
+    line = f"DMD2 one-step generator, digits-FID after {entry['updates']} generator updates: {entry['fid_mean']:.3f} ({curve})"
+    if 1 in teacher and 64 in teacher:
+        line += f"; its teacher's DDIM: {teacher[1]:.3f} at 1 step, {teacher[64]:.3f} at 64"
+    return [line]
+
+
 def main(argv: Optional[list[str]] = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--runs-dir", default="runs/bench_dmd", help="where the runs go (default %(default)s)")
@@ -231,8 +248,13 @@ def main(argv: Optional[list[str]] = None) -> dict:
     ap.add_argument("--updates", type=int, default=None, help="generator updates per run (default: the experiments' 1000)")
     ap.add_argument("--only", nargs="+", choices=list(CONFIGS), default=None, help="a subset of the configurations")
     ap.add_argument("--out", default=None, help="JSON to write (default benchmarks/dmd_digits.json)")
+    ap.add_argument("--demo", action="store_true", help=f"make demo: DMD2 one step, seed 0, {DEMO_UPDATES} updates, "
+                    "benchmarks/dmd_digits_demo.json, no docs update")
     args = ap.parse_args(argv)
-    out = (ROOT / (args.out or "benchmarks/dmd_digits.json")).resolve()
+    if args.demo:
+        args.only, args.seeds, args.updates = ["dmd2_1step"], [0], args.updates or DEMO_UPDATES
+    name = "dmd_digits_demo" if args.demo else "dmd_digits"
+    out = (ROOT / (args.out or f"benchmarks/{name}.json")).resolve()
     command = shlex.join(["python", "scripts/bench_dmd_digits.py", *(sys.argv[1:] if argv is None else argv)])
     runs_dir = (ROOT / args.runs_dir).resolve()
     run = Runner(runs_dir)
@@ -263,8 +285,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
             rows = [x for x in rows if (x["config"], x["seed"], x["updates"]) != (config, seed, r["updates"])] + [r]
             print(f"  {config:20s} seed {seed}  FID {r['fid']:7.3f}  IS {r['is']:.2f}  updates {r['updates']}  "
                   f"wall {r['wall_s']:.0f}s" + ("  (cached)" if res.get("cached") else ""), flush=True)
-            bench = save_bench(out, "dmd_digits", command, rows, summarise, verdict)
-    return report(out, bench, t0)
+            bench = save_bench(out, name, command, rows, summarise, demo_verdict if args.demo else verdict)
+    return report(out, bench, t0, docs=not args.demo)
 
 
 def save_bench(out: Path, name: str, command: str, rows: list[dict], summarise, verdict) -> dict:
@@ -280,13 +302,15 @@ def save_bench(out: Path, name: str, command: str, rows: list[dict], summarise, 
     return bench
 
 
-def report(out: Path, bench: dict, t0: float) -> dict:
+def report(out: Path, bench: dict, t0: float, docs: bool = True) -> dict:
     """Print the table and the verdict, and rewrite the table in the docs page that holds its markers
-    when ``out`` is the benchmark's own file (benchmarks/NAME.json): a subset or probe written elsewhere
-    (--out) leaves the page's table alone."""
+    when ``docs`` and ``out`` is the benchmark's own file (benchmarks/NAME.json): a subset or probe
+    written elsewhere (--out) leaves the page's table alone."""
     print(f"\nwrote {out} ({time.time() - t0:.0f} s)\n")
     print(readme_tables.render(bench["name"], bench))
     print("\n".join(bench["verdict"]))
+    if not docs:
+        return bench
     if out.resolve() != (ROOT / "benchmarks" / f"{bench['name']}.json").resolve():
         print(f"the docs' table of {bench['name']} left as it is: {out} is not benchmarks/{bench['name']}.json")
     elif readme_tables.update_readme(bench["name"], path=out):

@@ -10,6 +10,10 @@
    scored at 4 and 2 steps next to the teacher's plain DDIM
    (benchmarks/step_distill_digits_demo.json; the full benchmark is
    scripts/bench_step_distill_digits.py).
+4. DMD2: the same teacher distilled into a one-step generator with a trained critic and a GAN
+   head, 600 generator updates (about 3 minutes), its digits-FID every 200 updates next to the
+   teacher's DDIM at 1 and 64 steps (benchmarks/dmd_digits_demo.json; the full benchmark is
+   scripts/bench_dmd_digits.py).
 
 Runs already in runs/demo are reused, so a second `make demo` takes seconds.
 """
@@ -21,6 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import bench_dmd_digits  # noqa: E402
 import bench_kd_digits  # noqa: E402
 import bench_step_distill_digits  # noqa: E402
 import bench_teacher_digits  # noqa: E402
@@ -33,6 +38,8 @@ def main() -> None:
     bench_teacher_digits.main(["--quick", "--runs-dir", "runs/demo"])
     print()
     bench_step_distill_digits.main(["--demo", "--runs-dir", "runs/demo"])
+    print()
+    bench_dmd_digits.main(["--demo", "--runs-dir", "runs/demo"])
     print(f"\ndemo finished in {time.time() - t0:.0f} s (runs in runs/demo; `make bench` for 3 seeds, full schedule)")
 
 

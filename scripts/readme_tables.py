@@ -205,6 +205,9 @@ def dmd_digits_table(bench: dict) -> str:
                           "generator updates")
 
 
+FORMATTERS["dmd_digits_demo"] = dmd_digits_table
+
+
 @formatter("consistency_digits")
 def consistency_digits_table(bench: dict) -> str:
     return few_step_table(bench, {"cm": "consistency distillation (EMA target 0.95)",

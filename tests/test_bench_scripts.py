@@ -303,6 +303,20 @@ def test_dmd_benchmark_puts_each_class_conditional_row_beside_the_teacher_at_its
     assert b.verdict(b.summarise(rows), {})[-1].endswith("guidance 1: not measured")
 
 
+def test_the_demos_dmd2_line_shows_its_curve_beside_the_teachers_ddim(tmp_path):
+    import bench_dmd_digits as b
+
+    rows = [{"config": "dmd2_1step", "seed": 0, "steps": 1, "updates": 600, "fid": 6.1, "is": 8.0, "class_acc": None,
+             "wall_s": 1.0, "nfe": 1, "fid_by_updates": [[200, 43.5], [400, 10.6], [600, 6.1]]}]
+    teacher = tmp_path / "teacher_digits_quick.json"
+    line, = b.demo_verdict(b.summarise(rows), teacher)  # the teacher not scored yet: the curve alone
+    assert line == "DMD2 one-step generator, digits-FID after 600 generator updates: 6.100 (43.500 at 200, 10.600 at 400, 6.100 at 600)"
+    teacher.write_text(json.dumps({"rows": [{"method": "floor", "fid": 1.19}, {"method": "teacher", "steps": 1, "fid": 150.2},
+                                            {"method": "teacher", "steps": 64, "fid": 2.234}]}))
+    assert b.demo_verdict(b.summarise(rows), teacher)[0].endswith("; its teacher's DDIM: 150.200 at 1 step, 2.234 at 64")
+    assert b.demo_verdict([], teacher) == []
+
+
 def test_a_cached_run_of_another_configuration_is_told_apart():
     from bench_kd_digits import config_drift
 
