@@ -134,9 +134,12 @@ class Runner:
         with self._init(config_dir=self._conf_dir, version_base="1.3", job_name="distill"):
             cfg = self._compose("config", overrides=overrides, return_hydra_config=True)
             explicit = [o.split("=", 1)[1].strip("'\"") for o in overrides if o.startswith("name=")]
-            # the CLI's own naming (the name resolver of conf/config.yaml), from the config just composed
+            # the CLI's own naming (the name resolver of conf/config.yaml), from the config just composed;
+            # the resolver is handed hydra.overrides.task with its interpolations resolved
+            # ('method.pairs=${runs_dir}/p.safetensors' is named by the path it resolves to)
+            task = [str(o) for o in OmegaConf.to_container(cfg.hydra.overrides.task, resolve=True)]
             name = explicit[0] if explicit else run_name_for(
-                overrides, list(cfg.hydra.job.config.override_dirname.exclude_keys), cfg)
+                task, list(cfg.hydra.job.config.override_dirname.exclude_keys), cfg)
             sections = {}
             for k in COMPARED:
                 try:

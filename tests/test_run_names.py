@@ -75,6 +75,21 @@ def test_a_path_override_names_the_run_by_its_file_and_a_hash(cli, runs_dir, tmp
     assert _dirs(runs_dir / "digits_kd") == {f"teacher.checkpoint=last-{digest}", "default"}
 
 
+def test_an_interpolated_path_names_the_run_by_the_path_it_resolves_to_as_the_benchmarks_predict(cli, runs_dir):
+    """'teacher.checkpoint=${runs_dir}/...' is named by the resolved path's file and hash, and the
+    benchmark scripts' Runner predicts that dir (it once hashed the unresolved text and missed it)."""
+    teacher = _teacher(runs_dir / "teachers" / "last.ckpt")
+    overrides = ["experiment=digits_kd", "teacher.checkpoint=${runs_dir}/teachers/last.ckpt", f"runs_dir={runs_dir}", *FAST]
+    _ok(cli(*overrides))
+    digest = hashlib.sha1(str(teacher).encode()).hexdigest()[:6]
+    assert _dirs(runs_dir / "digits_kd") == {f"teacher.checkpoint=last-{digest}"}
+
+    sys.path.insert(0, str(REPO / "scripts"))
+    import bench_kd_digits
+
+    assert bench_kd_digits.Runner(runs_dir)._plan(overrides)[0] == runs_dir / "digits_kd" / f"teacher.checkpoint=last-{digest}"
+
+
 def test_names_leave_out_group_options_the_config_already_has():
     """method=kd and model=cnn_digits are what experiment=digits_kd chooses; debug=smoke is not."""
     from distillkit.compose import register_resolvers, run_name_for
