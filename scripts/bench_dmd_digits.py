@@ -73,6 +73,9 @@ CONFIGS: dict[str, tuple[str, list[str]]] = {
     "dmd2_1step_lora": ("digits_dmd2", LORA),
     # the class-conditional recipe with the real score unguided, as DMD2's ImageNet students are trained
     "cond_dmd2_1step_g1": ("digits_cond_dmd2", ["method.real_guidance=1.0"]),
+    # DMD's regression then needs the unguided teacher's pairs: a file of their own
+    "cond_dmd_1step_g1": ("digits_cond_dmd", ["method.real_guidance=1.0",
+                                              "method.pairs=${runs_dir}/digits_cond_pairs_g1.safetensors"]),
     "cond_dmd2_4step_backward_g1": ("digits_cond_dmd2", ["method.real_guidance=1.0", *FOUR, "method.generator_inputs=backward"]),
     "cond_dmd2_1step_g1_gan_critic1": ("digits_cond_dmd2", ["method.real_guidance=1.0", "method.gan_generator_weight=3e-2",
                                                              "method.gan_critic_weight=1"]),
@@ -121,9 +124,17 @@ def fid_curve(run_dir: Path, k: int) -> list[list[float]]:
         return [[int(float(r["step"])), round(float(r[f"fid/{k}step"]), 3)] for r in csv.DictReader(f) if r.get(f"fid/{k}step")]
 
 
-def write_pairs(runs_dir: Path, teacher_ckpt: Path, experiment: str = "digits_dmd", *extra: str) -> Path:
-    """The experiment's regression pairs (its method.pairs), written once from the teacher's 64-step DDIM."""
-    out = runs_dir / PAIRS[experiment][1]
+def pairs_file(config: str) -> str:
+    """The regression pairs' file (under the runs dir) of a DMD configuration: its method.pairs override's, else its experiment's."""
+    given = next((o.split("/")[-1] for o in CONFIGS[config][1] if o.startswith("method.pairs=")), None)
+    return given or PAIRS[CONFIGS[config][0]][1]
+
+
+def write_pairs(runs_dir: Path, teacher_ckpt: Path, experiment: str = "digits_dmd", *extra: str,
+                name: Optional[str] = None) -> Path:
+    """The experiment's regression pairs (its method.pairs, or runs_dir/``name``), written once from the
+    teacher's 64-step DDIM."""
+    out = runs_dir / (name or PAIRS[experiment][1])
     if not out.is_file():
         subprocess.run([sys.executable, "-m", "distillkit.pairs", f"checkpoint={teacher_ckpt}", "num_pairs=2000",
                         "steps=64", f"out={out}", *extra], cwd=ROOT, check=True)
@@ -175,14 +186,15 @@ def at_equal_training_time(entry: dict, ms_per_update: dict, progressive: tuple 
             f"against progressive's best one-step {pf}: " + ("below" if f < pf else "not below"))
 
 
-def dmd_against(summary: list[dict], dmd2: dict, what: str) -> list[str]:
-    """DMD's one-step FID as a multiple of ``dmd2``'s (a summary entry) at the same number of
-    updates, against the target of 1.5x; no line when DMD has no runs of that length."""
-    dmd = next((e for e in summary if e["config"] == "dmd_1step" and e["updates"] == dmd2["updates"]), None)
+def dmd_against(summary: list[dict], dmd2: dict, what: str, dmd_config: str = "dmd_1step") -> list[str]:
+    """DMD's one-step FID (``dmd_config``) as a multiple of ``dmd2``'s (a summary entry) at the same
+    number of updates, against the target of 1.5x; no line when DMD has no runs of that length."""
+    dmd = next((e for e in summary if e["config"] == dmd_config and e["updates"] == dmd2["updates"]), None)
     if dmd is None:
         return []
     ratio = dmd["fid_mean"] / dmd2["fid_mean"]
-    return [f"DMD (no GAN) one step at {dmd2['updates']} updates: {dmd['fid_mean']:.3f} = {ratio:.2f}x {what} "
+    where = "" if dmd_config == "dmd_1step" else f" ({dmd_config})"
+    return [f"DMD (no GAN) one step{where} at {dmd2['updates']} updates: {dmd['fid_mean']:.3f} = {ratio:.2f}x {what} "
             "(target <= 1.5x): " + ("meets" if ratio <= 1.5 else "misses")]
 
 
@@ -213,6 +225,9 @@ def verdict(summary: list[dict], ms_per_update: Optional[dict] = None) -> list[s
                              "DMD2's")
     if strong:
         lines += dmd_against(summary, strong, "DMD2's with GAN weights 3e-2 / 1")
+    cond = by.get("cond_dmd2_1step_g1")
+    if cond:  # the class-conditional teacher unguided, each at DMD2's longest runs
+        lines += dmd_against(summary, cond, "DMD2's (cond_dmd2_1step_g1)", "cond_dmd_1step_g1")
     for config, entry in by.items():  # the class-conditional rows: no target, the teacher beside them
         if config.startswith("cond_") and entry.get("class_acc_mean") is not None:
             f, acc = entry["fid_mean"], entry["class_acc_mean"]
@@ -264,8 +279,9 @@ def main(argv: Optional[list[str]] = None) -> dict:
     configs = args.only or list(CONFIGS)
     if any(CONFIGS[c][0] in ("digits_cond_dmd2", "digits_cond_dmd") for c in configs):
         cond_teacher = run(["experiment=digits_cond_teacher"])
-        if any(CONFIGS[c][0] == "digits_cond_dmd" for c in configs):  # the guided teacher's, as DMD's real score
-            write_pairs(runs_dir, Path(cond_teacher["run_dir"]) / "last.ckpt", "digits_cond_dmd", "guidance=2")
+        for c in [c for c in configs if CONFIGS[c][0] == "digits_cond_dmd"]:  # guided as DMD's real score is
+            write_pairs(runs_dir, Path(cond_teacher["run_dir"]) / "last.ckpt", "digits_cond_dmd",
+                        f"guidance={real_guidance(c):g}", name=pairs_file(c))
     if any(CONFIGS[c][0] == "digits_dmd" for c in configs):
         write_pairs(runs_dir, Path(teacher["run_dir"]) / "last.ckpt")
     old = json.loads(out.read_text()) if out.is_file() else {}

@@ -293,12 +293,18 @@ def test_dmd_benchmark_puts_each_class_conditional_row_beside_the_teacher_at_its
     monkeypatch.setattr(b, "COND_TEACHER", tmp_path / "cond_teacher_digits.json")
     b.COND_TEACHER.write_text(json.dumps({"rows": teacher}))
     rows = [{"config": c, "seed": 0, "steps": 1, "updates": 400, "fid": f, "is": 9.0, "class_acc": 0.99,
-             "wall_s": 1.0, "nfe": 1} for c, f in [("cond_dmd2_1step", 6.5), ("cond_dmd2_1step_g1", 2.7)]]
+             "wall_s": 1.0, "nfe": 1} for c, f in [("cond_dmd2_1step", 6.5), ("cond_dmd2_1step_g1", 2.0),
+                                                   ("cond_dmd_1step_g1", 3.2)]]
     lines = b.verdict(b.summarise(rows), {})
+    assert "DMD (no GAN) one step (cond_dmd_1step_g1) at 400 updates: 3.200 = 1.60x DMD2's (cond_dmd2_1step_g1) " \
+           "(target <= 1.5x): misses" in lines
     guided = next(x for x in lines if x.startswith("cond_dmd2_1step ("))
     unguided = next(x for x in lines if x.startswith("cond_dmd2_1step_g1 ("))
     assert b.COND_GUIDANCE == 2.0 and "real score at guidance 2)" in guided and guided.endswith("guidance 2: 3.172, 99.9%")
     assert "real score at guidance 1)" in unguided and unguided.endswith("guidance 1: 0.869, 99.1%")
+    # DMD's unguided configuration regresses onto the unguided teacher's pairs, in a file apart from the guided ones
+    assert (b.real_guidance("cond_dmd_1step_g1"), b.pairs_file("cond_dmd_1step_g1")) == (1.0, "digits_cond_pairs_g1.safetensors")
+    assert (b.real_guidance("cond_dmd_1step"), b.pairs_file("cond_dmd_1step")) == (2.0, "digits_cond_pairs.safetensors")
     b.COND_TEACHER.write_text(json.dumps({"rows": teacher[1:]}))  # no 64-step row at guidance 1
     assert b.verdict(b.summarise(rows), {})[-1].endswith("guidance 1: not measured")
 
