@@ -77,6 +77,7 @@ CONFIGS: dict[str, tuple[str, list[str]]] = {
     "cond_dmd_1step_g1": ("digits_cond_dmd", ["method.real_guidance=1.0",
                                               "method.pairs=${runs_dir}/digits_cond_pairs_g1.safetensors"]),
     "cond_dmd2_4step_backward_g1": ("digits_cond_dmd2", ["method.real_guidance=1.0", *FOUR, "method.generator_inputs=backward"]),
+    "cond_dmd2_4step_real_g1": ("digits_cond_dmd2", ["method.real_guidance=1.0", *FOUR, "method.generator_inputs=real"]),
     "cond_dmd2_1step_g1_gan_critic1": ("digits_cond_dmd2", ["method.real_guidance=1.0", "method.gan_generator_weight=3e-2",
                                                              "method.gan_critic_weight=1"]),
 }

@@ -192,6 +192,7 @@ def dmd_digits_table(bench: dict) -> str:
                                   "cond_dmd2_1step_g1": "DMD2, class-conditional, real score unguided",
                                   "cond_dmd_1step_g1": "DMD, class-conditional, real score and pairs unguided",
                                   "cond_dmd2_4step_backward_g1": "DMD2, class-conditional, unguided, backward simulation",
+                                  "cond_dmd2_4step_real_g1": "DMD2, class-conditional, unguided, noised real inputs",
                                   "cond_dmd2_1step_g1_gan_critic1": "DMD2, class-conditional, unguided, GAN weights 3e-2 / 1",
                                   "cond_dmd2_4step_backward": "DMD2, class-conditional, backward simulation",
                                   "cond_dmd2_4step_real": "DMD2, class-conditional, noised real inputs",
