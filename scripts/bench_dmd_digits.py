@@ -107,9 +107,15 @@ def cond_teacher_64(guidance: float) -> Optional[tuple[float, float]]:
     return (round(r["fid"], 3), r["class_acc"]) if r else None
 
 
+def override(config: str, key: str) -> Optional[str]:
+    """The value a configuration's overrides give ``key`` (``eval.steps=[4]``: ``[4]``); None when they leave it."""
+    return next((o.split("=", 1)[1] for o in CONFIGS[config][1] if o.startswith(f"{key}=")), None)
+
+
 def real_guidance(config: str) -> float:
     """The real score's guidance of a class-conditional configuration: its override, else the recipe's."""
-    return next((float(o.split("=")[1]) for o in CONFIGS[config][1] if o.startswith("method.real_guidance=")), COND_GUIDANCE)
+    given = override(config, "method.real_guidance")
+    return COND_GUIDANCE if given is None else float(given)
 
 
 def last_nfe(run_dir: Path) -> Optional[int]:
@@ -127,8 +133,8 @@ def fid_curve(run_dir: Path, k: int) -> list[list[float]]:
 
 def pairs_file(config: str) -> str:
     """The regression pairs' file (under the runs dir) of a DMD configuration: its method.pairs override's, else its experiment's."""
-    given = next((o.split("/")[-1] for o in CONFIGS[config][1] if o.startswith("method.pairs=")), None)
-    return given or PAIRS[CONFIGS[config][0]][1]
+    given = override(config, "method.pairs")
+    return given.split("/")[-1] if given else PAIRS[CONFIGS[config][0]][1]
 
 
 def write_pairs(runs_dir: Path, teacher_ckpt: Path, experiment: str = "digits_dmd", *extra: str,
@@ -294,7 +300,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
             if args.updates:
                 overrides.append(f"trainer.max_steps={args.updates}")
             res = run(overrides)
-            k = int(next((o.split("[")[1].rstrip("]") for o in extra if o.startswith("eval.steps=")), 1))
+            k = int((override(config, "eval.steps") or "[1]").strip("[]"))
             r = {"config": config, "seed": seed, "steps": k, "updates": res["global_step"],
                  "fid": res.get(f"fid/{k}step"), "is": res.get(f"is/{k}step"), "class_acc": res.get(f"class_acc/{k}step"),
                  "wall_s": res["wall_s"], "nfe": last_nfe(Path(res["run_dir"])),
