@@ -112,7 +112,8 @@ class GANHead(nn.Module):
             self.net = nn.Sequential(nn.Linear(channels, channels), nn.SiLU(), nn.Linear(channels, 1))
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return self.net(features.float()).squeeze(-1)
+        # a new tensor, not squeeze's view: FSDP2 warns of a unit (the head is one) that returns a view
+        return self.net(features.float()).squeeze(-1).clone()
 
 
 # --------------------------------------------------------------------------- the method
