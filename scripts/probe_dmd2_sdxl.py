@@ -13,7 +13,7 @@ when ``teacher.pretrained`` is ``model.pretrained``: the probe marks both as one
 random latents of 4 x 128 x 128 (1024 px; no VAE) and random text conditions of SDXL's shapes; the
 unconditional branch of the guided teacher is SDXL's (zero embeddings, ``force_zeros_for_empty_prompt``).
 
-Configurations (``--configs``, default all):
+Configurations (``--configs``; default: the three on one GPU):
 
     lora         model.lora_rank=64 generator (frozen base in bf16); the fake score is its copy with
                  its own adapter over the SAME frozen base tensors (dmd.copy_sharing_frozen), and so
@@ -21,6 +21,14 @@ Configurations (``--configs``, default all):
     full         the whole generator and the whole fake score train (fp32 master weights, AdamW);
                  the teacher is a separate bf16 copy; gradient checkpointing on
     lora_nockpt  lora without gradient checkpointing
+    fsdp         full, sharded over ``--devices`` GPUs by ``trainer.strategy=fsdp`` (distillkit.parallel:
+                 FSDP2, each diffusers block and each network a unit); the teacher stays whole on
+                 each GPU. Not in the default list, and run on its own (``--configs fsdp``): Lightning
+                 starts one process per device by running this script again. Every process builds
+                 the whole networks on its own GPU (25.7 GB in fp32 and bf16) before they are sharded,
+                 so the peak counts from the first batch; the memory columns are the largest over
+                 the GPUs, the time is rank 0's (the collectives keep the ranks in step), and the
+                 FLOPs and MFU are one GPU's (each trains on its own batch of ``--batch-size``)
 
 One generator update is one cycle of ``critic_updates_per_generator_update`` (K = 5) batches: the
 first makes the generator's update and a critic update, the other K - 1 a critic update each (the
@@ -53,7 +61,9 @@ this script did until 2026-12-04) the H200 showed LoRA DMD2 at batch 2 peaking a
 cycle and 96.5 GB in every later generator batch, against 10.5 GB in a run that never counted
 (docs/memory.md). ``--no-flops`` skips the count. ``--memory-trace`` records the last timed cycle's
 allocations and writes what is live at its peak, summed by the code that allocated it
-(``memory_trace``). A configuration that runs out of memory gives a row with ``"oom": true``. On
+(``memory_trace``). Under fsdp ``weights_gb`` is a process's whole networks before sharding,
+``weights_gb_sharded`` what it holds when training starts (its shards and the whole teacher), and
+every peak the largest over the processes. A configuration that runs out of memory gives a row with ``"oom": true``. On
 an H200 the three configurations at batch 2 with ``--warmup 2 --updates 3`` took 460 s in all
 (the FLOP-counted cycles included).
 
@@ -70,7 +80,9 @@ lightning and distillkit.
 from __future__ import annotations
 
 import argparse
+import datetime
 import gc
+import os
 import statistics
 import sys
 import time
@@ -94,7 +106,8 @@ ROOT = bench.ROOT
 DEFAULT_OUT = ROOT / "benchmarks" / "gpu_dmd2_sdxl.json"
 RECIPE = ROOT / "conf" / "paper" / "dmd2_sdxl.yaml"  # what experiment=dmd2_sdxl and method=dmd2 model=sdxl train with
 # configuration -> scripts/bench_gpu_sdxl_diffusion.py's variant of the generator
-CONFIGS = {"lora": "lora_gc", "full": "full_gc", "lora_nockpt": "lora"}
+CONFIGS = {"lora": "lora_gc", "full": "full_gc", "lora_nockpt": "lora", "fsdp": "full_gc"}
+ONE_DEVICE = [c for c in CONFIGS if c != "fsdp"]  # the default list: each on one GPU
 # Dense (no sparsity) bf16 tensor-core peaks, TFLOP/s, from NVIDIA's data sheets (which print twice
 # these "with sparsity"): H100 SXM and H200 SXM 989.4 (1,979 sparse); H100 NVL 835; H100 PCIe 756;
 # A100 312. The first name contained in torch.cuda.get_device_name wins.
@@ -267,6 +280,23 @@ class Probe(L.Callback):
         self.recompute: int | None = None
         self.peaks: dict[str, int] = {}  # bytes: the peak of generator(-and-critic) batches, critic-only ones
         self.kind = "generator_batch"
+        self.train_start_bytes: int | None = None  # allocated when training starts (under FSDP: sharded)
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        if torch.cuda.is_available() and pl_module.device.type == "cuda":
+            self.train_start_bytes = torch.cuda.memory_allocated()
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        """Several devices: each memory figure becomes the largest over them (every rank calls this)."""
+        if trainer.world_size < 2:
+            return
+        keys = ("generator_batch", "critic_batch", "flop_counted_cycle", "train_start")
+        mine = {**self.peaks, "train_start": self.train_start_bytes or 0}
+        most = trainer.strategy.reduce(torch.tensor([float(mine.get(k, 0)) for k in keys], dtype=torch.float64,
+                                                    device=pl_module.device), reduce_op="max")
+        got = {k: int(v) for k, v in zip(keys, most.tolist()) if v > 0}
+        self.train_start_bytes = got.pop("train_start", None)
+        self.peaks = got
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         self.kind = "critic_batch" if pl_module.updates_of("critic") % self.k else "generator_batch"
@@ -308,6 +338,12 @@ class Probe(L.Callback):
         self.counter = None
 
 
+def local_rank() -> int:
+    """This process's number on the node: 0 for the one started by hand, 1.. for those Lightning's
+    launcher starts for ``--configs fsdp`` (it sets LOCAL_RANK)."""
+    return int(os.environ.get("LOCAL_RANK", 0))
+
+
 def random_loader(unet_cfg: dict, batch_size: int, batches: int):
     """``batches`` copies of one random batch {"x": latents, "cond": SDXL's text condition} on the host."""
     from torch.utils.data import DataLoader
@@ -330,6 +366,10 @@ def unet_forward_flops(method, unet_cfg: dict, batch_size: int, device: torch.de
 def run_config(config: str, unet_cfg: dict, args: argparse.Namespace, rec: dict, device: torch.device,
                peak: float | None) -> dict:
     cuda = device.type == "cuda"
+    sharded = config == "fsdp"
+    if sharded and cuda:  # this process's GPU (Lightning's launcher numbers the processes it starts)
+        device = torch.device("cuda", local_rank())
+        torch.cuda.set_device(device)
     method = build(config, unet_cfg, device, args.lora_rank, rec)
     roles = method.role_parameters()
     frozen = {id(p) for p in method.student.parameters() if not p.requires_grad}
@@ -344,6 +384,8 @@ def run_config(config: str, unet_cfg: dict, args: argparse.Namespace, rec: dict,
            "weights_dtype": str(method.student.dtype).removeprefix("torch."),
            "teacher_dtype": str(method.teacher.dtype).removeprefix("torch."),
            "critic_updates_per_generator_update": k}
+    if sharded:
+        row["devices"] = args.devices
     if cuda:
         row["weights_gb"] = round(torch.cuda.memory_allocated(device) / 1e9, 3)
     row["unet_forward_flops"] = unet_forward_flops(method, unet_cfg, args.batch_size, device)
@@ -354,10 +396,16 @@ def run_config(config: str, unet_cfg: dict, args: argparse.Namespace, rec: dict,
     cycles = timed + (0 if args.no_flops else 1)  # the counted cycle comes last
     cb = Probe(k, torch.cuda.synchronize if cuda else (lambda: None), count_cycle=None if args.no_flops else timed,
                trace_cycle=timed - 1 if args.memory_trace and cuda else None)
-    trainer = L.Trainer(accelerator="gpu" if cuda else "cpu", devices=1, precision="bf16-mixed" if cuda else "32-true",
-                        max_steps=cycles + 1, max_epochs=-1, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-                        limit_val_batches=0, callbacks=[cb])
+    strategy, devices = "auto", 1
+    if sharded:  # a rank that dies stops the others' collectives in minutes, not Lightning's default 30
+        from distillkit.parallel import fsdp_strategy
+
+        strategy, devices = fsdp_strategy(method, timeout=datetime.timedelta(minutes=5)), args.devices
+    trainer = L.Trainer(accelerator="gpu" if cuda else "cpu", devices=devices, strategy=strategy,
+                        precision="bf16-mixed" if cuda else "32-true", max_steps=cycles + 1, max_epochs=-1,
+                        logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0, callbacks=[cb],
+                        use_distributed_sampler=False)  # fsdp: each rank its own batches, all of them
     trainer.fit(method, train_dataloaders=random_loader(unet_cfg, args.batch_size, k * cycles + 1))
 
     times = [b - a for a, b in zip(cb.starts, cb.starts[1:])][args.warmup:timed]
@@ -373,6 +421,8 @@ def run_config(config: str, unet_cfg: dict, args: argparse.Namespace, rec: dict,
                hfu=round(cb.flops / s / (peak * 1e12), 4) if peak and model_flops else None)
     if cb.trace is not None:
         row["memory_trace"] = cb.trace
+    if sharded and cb.train_start_bytes is not None:
+        row["weights_gb_sharded"] = round(cb.train_start_bytes / 1e9, 3)
     if cuda:
         peak = max(v for k, v in cb.peaks.items() if k != "flop_counted_cycle")
         row["peak_mem_gb"] = round(peak / 1e9, 3)
@@ -386,7 +436,10 @@ def run_config(config: str, unet_cfg: dict, args: argparse.Namespace, rec: dict,
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--configs", nargs="+", choices=list(CONFIGS), default=list(CONFIGS))
+    p.add_argument("--configs", nargs="+", choices=list(CONFIGS), default=ONE_DEVICE,
+                   help=f"default: {' '.join(ONE_DEVICE)}; fsdp runs alone")
+    p.add_argument("--devices", type=int, default=None, help="fsdp: the GPUs to shard over, one node (default: all "
+                   "visible ones; --tiny on a CPU: 2 processes)")
     p.add_argument("--batch-size", type=int, default=None, help="default: the recipe's dataset.batch_size (--tiny: 1)")
     p.add_argument("--warmup", type=int, default=None, help="warm-up generator updates, at least 1 (default 2; "
                    "--tiny: 1)")
@@ -417,6 +470,14 @@ def main(argv=None) -> int:
     if device.type != "cuda" and not args.tiny:
         raise SystemExit("probe_dmd2_sdxl: the SDXL-size probe needs a CUDA GPU (none here); "
                          "--tiny --out PATH checks the script on a CPU")
+    if "fsdp" in args.configs and len(args.configs) > 1:
+        raise SystemExit("probe_dmd2_sdxl: --configs fsdp runs on its own (Lightning runs this script again in each "
+                         "device's process): give it in a call of its own")
+    visible = torch.cuda.device_count() if device.type == "cuda" else 2
+    args.devices = visible if args.devices is None else args.devices
+    if args.configs == ["fsdp"] and not 1 <= args.devices <= (visible if device.type == "cuda" else 64):
+        most = f"{visible}, the GPUs this node shows" if device.type == "cuda" else "64 processes on the CPU"
+        raise SystemExit(f"probe_dmd2_sdxl: --devices {args.devices}: give 1 to {most}")
     if out.resolve() == DEFAULT_OUT.resolve() and (args.tiny or device.type != "cuda"):
         raise SystemExit(f"probe_dmd2_sdxl: {DEFAULT_OUT.relative_to(ROOT)} holds the full-size GPU run: "
                          "give --out for this one")
@@ -443,6 +504,9 @@ def run_probe(args: argparse.Namespace, unet_cfg: dict, device: torch.device, ou
                   gradient_clip_val=rec["gradient_clip_val"], **counts, peak_bf16_tflops=peak,
                   peak_source=peak_source, warmup=args.warmup, updates=args.updates, rows=[])
     for config in args.configs:
+        if local_rank() > 0:  # a process Lightning started for fsdp: it trains; the first one writes the row
+            run_config(config, unet_cfg, args, rec, device, peak)
+            continue
         row = {"method": "dmd2", "config": config, "batch_size": args.batch_size, "resolution": resolution}
         bench.measure_row(row, lambda: run_config(config, unet_cfg, args, rec, device, peak), device, result, out)
     return 0

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
 import sys
 from pathlib import Path
 
@@ -17,14 +18,20 @@ sys.path.insert(0, str(SCRIPTS))
 import probe_dmd2_sdxl as probe  # noqa: E402
 
 
-def test_tiny_run_writes_rows(tmp_path):
-    out = tmp_path / "x.json"
+@pytest.fixture(scope="module")
+def tiny_result(tmp_path_factory) -> dict:
+    """The default configurations on the tiny UNet (shared: the fsdp test compares with its full row)."""
+    out = tmp_path_factory.mktemp("probe") / "x.json"
     assert probe.main(["--tiny", "--device", "cpu", "--peak-tflops", "1", "--out", str(out)]) == 0
-    result = json.loads(out.read_text())
+    return json.loads(out.read_text())
+
+
+def test_tiny_run_writes_rows(tiny_result):
+    result = tiny_result
     assert result["name"] == "gpu_dmd2_sdxl" and result["warmup"] == 1 and result["updates"] == 1
     assert result["method"]["critic_updates_per_generator_update"] == 5 and result["peak_bf16_tflops"] == 1.0
     rows = {r["config"]: r for r in result["rows"]}
-    assert list(rows) == list(probe.CONFIGS)
+    assert list(rows) == probe.ONE_DEVICE == ["lora", "full", "lora_nockpt"]  # fsdp runs on its own
     k, cycles = 5, result["warmup"] + result["updates"] + 1  # the FLOP-counted cycle comes after the timed ones
     for r in rows.values():
         assert r["method"] == "dmd2" and r["batch_size"] == 1 and r["resolution"] == 64 and not r.get("oom")
@@ -61,6 +68,30 @@ def test_refusals_are_one_line():
     with pytest.raises(SystemExit) as e:  # the SDXL-size probe needs CUDA
         probe.main(["--device", "cpu", "--out", "/nonexistent/x.json"])
     assert "needs a CUDA GPU" in str(e.value) and "\n" not in str(e.value)
+    with pytest.raises(SystemExit) as e:  # Lightning's launcher runs the script again for fsdp's other devices
+        probe.main(["--tiny", "--device", "cpu", "--configs", "full", "fsdp", "--out", "/nonexistent/x.json"])
+    assert "--configs fsdp runs on its own" in str(e.value) and "\n" not in str(e.value)
+    with pytest.raises(SystemExit) as e:
+        probe.main(["--tiny", "--device", "cpu", "--configs", "fsdp", "--devices", "0", "--out", "/nonexistent/x.json"])
+    assert "--devices 0: give 1 to" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_fsdp_config_shards_over_two_processes(tmp_path, tiny_result):
+    """--configs fsdp: Lightning starts a second process by running the script again (so not through
+    main() here: it would run pytest again); the first writes one row, with each process's FLOPs
+    those of the unsharded full configuration on its own batch."""
+    out = tmp_path / "fsdp.json"
+    cmd = [sys.executable, str(SCRIPTS / "probe_dmd2_sdxl.py"), "--tiny", "--device", "cpu", "--configs", "fsdp",
+           "--devices", "2", "--out", str(out)]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "Starting with 2 processes" in r.stdout + r.stderr and "view tensor" not in r.stderr
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["config"] == "fsdp" and row["devices"] == 2 and row["gradient_checkpointing"] and not row.get("oom")
+    assert row["generator_updates"] == 4 and row["critic_updates"] == 16 and math.isfinite(row["s_per_update"])
+    (ref,) = [r for r in tiny_result["rows"] if r["config"] == "full"]
+    for key in ("generator_params", "critic_params", "nfe_per_update", "flops_per_update", "model_flops_per_update"):
+        assert row[key] == ref[key], key
 
 
 def test_no_flops_run_leaves_the_flop_fields_empty(tmp_path):
