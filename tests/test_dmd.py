@@ -343,6 +343,23 @@ def test_dmd2_on_digits_samples_in_its_steps_through_evaluation_and_distill_samp
     assert bad.returncode == 2 and "timesteps=511,1023: method.timesteps=[511, 1023]: must descend strictly" in bad.stderr
 
 
+def test_an_extended_run_does_not_repeat_the_evaluation_it_ended_with(cli, tmp_path):
+    """DMD2's step counts generator updates, so the critic-only batches that follow the last one end
+    at the same step: an extended run starts with them, and must not evaluate that step again."""
+    import json
+
+    teacher = digits_teacher(tmp_path / "t.pt")
+    args = ["experiment=digits_dmd2", f"teacher.checkpoint={teacher}", f"runs_dir={tmp_path}", "name=r", *DIGITS,
+            "eval.every_n_steps=2"]
+    assert cli(*args).returncode == 0
+    r = cli(*args, "trainer.max_steps=4")
+    assert r.returncode == 0 and "resuming from" in r.output, r.output
+    run = tmp_path / "digits_dmd2" / "r"
+    steps = [json.loads(line)["step"] for line in (run / "eval.jsonl").read_text().splitlines()]
+    assert steps == [2, 4]
+    assert json.loads((run / "results.json").read_text())["global_step"] == 4
+
+
 def test_class_conditional_dmd2_logs_class_accuracy(cli, tmp_path):
     import json
 

@@ -55,7 +55,7 @@ import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Iterable, Optional, Sequence
+from typing import Any, Iterable, Optional
 
 import lightning as L
 import torch
@@ -331,6 +331,30 @@ class SampleEvaluation(Callback):
     def on_fit_start(self, trainer: "L.Trainer", pl_module: "L.LightningModule") -> None:
         if trainer.is_global_zero:
             self._reference(trainer, pl_module)
+
+    def on_train_start(self, trainer: "L.Trainer", pl_module: "L.LightningModule") -> None:
+        # A resumed run may start at a step it has evaluated already: a finished run extended, or one
+        # stopped between a generator update and the rest of its critic updates. Multi-role methods
+        # end batches at that step again (their step counts generator updates), so the evaluation
+        # would repeat; eval.jsonl, written by the earlier session, says whether it ran. (Here, not in
+        # on_fit_start: Lightning restores the step between the two.)
+        done = trainer.is_global_zero and trainer.global_step > 0 and self._evaluated(trainer, trainer.global_step)
+        if trainer.strategy.broadcast(done, src=0):  # every rank decides alike: evaluation is collective
+            self._last_step = trainer.global_step
+
+    def _evaluated(self, trainer: "L.Trainer", step: int) -> bool:
+        """Whether eval.jsonl holds this step's rows for every one of ``eval.steps``."""
+        path = self._run_dir(trainer) / "eval.jsonl"
+        seen = set()
+        if path.is_file():
+            for line in path.read_text().splitlines():
+                try:
+                    row = json.loads(line)
+                except ValueError:  # a line cut short by a stopped write
+                    continue
+                if isinstance(row, dict) and row.get("step") == step:
+                    seen.add(row.get("sampling_steps"))
+        return set(self.steps) <= seen
 
     def on_train_batch_end(self, trainer: "L.Trainer", pl_module: "L.LightningModule", outputs: Any, batch: Any,
                            batch_idx: int) -> None:
