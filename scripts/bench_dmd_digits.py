@@ -126,9 +126,11 @@ def last_nfe(run_dir: Path) -> Optional[int]:
 
 
 def fid_curve(run_dir: Path, k: int) -> list[list[float]]:
-    """[[generator updates, digits-FID], ...] of the run's evaluations (metrics.csv)."""
+    """[[generator updates, digits-FID], ...] of the run's evaluations (metrics.csv), one per update
+    count: a run extended before 2026-12-05 evaluated the step it resumed at a second time."""
     with open(run_dir / "metrics.csv") as f:
-        return [[int(float(r["step"])), round(float(r[f"fid/{k}step"]), 3)] for r in csv.DictReader(f) if r.get(f"fid/{k}step")]
+        curve = {int(float(r["step"])): round(float(r[f"fid/{k}step"]), 3) for r in csv.DictReader(f) if r.get(f"fid/{k}step")}
+    return [[u, fid] for u, fid in curve.items()]
 
 
 def pairs_file(config: str) -> str:
