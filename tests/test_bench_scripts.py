@@ -345,3 +345,24 @@ def test_overhead_ratio_is_the_median_of_paired_runs():
     assert row["ms_per_update_distill"] == 11.0 and row["ms_per_update_plain"] == 9.0 and row["ratio_of_medians"] == 1.222
     table = readme_tables.render("overhead_cpu", {"rows": [row], "verdict": ["v"], "machine": "m", "date": "d", "command": "c"})
     assert "| `digits_kd` | 40 to 400 | 11.00 | 9.00 | 1.22 | 1.10x |" in table
+
+
+def test_guidance_probe_measures_class_width_and_refuses_a_missing_or_mistrained_run(tmp_path):
+    import torch
+
+    import probe_cond_guidance_digits as probe
+
+    # two classes at (0, 0) +- 1 and (3, 4) +- 2 along the first axis, the rest empty
+    f = torch.tensor([[-1.0, 0], [1, 0], [1, 4], [5, 4]], dtype=torch.float64)
+    labels = torch.tensor([0, 0, 1, 1])
+    f = torch.cat([f, torch.zeros(16, 2, dtype=torch.float64)])
+    labels = torch.cat([labels, torch.arange(2, 10).repeat_interleave(2)])
+    means, widths = probe.class_stats(f, labels)
+    assert means[0].tolist() == [0, 0] and means[1].tolist() == [3, 4]
+    assert widths[:2] == [1.0, 4.0] and widths[2:] == [0.0] * 8
+    with pytest.raises(SystemExit) as e:
+        probe.load(tmp_path, probe.TEACHER)
+    assert "no such file" in str(e.value) and "bench_dmd_digits.py" in str(e.value)
+    with pytest.raises(SystemExit) as e:
+        probe.main(["--samples", "15", "--out", str(tmp_path / "x.json")])
+    assert "multiple of 10" in str(e.value)
