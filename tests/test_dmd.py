@@ -224,6 +224,7 @@ def test_sigterm_between_generator_updates_resumes_bit_exact(cli, tmp_path, toy_
     assert whole.returncode == 0, whole.output
     stopped = cli_with_events(*args, f"runs_dir={tmp_path / 'cut'}", env={"STOP_AT_STEP": "3"})
     assert stopped.returncode == 128 + signal.SIGTERM, stopped.stdout + stopped.stderr
+    assert "at step 3 (generator updates 3, critic updates 7)" in stopped.stdout + stopped.stderr  # where in the cycle
     run = tmp_path / "cut" / "default" / "dmd2"
     ck = torch.load(run / "last.ckpt", weights_only=True)
     assert ck["global_step"] == 3 and ck["distillkit"]["role_updates"] == {"generator": 3, "critic": 7}

@@ -219,8 +219,11 @@ class LastCheckpoint(Callback):
 
     def _stop(self, trainer: "L.Trainer", step: int) -> None:
         signum = self._stop_signal
-        log.warning("stopped by signal %d at step %d; %s saved. Run the same command again to resume.",
-                    signum, step, self.path)
+        # a method with several roles counts each one's updates: say where in its cycle it stopped
+        roles = getattr(trainer.lightning_module, "role_updates", None) or {}
+        where = f" ({', '.join(f'{r} updates {n}' for r, n in roles.items())})" if roles else ""
+        log.warning("stopped by signal %d at step %d%s; %s saved. Run the same command again to resume.",
+                    signum, step, where, self.path)
         self._requeue(trainer, signum)
         raise SystemExit(128 + signum)
 
