@@ -7,10 +7,13 @@
 #      after step 200 (what SLURM sends under submitit before a time limit or a preemption);
 #   3. an sbatch script running `srun distill ...`, sent SIGUSR1 after step 200;
 #   4. DDP over two SLURM tasks through submitit (gloo on CPU), sent SIGUSR2 after step 200,
-#      against the same DDP run without SLURM (two local processes).
+#      against the same DDP run without SLURM (two local processes);
+#   5. DMD2 (two roles, 5 critic updates per generator update, sampling EMA) from run 1's teacher,
+#      through submitit, sent SIGUSR2 after generator update 40: 4 of its 5 batches are critic
+#      updates, so it most likely stops mid-cycle; against the same run without SLURM.
 # Each interrupted job must write last.ckpt, be requeued (by submitit, or by the run's own
 # `scontrol requeue`), resume, and end with weights bit-identical to its reference.
-# Usage: bash scripts/check_slurm_requeue.sh [OUT]   (needs distillkit[slurm] and 2 CPUs; ~13
+# Usage: bash scripts/check_slurm_requeue.sh [OUT]   (needs distillkit[slurm] and 2 CPUs; ~15
 # minutes on 2 cores, most of it SLURM's delay before a requeued job starts again)
 set -euo pipefail
 OUT=${1:-/tmp/distillkit_slurm_check}
@@ -66,6 +69,19 @@ job=$(basename "$(ls -d "$OUT"/ddp/digits_diffusion_teacher/.submitit/*/ | head 
 scancel --signal=USR2 "$job"
 wait "$sweep"
 
+echo "5. DMD2 through submitit: SIGUSR2 after generator update 40"
+TEACHER=$(ls "$OUT"/reference/digits_diffusion_teacher/*/last.ckpt | head -1)
+DMD2=(experiment=digits_dmd2 teacher.checkpoint="$TEACHER" trainer.max_steps=120 eval=none callbacks.progress=plain
+      trainer.cpu_threads=1 trainer.log_every_n_steps=20)
+"$BIN/distill" "${DMD2[@]}" runs_dir="$OUT/dmd2_reference" > "$OUT/dmd2_reference.log" 2>&1
+"$BIN/distill" -m hydra/launcher=submitit_slurm hydra.launcher.partition="$PARTITION" hydra.launcher.timeout_min=30 \
+    hydra.launcher.cpus_per_task=1 "${DMD2[@]}" runs_dir="$OUT/dmd2" > "$OUT/dmd2.log" 2>&1 &
+sweep=$!
+wait_for "$OUT/dmd2/digits_dmd2/*/cli.log" " step 40[/ ]" 300
+job=$(basename "$(ls -d "$OUT"/dmd2/digits_dmd2/.submitit/*/ | head -1)")
+scancel --signal=USR2 "$job"
+wait "$sweep"
+
 "$BIN/python" - "$OUT" <<'EOF'
 import glob, sys
 import torch
@@ -73,13 +89,14 @@ from safetensors.torch import load_file
 
 out = sys.argv[1]
 ok = True
-for how, reference in (("submitit", "reference"), ("sbatch", "reference"), ("ddp", "ddp_reference")):
+for how, reference in (("submitit", "reference"), ("sbatch", "reference"), ("ddp", "ddp_reference"),
+                       ("dmd2", "dmd2_reference")):
     ref = load_file(glob.glob(f"{out}/{reference}/*/*/student.safetensors")[0])
     log = open(glob.glob(f"{out}/{how}/*/*/cli.log")[0]).read()
     stopped = [l for l in log.splitlines() if "stopped by signal" in l]
     resumed = "resuming from" in log
     same = all(torch.equal(ref[k], v) for k, v in load_file(glob.glob(f"{out}/{how}/*/*/student.safetensors")[0]).items())
-    print(f"{how}: {stopped[0].split(' - ')[-1][:60] if stopped else 'never stopped'}; resumed: {resumed}; "
+    print(f"{how}: {stopped[0].split(' - ')[-1][:100] if stopped else 'never stopped'}; resumed: {resumed}; "
           f"weights bit-identical to the reference: {same}")
     ok &= bool(stopped) and resumed and same
 sys.exit(0 if ok else 1)
