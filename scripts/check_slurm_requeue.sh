@@ -31,17 +31,24 @@ wait_for() {  # wait_for FILE_GLOB PATTERN SECONDS
     done
 }
 
+# submitit_stopped NAME EXPERIMENT STEP ARGS...: the run of ARGS through submitit into $OUT/NAME, sent
+# SIGUSR2 (what SLURM sends under submitit before a time limit or a preemption) once its log shows
+# STEP; returns when the sweep ends (after submitit's requeue and the resumed run)
+submitit_stopped() {
+    local name=$1 experiment=$2 step=$3; shift 3
+    "$BIN/distill" -m hydra/launcher=submitit_slurm hydra.launcher.partition="$PARTITION" hydra.launcher.timeout_min=30 \
+        hydra.launcher.cpus_per_task=1 "$@" runs_dir="$OUT/$name" > "$OUT/$name.log" 2>&1 &
+    local sweep=$!
+    wait_for "$OUT/$name/$experiment/*/cli.log" " step $step[/ ]" 300
+    scancel --signal=USR2 "$(basename "$(ls -d "$OUT/$name/$experiment/.submitit"/*/ | head -1)")"
+    wait "$sweep"
+}
+
 echo "1. reference (no SLURM)"
 "$BIN/distill" "${ARGS[@]}" runs_dir="$OUT/reference" > "$OUT/reference.log" 2>&1
 
 echo "2. submitit: SIGUSR2 after step 200"
-"$BIN/distill" -m hydra/launcher=submitit_slurm hydra.launcher.partition="$PARTITION" hydra.launcher.timeout_min=30 \
-    hydra.launcher.cpus_per_task=1 "${ARGS[@]}" runs_dir="$OUT/submitit" > "$OUT/submitit.log" 2>&1 &
-sweep=$!
-wait_for "$OUT/submitit/digits_diffusion_teacher/*/cli.log" " step 200[/ ]" 300
-job=$(basename "$(ls -d "$OUT"/submitit/digits_diffusion_teacher/.submitit/*/ | head -1)")
-scancel --signal=USR2 "$job"
-wait "$sweep"
+submitit_stopped submitit digits_diffusion_teacher 200 "${ARGS[@]}"
 
 echo "3. sbatch + srun: SIGUSR1 after step 200"
 cat > "$OUT/job.sh" <<EOF
@@ -60,27 +67,14 @@ wait_for "$OUT/sbatch/digits_diffusion_teacher/*/cli.log" "results:" 600
 echo "4. DDP, 2 SLURM tasks through submitit: SIGUSR2 after step 200"
 DDP=(trainer.devices=2 trainer.strategy=ddp trainer.accelerator=cpu trainer.max_steps=600)
 "$BIN/distill" "${ARGS[@]}" "${DDP[@]}" runs_dir="$OUT/ddp_reference" > "$OUT/ddp_reference.log" 2>&1
-"$BIN/distill" -m hydra/launcher=submitit_slurm hydra.launcher.partition="$PARTITION" hydra.launcher.timeout_min=30 \
-    hydra.launcher.cpus_per_task=1 hydra.launcher.tasks_per_node=2 "${ARGS[@]}" "${DDP[@]}" runs_dir="$OUT/ddp" \
-    > "$OUT/ddp.log" 2>&1 &
-sweep=$!
-wait_for "$OUT/ddp/digits_diffusion_teacher/*/cli.log" " step 200[/ ]" 300
-job=$(basename "$(ls -d "$OUT"/ddp/digits_diffusion_teacher/.submitit/*/ | head -1)")
-scancel --signal=USR2 "$job"
-wait "$sweep"
+submitit_stopped ddp digits_diffusion_teacher 200 hydra.launcher.tasks_per_node=2 "${ARGS[@]}" "${DDP[@]}"
 
 echo "5. DMD2 through submitit: SIGUSR2 after generator update 40"
 TEACHER=$(ls "$OUT"/reference/digits_diffusion_teacher/*/last.ckpt | head -1)
 DMD2=(experiment=digits_dmd2 teacher.checkpoint="$TEACHER" trainer.max_steps=120 eval=none callbacks.progress=plain
       trainer.cpu_threads=1 trainer.log_every_n_steps=20)
 "$BIN/distill" "${DMD2[@]}" runs_dir="$OUT/dmd2_reference" > "$OUT/dmd2_reference.log" 2>&1
-"$BIN/distill" -m hydra/launcher=submitit_slurm hydra.launcher.partition="$PARTITION" hydra.launcher.timeout_min=30 \
-    hydra.launcher.cpus_per_task=1 "${DMD2[@]}" runs_dir="$OUT/dmd2" > "$OUT/dmd2.log" 2>&1 &
-sweep=$!
-wait_for "$OUT/dmd2/digits_dmd2/*/cli.log" " step 40[/ ]" 300
-job=$(basename "$(ls -d "$OUT"/dmd2/digits_dmd2/.submitit/*/ | head -1)")
-scancel --signal=USR2 "$job"
-wait "$sweep"
+submitit_stopped dmd2 digits_dmd2 40 "${DMD2[@]}"
 
 "$BIN/python" - "$OUT" <<'EOF'
 import glob, sys
