@@ -344,17 +344,10 @@ class SampleEvaluation(Callback):
 
     def _evaluated(self, trainer: "L.Trainer", step: int) -> bool:
         """Whether eval.jsonl holds this step's rows for every one of ``eval.steps``."""
-        path = self._run_dir(trainer) / "eval.jsonl"
-        seen = set()
-        if path.is_file():
-            for line in path.read_text().splitlines():
-                try:
-                    row = json.loads(line)
-                except ValueError:  # a line cut short by a stopped write
-                    continue
-                if isinstance(row, dict) and row.get("step") == step:
-                    seen.add(row.get("sampling_steps"))
-        return set(self.steps) <= seen
+        from distillkit.report import read_jsonl
+
+        rows = read_jsonl(self._run_dir(trainer) / "eval.jsonl")
+        return set(self.steps) <= {r.get("sampling_steps") for r in rows if r.get("step") == step}
 
     def on_train_batch_end(self, trainer: "L.Trainer", pl_module: "L.LightningModule", outputs: Any, batch: Any,
                            batch_idx: int) -> None:
