@@ -6,8 +6,9 @@ against 0.9). This probe asks where the guided generators' samples sit: narrower
 the teacher's guided samples (the mode seeking of DMD's reverse-KL gradient), or classes as wide
 but elsewhere. For each set of ``--samples`` images (classes 0-9 in turn, sample seed 1):
 
-    fid_real          FID against the digits training split (torchmetrics, the shipped feature
-                      network; at this sample count, not the 700 of the benchmark tables)
+    fid_real          FID against the digits training split (torchmetrics' Fréchet distance on the
+                      shipped feature network's features, each set's computed once; at this sample
+                      count, not the 700 of the benchmark tables)
     fid_teacher_g1/2  FID against the teacher's 64-step samples at guidance 1 / 2 (the same count,
                       sample seed 0: other noise than the set's, so the teacher's own set at seed 1
                       gives the value of two draws of one distribution)
@@ -29,7 +30,7 @@ at 64 DDIM steps with guidance 1 and 2; the one-step DMD2 generators of bench_dm
 class-conditional rows (seeds 0, 1, 2), trained against the real score guided at 2
 (``cond_dmd2_1step``, the recipe) and at 1 (``cond_dmd2_1step_g1``), as the runs directory holds
 them (each row records its updates). It trains nothing: run the benchmark first. The stored JSON
-(2,000 updates each, 63 s on 2 cores):
+(2,000 updates each, 59 s on 2 cores):
 
     python scripts/bench_dmd_digits.py --runs-dir runs/bench_dmd_2000 --only cond_dmd2_1step cond_dmd2_1step_g1 \
         --updates 2000 --out benchmarks/dmd_digits_probes.json
@@ -88,25 +89,21 @@ def class_stats(f: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, li
     return means, widths
 
 
-def fid_real(f: torch.Tensor, reference: dict) -> float:
-    """torchmetrics' Fréchet distance of features ``f`` to the real statistics ``reference``
-    (:meth:`SampleScorer.reference`: the feature sum, the sum of outer products and the count)."""
+def frechet(mu_a: torch.Tensor, cov_a: torch.Tensor, f: torch.Tensor) -> float:
+    """torchmetrics' Fréchet distance (what its FID computes) between a Gaussian (mean, covariance)
+    and features ``f``."""
     from torchmetrics.image.fid import _compute_fid
 
+    return float(_compute_fid(mu_a, cov_a, f.mean(0), torch.cov(f.T)))
+
+
+def fid_real(f: torch.Tensor, reference: dict) -> float:
+    """The FID of features ``f`` against the real statistics ``reference`` (:meth:`SampleScorer.reference`:
+    the feature sum, the sum of outer products and the count), as torchmetrics' FID forms them."""
     n = reference["num_samples"].double()
     mu_r = reference["features_sum"].double() / n
     cov_r = (reference["features_cov_sum"].double() - n * torch.outer(mu_r, mu_r)) / (n - 1)
-    return float(_compute_fid(mu_r, cov_r, f.mean(0), torch.cov(f.T)))
-
-
-def fid_between(net, a: torch.Tensor, b: torch.Tensor) -> float:
-    from distillkit.metrics.fid import fid_metric
-
-    fid = fid_metric(net)
-    for x, real in ((a, True), (b, False)):
-        for i in range(0, len(x), 500):
-            fid.update(x[i:i + 500], real=real)
-    return float(fid.compute())
+    return frechet(mu_r, cov_r, f)
 
 
 def main(argv: Optional[list[str]] = None) -> dict:
@@ -135,7 +132,11 @@ def main(argv: Optional[list[str]] = None) -> dict:
 
     sets: dict[str, tuple[torch.Tensor, dict]] = {}
     teacher = load(runs_dir, TEACHER)
-    teacher_g1, teacher_g2 = (generate(teacher, args.samples, 64, seed=0, classes=classes, guidance=g) for g in (1.0, 2.0))
+    # the teacher's reference samples (sample seed 0): each set's FID to them, by mean and covariance
+    against = {}
+    for g in (1.0, 2.0):
+        f = features(scorer.net, generate(teacher, args.samples, 64, seed=0, classes=classes, guidance=g))
+        against[g] = (f.mean(0), torch.cov(f.T))
     for g in (1.0, 2.0):
         x = generate(teacher, args.samples, 64, seed=1, classes=classes, guidance=g)
         sets[f"teacher, 64 DDIM steps, guidance {g:g}"] = (x, {"run": TEACHER, "steps": 64, "guidance": g})
@@ -147,10 +148,10 @@ def main(argv: Optional[list[str]] = None) -> dict:
 
     rows = [{"set": "real digits (all 1,797, by label)", "spread": round(sum(real_widths) / 10, 3),
              "spread_by_class": [round(w, 2) for w in real_widths], "mean_offset": 0.0}]
-    teachers = {g: class_stats(features(scorer.net, sets[f"teacher, 64 DDIM steps, guidance {g:g}"][0]), labels)
-                for g in (1.0, 2.0)}
+    feats = {label: features(scorer.net, x) for label, (x, _) in sets.items()}
+    teachers = {g: class_stats(feats[f"teacher, 64 DDIM steps, guidance {g:g}"], labels) for g in (1.0, 2.0)}
     for label, (x, info) in sets.items():
-        f = features(scorer.net, x)
+        f = feats[label]
         means, widths = class_stats(f, labels)
         offsets = (means - real_means).norm(dim=1)
         counterfactual = {}
@@ -161,9 +162,9 @@ def main(argv: Optional[list[str]] = None) -> dict:
                 "fid_real_widths_as_teacher": round(fid_real(
                     means[labels] + (f - means[labels]) * (sum(t_widths) / sum(widths)) ** 0.5, reference), 3)}
         row = {"set": label, **info, "samples": args.samples,
-               "fid_real": round(scorer.score(x, reference)["fid"], 3),
-               "fid_teacher_g1": round(fid_between(scorer.net, teacher_g1, x), 3),
-               "fid_teacher_g2": round(fid_between(scorer.net, teacher_g2, x), 3),
+               "fid_real": round(fid_real(f, reference), 3),
+               "fid_teacher_g1": round(frechet(*against[1.0], f), 3),
+               "fid_teacher_g2": round(frechet(*against[2.0], f), 3),
                "spread": round(sum(widths) / 10, 3), "spread_by_class": [round(w, 2) for w in widths],
                "mean_offset": round(float(offsets.mean()), 3), "mean_offset_by_class": [round(float(o), 2) for o in offsets],
                "class_acc": round(scorer.class_accuracy(x, labels), 4), **counterfactual}
