@@ -347,7 +347,7 @@ def test_overhead_ratio_is_the_median_of_paired_runs():
     assert "| `digits_kd` | 40 to 400 | 11.00 | 9.00 | 1.22 | 1.10x |" in table
 
 
-def test_guidance_probe_measures_class_width_and_refuses_a_missing_or_mistrained_run(tmp_path):
+def test_guidance_probe_measures_class_width_and_refuses_a_missing_run_and_an_uneven_sample_count(tmp_path):
     import torch
 
     import probe_cond_guidance_digits as probe
